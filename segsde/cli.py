@@ -1,0 +1,153 @@
+"""The ``segsde`` command. Every problem with the user's input ends as one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from segsde.errors import SegSDEError
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size '{text}' is not of the form AxB, e.g. 128x256") from None
+    if a <= 0 or b <= 0:
+        raise argparse.ArgumentTypeError(f"size '{text}' must be positive")
+    return a, b
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must not be negative")
+    return value
+
+
+def cmd_synth(args) -> dict:
+    from segsde.data.synth.generate import generate
+    from segsde.data.synth.scene import SynthConfig
+
+    h, w = args.size
+    cfg = SynthConfig(height=h, width=w, difficulty=args.difficulty, moving_prob=args.moving_prob)
+    m = generate(args.out, args.train, args.val, cfg, args.seed, workers=args.workers, overwrite=args.overwrite)
+    return {"out": str(Path(args.out).absolute()), "splits": m["splits"], "shards": len(m["shards"])}
+
+
+def cmd_cityscapes(args) -> dict:
+    from segsde.data import cityscapes
+
+    w, h = args.size
+    m = cityscapes.build(args.root, args.out, size=(h, w), workers=args.workers, overwrite=args.overwrite)
+    return {"out": str(Path(args.out).absolute()), "splits": m["splits"], "shards": len(m["shards"])}
+
+
+def _dataset_ids(data: Path, split: str) -> list[str]:
+    from segsde.data.store import read_index, read_manifest
+
+    return [sid for sid, sp, _, _ in read_index(data, read_manifest(data)) if sp == split]
+
+
+def cmd_split(args) -> dict:
+    from segsde.data.splits import random_order, take_budget, write_order
+
+    order = random_order(_dataset_ids(args.data, args.split), args.seed)
+    if args.budget is not None:
+        order = take_budget(order, args.budget)
+    write_order(args.out, order)
+    return {"out": str(args.out), "ids": len(order), "first": order[:3]}
+
+
+def cmd_import_split(args) -> dict:
+    from segsde.data.splits import check_ids, import_split_file, write_order
+
+    ids = import_split_file(args.file)
+    check_ids(ids, _dataset_ids(args.data, args.split), str(args.file))
+    write_order(args.out, ids)
+    return {"out": str(args.out), "ids": len(ids)}
+
+
+def cmd_preview(args) -> dict:
+    from segsde.data.preview import save_preview
+
+    return {"out": str(save_preview(args.data, args.out, args.n))}
+
+
+def cmd_info(args) -> dict:
+    from segsde.data.store import read_manifest
+
+    m = read_manifest(args.data, verify=True)
+    return {k: m[k] for k in ("source", "splits", "size") if k in m} | {"shards": len(m["shards"]), "verified": True}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segsde", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+    data = sub.add_parser("data", help="build, inspect and split datasets").add_subparsers(dest="data_command", required=True)
+
+    p = data.add_parser("synth", help="render the synthetic street-scene testbed (Parquet shards + manifest)")
+    p.add_argument("--out", type=Path, required=True, help="dataset directory to create")
+    p.add_argument("--train", type=_positive, default=256, help="training samples (default 256)")
+    p.add_argument("--val", type=_positive, default=64, help="validation samples (default 64)")
+    p.add_argument("--size", type=parse_size, default=(128, 256), help="HEIGHTxWIDTH, e.g. 128x256 (default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--difficulty", type=float, default=0.5, help="appearance variation and clutter in [0, 1]")
+    p.add_argument("--moving-prob", type=float, default=0.3, help="probability that a road user moves on its own")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    p.set_defaults(func=cmd_synth)
+
+    p = data.add_parser("cityscapes", help="convert a Cityscapes tree (leftImg8bit, leftImg8bit_sequence, gtFine, camera)")
+    p.add_argument("--root", type=Path, required=True, help="folder holding leftImg8bit/, gtFine/, camera/, leftImg8bit_sequence/")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--size", type=parse_size, default=(1024, 512), help="WIDTHxHEIGHT as Cityscapes writes it (default 1024x512)")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_cityscapes)
+
+    p = data.add_parser("split", help="write a seeded random order of a split's ids (a budget k = its first k lines)")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--split", default="train")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget", type=int, default=None, help="keep only the first BUDGET ids")
+    p.add_argument("--out", type=Path, required=True, help=".txt (one id per line) or .parquet (id, rank)")
+    p.set_defaults(func=cmd_split)
+
+    p = data.add_parser("import-split", help="import a UniMatch/CPS split file ('leftImg8bit/... gtFine/...' per line)")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--file", type=Path, required=True)
+    p.add_argument("--split", default="train")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_import_split)
+
+    p = data.add_parser("preview", help="save a PNG of image, label and depth for a few samples")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("-n", type=int, default=3)
+    p.set_defaults(func=cmd_preview)
+
+    p = data.add_parser("info", help="verify a dataset's shards against its manifest and print its summary")
+    p.add_argument("--data", type=Path, required=True)
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except SegSDEError as exc:
+        print(f"segsde: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("segsde: interrupted; nothing was left half-written", file=sys.stderr)
+        return 130
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

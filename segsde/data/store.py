@@ -1,0 +1,194 @@
+"""The dataset format shared by every source: Parquet shards of PNG-encoded samples plus a JSON manifest.
+
+One row per sample: ``id``, ``split``, ``frames`` (PNGs of t-1, t, t+1), ``label`` (8-bit trainIds, null
+when unlabeled), ``depth`` (16-bit PNG, metres x 256, 0 = invalid; null when unknown), ``dynamic`` (8-bit
+PNG mask of independently moving pixels; null when unknown), ``K`` (3x3 row-major, for the stored size)
+and ``poses`` (T_{t->t-1} and T_{t->t+1}, 4x4 row-major each; null when unknown).
+
+A dataset directory is valid only when ``manifest.json`` exists and every shard it lists has the stated
+row count and checksum. Datasets are built in a temporary sibling directory and renamed into place in
+one step, so an interrupted build never leaves something that reads as valid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from segsde.errors import SegSDEError
+
+FORMAT = "segsde-dataset"
+VERSION = 1
+DEPTH_SCALE = 256.0
+MANIFEST = "manifest.json"
+
+SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("split", pa.string()),
+    ("frames", pa.list_(pa.binary(), 3)),
+    ("label", pa.binary()),
+    ("depth", pa.binary()),
+    ("dynamic", pa.binary()),
+    ("K", pa.list_(pa.float64(), 9)),
+    ("poses", pa.list_(pa.float64(), 32)),
+])
+
+
+# -- PNG codecs ----------------------------------------------------------------------------------
+def encode_png(array: np.ndarray) -> bytes:
+    """uint8 [H, W] / [H, W, 3] or uint16 [H, W] -> PNG bytes (fast, lossless)."""
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes, what: str = "image") -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im)
+    except Exception as exc:  # Pillow raises several types for truncated or foreign data
+        raise SegSDEError(f"cannot decode {what} ({exc}): rebuild the dataset") from exc
+
+
+def encode_depth(depth_m: np.ndarray) -> bytes:
+    return encode_png(np.clip(np.round(depth_m * DEPTH_SCALE), 0, 65535).astype(np.uint16))
+
+
+def decode_depth(data: bytes) -> np.ndarray:
+    return decode_png(data, "depth").astype(np.float32) / DEPTH_SCALE
+
+
+def encode_unit_png(x: np.ndarray) -> bytes:
+    """[H, W] values in [0, 1] -> 16-bit PNG (e.g. the normalised pseudo-disparity side column)."""
+    return encode_png(np.clip(np.round(x * 65535.0), 0, 65535).astype(np.uint16))
+
+
+def decode_unit_png(data: bytes, what: str = "map") -> np.ndarray:
+    return decode_png(data, what).astype(np.float32) / 65535.0
+
+
+def image_to_uint8(image: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
+
+
+# -- atomic writing --------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_directory(out: Path, overwrite: bool = False):
+    """Yield a temporary sibling of ``out``; rename it to ``out`` only if the block completes."""
+    out = Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise SegSDEError(f"{out} already exists: choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(trash)
+            tmp.rename(out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_shard(path: Path, rows: list[dict]) -> dict:
+    """Write rows (dicts with the SCHEMA's keys; missing keys are null) and return the manifest entry."""
+    table = pa.Table.from_pylist([{k: r.get(k) for k in SCHEMA.names} for r in rows], schema=SCHEMA)
+    # PNG payloads are already compressed; a second codec only costs time
+    pq.write_table(table, path, compression="NONE", row_group_size=16)
+    return {"file": path.name, "rows": len(rows), "sha256": sha256_file(path)}
+
+
+def write_manifest(directory: Path, source: str, shards: list[dict], splits: dict[str, int], **meta) -> dict:
+    manifest = {"format": FORMAT, "version": VERSION, "source": source, "splits": splits,
+                "depth_scale": DEPTH_SCALE, "shards": sorted(shards, key=lambda s: s["file"]), **meta}
+    (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+# -- reading ---------------------------------------------------------------------------------------
+def read_manifest(root: Path, verify: bool = False) -> dict:
+    """Load and check a dataset directory's manifest (``verify`` also re-hashes every shard)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SegSDEError(f"dataset directory {root} does not exist: build it with `segsde data synth` or `segsde data cityscapes`")
+    path = root / MANIFEST
+    if not path.is_file():
+        raise SegSDEError(f"{root} has no {MANIFEST} (not a dataset, or an interrupted build): rebuild it")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SegSDEError(f"{path} is not valid JSON ({exc}): rebuild the dataset") from exc
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise SegSDEError(f"{path} is not a {FORMAT} v{VERSION} manifest: rebuild the dataset with this version of segsde")
+    for shard in manifest["shards"]:
+        file = root / shard["file"]
+        if not file.is_file():
+            raise SegSDEError(f"shard {file} listed in the manifest is missing: rebuild the dataset")
+        if pq.ParquetFile(file).metadata.num_rows != shard["rows"]:
+            raise SegSDEError(f"shard {file} has the wrong row count: rebuild the dataset")
+        if verify and sha256_file(file) != shard["sha256"]:
+            raise SegSDEError(f"shard {file} does not match its checksum: rebuild the dataset")
+    return manifest
+
+
+def read_index(root: Path, manifest: dict) -> list[tuple[str, str, int, int]]:
+    """(id, split, shard number, row) of every sample, in manifest order."""
+    index = []
+    for s, shard in enumerate(manifest["shards"]):
+        table = pq.read_table(Path(root) / shard["file"], columns=["id", "split"])
+        for r, (sid, split) in enumerate(zip(table["id"].to_pylist(), table["split"].to_pylist())):
+            index.append((sid, split, s, r))
+    return index
+
+
+SIDE_DIR = "side"
+
+
+def write_side_column(root: Path, name: str, values: dict[str, bytes], **meta) -> Path:
+    """Attach a per-sample column (e.g. ``pseudo_depth``) to a dataset as an atomic side file."""
+    table = pa.table({"id": list(values), name: list(values.values())})
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression="NONE")
+    path = Path(root) / SIDE_DIR / f"{name}.parquet"
+    atomic_write_bytes(path, buf.getvalue().to_pybytes())
+    atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta, indent=1).encode())
+    return path
+
+
+def read_side_column(root: Path, name: str) -> dict[str, bytes] | None:
+    path = Path(root) / SIDE_DIR / f"{name}.parquet"
+    if not path.is_file():
+        return None
+    table = pq.read_table(path)
+    return dict(zip(table["id"].to_pylist(), table[name].to_pylist()))

@@ -1,0 +1,49 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def run_cli(*args, check=True, **kw):
+    """Run the installed ``segsde`` console script; return the CompletedProcess."""
+    proc = subprocess.run([str(BIN / "segsde"), *map(str, args)], capture_output=True, text=True, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"segsde {' '.join(map(str, args))} failed:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    """The testbed exactly as the issue's acceptance command builds it."""
+    out = tmp_path_factory.mktemp("synth") / "x"
+    run_cli("data", "synth", "--out", out, "--train", 64, "--val", 16, "--size", "128x256", "--seed", 0)
+    return out
+
+
+def bilinear(img: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Sample img [H, W, C] at float pixel coordinates (inside the image)."""
+    H, W = img.shape[:2]
+    x0 = np.clip(np.floor(u).astype(int), 0, W - 2)
+    y0 = np.clip(np.floor(v).astype(int), 0, H - 2)
+    fx, fy = (u - x0)[:, None], (v - y0)[:, None]
+    return (img[y0, x0] * (1 - fx) * (1 - fy) + img[y0, x0 + 1] * fx * (1 - fy)
+            + img[y0 + 1, x0] * (1 - fx) * fy + img[y0 + 1, x0 + 1] * fx * fy)
+
+
+def reproject(depth, K, T):
+    """Pixels with depth > 0 of the target view -> (pixel mask, source u, v, source z)."""
+    H, W = depth.shape
+    v, u = np.mgrid[0:H, 0:W]
+    ok = depth > 0
+    pts = np.linalg.inv(K) @ np.stack([u[ok], v[ok], np.ones(ok.sum())]) * depth[ok]
+    src = T[:3, :3] @ pts + T[:3, 3:]
+    proj = K @ src
+    return ok, proj[0] / proj[2], proj[1] / proj[2], src[2]
+
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
