@@ -40,7 +40,7 @@ SCHEMA = pa.schema([
     ("depth", pa.binary()),
     ("dynamic", pa.binary()),
     ("K", pa.list_(pa.float64(), 9)),
-    ("poses", pa.list_(pa.float64(), 32)),
+    ("poses", pa.list_(pa.float64())),  # 32 values; variable-size so that null reads back (pyarrow)
 ])
 
 

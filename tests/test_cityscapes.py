@@ -1,0 +1,102 @@
+"""The Cityscapes builder on a tiny tree in the real layout (file naming, labelIds, camera JSON)."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import run_cli
+from PIL import Image
+
+from segsde.data.dataset import SegSDEDataset
+from segsde.data.labels import TRAIN_ID
+
+NATIVE = (128, 256)  # H, W: Cityscapes' 1024x2048 scaled by 1/8 to keep the test small
+SAMPLES = [("train", "aachen", 0, 19), ("train", "bochum", 3, 19), ("val", "frankfurt", 1, 294)]
+
+
+def _png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def make_tree(root, rng=np.random.default_rng(0)):
+    H, W = NATIVE
+    for split, city, seq, frame in SAMPLES:
+        stem = f"{city}_{seq:06d}_{frame:06d}"
+        for f in (frame - 1, frame, frame + 1):
+            img = rng.integers(0, 255, (H, W, 3), dtype=np.uint8)
+            _png(root / "leftImg8bit_sequence" / split / city / f"{city}_{seq:06d}_{f:06d}_leftImg8bit.png", img)
+            if f == frame:
+                _png(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", img)
+        label = np.full((H, W), 7, np.uint8)  # road
+        label[: H // 3] = 23  # sky
+        label[H // 2 :, : W // 4] = 26  # car
+        label[-4:] = 1  # ego vehicle -> ignore
+        _png(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", label)
+        cam = {"baseline": 0.209, "extrinsic": {"pitch": 0.038, "roll": 0, "yaw": 0.0195, "x": 1.7, "y": 0.1, "z": 1.2},
+               "intrinsic": {"fx": 2262.52 / 8, "fy": 2265.3 / 8, "u0": 1096.98 / 8, "v0": 513.137 / 8}}
+        path = root / "camera" / split / city / f"{stem}_camera.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cam))
+    return root
+
+
+@pytest.fixture
+def tree(tmp_path):
+    return make_tree(tmp_path / "cityscapes")
+
+
+def test_builds_the_shared_format_with_scaled_intrinsics(tree, tmp_path):
+    out = tmp_path / "cs"
+    run_cli("data", "cityscapes", "--root", tree, "--out", out, "--size", "128x64")
+    train = SegSDEDataset(out, split="train", sequence=True)
+    assert train.ids == ["aachen_000000_000019", "bochum_000003_000019"]
+    item = train[0]
+    assert item["frames"].shape == (3, 3, 64, 128) and "depth" not in item and "poses" not in item
+    label = item["label"].numpy()
+    assert label[0, 0] == TRAIN_ID["sky"] and label[40, 100] == TRAIN_ID["road"] and label[-1, 100] == 255
+    assert label[50, 10] == TRAIN_ID["car"]
+    K = item["K"].double().numpy()
+    assert np.isclose(K[0, 0], 2262.52 / 16, rtol=1e-6) and np.isclose(K[0, 2], (1096.98 / 8 + 0.5) / 2 - 0.5, rtol=1e-6)
+    assert SegSDEDataset(out, split="val").ids == ["frankfurt_000001_000294"]
+
+
+def _expect_error(tree, tmp_path, *fragments):
+    out = tmp_path / "cs"
+    proc = run_cli("data", "cityscapes", "--root", tree, "--out", out, "--size", "128x64", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in proc.stderr, proc.stderr
+    assert not out.exists() and not list(tmp_path.glob(".cs*"))  # nothing half-written
+
+
+def test_missing_root(tmp_path):
+    _expect_error(tmp_path / "nowhere", tmp_path, "does not exist", "leftImg8bit")
+
+
+def test_missing_sequence_frame(tree, tmp_path):
+    victim = tree / "leftImg8bit_sequence/train/bochum/bochum_000003_000020_leftImg8bit.png"
+    victim.unlink()
+    _expect_error(tree, tmp_path, str(victim), "leftImg8bit_sequence_trainvaltest.zip")
+
+
+def test_missing_sequence_package(tree, tmp_path):
+    import shutil
+
+    shutil.rmtree(tree / "leftImg8bit_sequence")
+    _expect_error(tree, tmp_path, "leftImg8bit_sequence is missing", "extract")
+
+
+def test_label_ids_outside_the_table(tree, tmp_path):
+    path = tree / "gtFine/val/frankfurt/frankfurt_000001_000294_gtFine_labelIds.png"
+    label = np.asarray(Image.open(path)).copy()
+    label[5, 5] = 200
+    _png(path, label)
+    _expect_error(tree, tmp_path, str(path), "[200]", "labelIds")
+
+
+def test_corrupt_png(tree, tmp_path):
+    path = tree / "leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png"
+    path.write_bytes(path.read_bytes()[:300])
+    _expect_error(tree, tmp_path, str(path), "corrupt")
