@@ -65,8 +65,9 @@ def _ray_directions(scene: Scene, frame: int) -> np.ndarray:
     return (scene.cam_R[frame] @ np.linalg.inv(scene.K) @ pix).reshape(3, cfg.height, cfg.width)
 
 
-def _screen_rects(scene: Scene, frame: int, bmin: np.ndarray, bmax: np.ndarray) -> np.ndarray:
-    """[N, 4] pixel rectangles (v0, v1, u0, u1) that contain each box's projection; empty when behind."""
+def _screen_rects(scene: Scene, frame: int, bmin: np.ndarray, bmax: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[N, 4] pixel rectangles (v0, v1, u0, u1) that contain each box's projection (empty when behind),
+    and [N] the nearest camera z of each box (a lower bound on its depth)."""
     cfg = scene.config
     idx = np.array([[(i >> a) & 1 for a in range(3)] for i in range(8)])  # corner selectors
     corners = np.where(idx[None], bmax[:, None], bmin[:, None])  # [N, 8, 3]
@@ -81,7 +82,7 @@ def _screen_rects(scene: Scene, frame: int, bmin: np.ndarray, bmax: np.ndarray) 
     rects[(z < _NEAR).all(1)] = 0
     rects[:, :2] = np.clip(rects[:, :2], 0, cfg.height)
     rects[:, 2:] = np.clip(rects[:, 2:], 0, cfg.width)
-    return rects.astype(np.int64)
+    return rects.astype(np.int64), np.maximum(z.min(1), 0.0)
 
 
 def render_frame(scene: Scene, frame: int) -> Frame:
@@ -102,14 +103,18 @@ def render_frame(scene: Scene, frame: int) -> Frame:
 
     lo_all = (bmin - c).astype(np.float32)[:, :, None, None]
     hi_all = (bmax - c).astype(np.float32)[:, :, None, None]
-    for i, (v0, v1, u0, u1) in enumerate(_screen_rects(scene, frame, bmin, bmax)):
+    rects, nearest = _screen_rects(scene, frame, bmin, bmax)
+    for i in np.argsort(nearest, kind="stable"):  # front to back, so hidden boxes can be skipped
+        v0, v1, u0, u1 = rects[i]
         if v1 <= v0 or u1 <= u0:
+            continue
+        zb = zbuf[v0:v1, u0:u1]
+        if zb.max() < nearest[i]:  # everything in its rectangle is already closer
             continue
         iv = inv[:, v0:v1, u0:u1]
         t1, t2 = lo_all[i] * iv, hi_all[i] * iv
         tnear = np.minimum(t1, t2).max(0)
         tfar = np.maximum(t1, t2).min(0)
-        zb = zbuf[v0:v1, u0:u1]
         m = (tnear <= tfar) & (tnear > _NEAR) & (tnear < zb)
         zb[m] = tnear[m]
         hit[v0:v1, u0:u1][m] = i

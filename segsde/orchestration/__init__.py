@@ -1,0 +1,1 @@
+"""Stages of a study, their cache keys, and (later) their scheduling on Ray."""
