@@ -13,15 +13,19 @@ def _copy(K):
     return K.clone() if hasattr(K, "clone") else np.array(K, dtype=np.float64, copy=True)
 
 
-def resize_intrinsics(K, old_size: tuple[int, int], new_size: tuple[int, int]):
-    """K for an image resized from ``old_size`` (H, W) to ``new_size`` (H, W)."""
-    sy, sx = new_size[0] / old_size[0], new_size[1] / old_size[1]
+def _scale(K, sx: float, sy: float):
+    """Scale the image plane about the pixel-centre grid: u' + 0.5 = (u + 0.5) * s."""
     K = _copy(K)
     K[0, 0] *= sx
     K[1, 1] *= sy
     K[0, 2] = (K[0, 2] + 0.5) * sx - 0.5
     K[1, 2] = (K[1, 2] + 0.5) * sy - 0.5
     return K
+
+
+def resize_intrinsics(K, old_size: tuple[int, int], new_size: tuple[int, int]):
+    """K for an image resized from ``old_size`` (H, W) to ``new_size`` (H, W)."""
+    return _scale(K, new_size[1] / old_size[1], new_size[0] / old_size[0])
 
 
 def crop_intrinsics(K, top: int, left: int):
@@ -55,13 +59,7 @@ def flip_pose(T):
 
 def scale_intrinsics(K, scale: int):
     """K at pyramid level ``scale`` (image downsampled by 2**scale), same pixel-centre convention."""
-    factor = 2.0**-scale
-    K = _copy(K)
-    K[0, 0] *= factor
-    K[1, 1] *= factor
-    K[0, 2] = (K[0, 2] + 0.5) * factor - 0.5
-    K[1, 2] = (K[1, 2] + 0.5) * factor - 0.5
-    return K
+    return _scale(K, 2.0**-scale, 2.0**-scale)
 
 
 def project(K, points_cam):
