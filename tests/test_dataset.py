@@ -88,3 +88,14 @@ def test_dataloader_batches(synth_root):
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4, num_workers=0)))
     assert batch["frames"].shape == (4, 3, 3, 64, 64) and batch["K"].shape == (4, 3, 3) and batch["poses"].shape == (4, 2, 4, 4)
     assert batch["label"].dtype == torch.int64 and float(batch["image"].max()) <= 1.0
+
+
+def test_dataset_pickles_for_worker_processes(synth_root):
+    import pickle
+
+    ds = SegSDEDataset(synth_root, split="val")
+    first = ds[0]
+    clone = pickle.loads(pickle.dumps(ds))
+    assert not clone._files and torch.equal(clone[0]["image"], first["image"])
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, multiprocessing_context="spawn")
+    assert next(iter(loader))["image"].shape == (2, 3, 128, 256)

@@ -68,6 +68,10 @@ class SegSDEDataset(torch.utils.data.Dataset):
         self._files: dict[int, pq.ParquetFile] = {}
         self._groups: dict[tuple[int, int], list[dict]] = {}
 
+    def __getstate__(self) -> dict:
+        # open Parquet files and decoded row groups stay with the process that made them
+        return {**self.__dict__, "_files": {}, "_groups": {}}
+
     def __len__(self) -> int:
         return len(self.ids)
 
