@@ -114,3 +114,15 @@ def test_existing_output_and_bad_settings_are_one_line_errors(synth_root, tmp_pa
     proc = run_cli("data", "synth", "--out", tmp_path / "d", "--difficulty", 3, check=False)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "difficulty" in proc.stderr
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_compiled_ray_box_kernel_matches_the_numpy_reference(seed, monkeypatch):
+    from segsde.data.synth import render
+
+    scene = make_scene(np.random.default_rng(seed), SynthConfig(height=64, width=128))
+    compiled = render.render_frame(scene, 1)
+    monkeypatch.setattr(render, "CAST_BOXES", render.cast_boxes_numpy)
+    reference = render.render_frame(scene, 1)
+    assert np.array_equal(compiled.label, reference.label)
+    assert np.allclose(compiled.depth, reference.depth, rtol=1e-6) and np.allclose(compiled.image, reference.image, atol=1e-5)

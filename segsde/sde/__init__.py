@@ -1,0 +1,1 @@
+"""Self-supervised depth estimation (monodepth2-style) from frame triplets."""
