@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from segsde.data.labels import TRAIN_ID
+from segsde.errors import SegSDEError
 
 # Surface patterns (evaluated in surface coordinates by the renderer).
 NOISE, WINDOWS, STRIPES, TILES, FOLIAGE, VEHICLE = range(6)
@@ -42,8 +43,6 @@ class SynthConfig:
         if not 0.0 <= self.ego_hood < 0.5:
             problems.append(f"ego_hood {self.ego_hood} must lie in [0, 0.5)")
         if problems:
-            from segsde.errors import SegSDEError
-
             raise SegSDEError("; ".join(problems) + ": fix the generator settings")
 
 
