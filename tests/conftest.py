@@ -46,4 +46,17 @@ def reproject(depth, K, T):
     return ok, proj[0] / proj[2], proj[1] / proj[2], src[2]
 
 
+def warp_error(item: dict, source: int) -> tuple[float, float]:
+    """Mean |frame t - frame ``source`` (0 or 2) warped with the item's depth, K and pose| over static
+    in-image pixels, and the same error without warping. Occluded pixels are included (no source depth)."""
+    frames = item["frames"].permute(0, 2, 3, 1).numpy()
+    depth = item["depth"].numpy()
+    ok, u, v, _ = reproject(depth, item["K"].double().numpy(), item["poses"][source // 2].double().numpy())
+    H, W = depth.shape
+    keep = (~item["dynamic"].numpy())[ok] & (u >= 0) & (u <= W - 1) & (v >= 0) & (v <= H - 1)
+    target = frames[1][ok][keep]
+    warped = np.abs(bilinear(frames[source], u[keep], v[keep]) - target).mean()
+    return warped, np.abs(frames[source][ok][keep] - target).mean()
+
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -1,20 +1,11 @@
 import numpy as np
 import pytest
 import torch
-from conftest import bilinear, reproject
+from conftest import warp_error
 
 from segsde.data.dataset import PSEUDO_DEPTH, Augment, SegSDEDataset
 from segsde.data.store import encode_unit_png, write_side_column
 from segsde.errors import SegSDEError
-
-
-def _warp_error(item, source):
-    frames = item["frames"].permute(0, 2, 3, 1).numpy()
-    depth = item["depth"].numpy()
-    ok, u, v, _ = reproject(depth, item["K"].double().numpy(), item["poses"][0 if source == 0 else 1].double().numpy())
-    H, W = depth.shape
-    keep = (~item["dynamic"].numpy())[ok] & (u >= 0) & (u <= W - 1) & (v >= 0) & (v <= H - 1)
-    return np.abs(bilinear(frames[source], u[keep], v[keep]) - frames[1][ok][keep]).mean()
 
 
 def test_augmented_K_and_poses_keep_reprojection_exact(synth_root):
@@ -28,13 +19,13 @@ def test_augmented_K_and_poses_keep_reprojection_exact(synth_root):
         item = ds[i]
         assert item["frames"].shape == (3, 3, 64, 128) and item["label"].shape == (64, 128)
         flips += bool(item["poses"][1][0, 3] * plain[i]["poses"][1][0, 3] < 0)
-        errors.append(_warp_error(item, 2))
+        errors.append(warp_error(item, 2)[0])
     assert 0 < flips < 12  # both flipped and unflipped samples were checked
     assert np.mean(errors) < 0.03, errors
     # a wrong K (the original's unscaled intrinsics) is clearly worse: the test can tell
     item = ds[0]
     item["K"] = item["K"] * torch.tensor([[2.0, 1, 2], [1, 2, 2], [1, 1, 1]])
-    assert _warp_error(item, 2) > 1.5 * np.mean(errors)
+    assert warp_error(item, 2)[0] > 1.5 * np.mean(errors)
 
 
 def test_flip_reverses_image_and_mirrors_pose(synth_root):

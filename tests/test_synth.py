@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import BIN, bilinear, reproject, run_cli
+from conftest import BIN, bilinear, reproject, run_cli, warp_error
 
 from segsde.data.dataset import SegSDEDataset
 from segsde.data.labels import TRAIN_ID
@@ -36,16 +36,10 @@ def test_stored_frames_reproject_with_gt_depth_pose_and_K(synth_root):
     ds = SegSDEDataset(synth_root, split="val", sequence=True)
     errors, identity = [], []
     for i in range(8):
-        item = ds[i]
-        frames = item["frames"].permute(0, 2, 3, 1).numpy()
-        depth, K = item["depth"].numpy(), item["K"].double().numpy()
-        static = ~item["dynamic"].numpy()
-        for s, T in ((0, item["poses"][0].double().numpy()), (2, item["poses"][1].double().numpy())):
-            ok, u, v, _ = reproject(depth, K, T)
-            keep = static[ok] & (u >= 0) & (u <= depth.shape[1] - 1) & (v >= 0) & (v <= depth.shape[0] - 1)
-            target = frames[1][ok][keep]
-            errors.append(np.abs(bilinear(frames[s], u[keep], v[keep]) - target).mean())
-            identity.append(np.abs(frames[s][ok][keep] - target).mean())
+        for source in (0, 2):
+            warped, unwarped = warp_error(ds[i], source)
+            errors.append(warped)
+            identity.append(unwarped)
     # occlusions are included here (no source depth is stored), so allow some slack; the renderer-level
     # test below checks the visible pixels strictly
     assert np.mean(errors) < 0.025, np.mean(errors)
