@@ -23,16 +23,12 @@ def cache_key(config: dict) -> str:
 def dataset_stage(profile: DataProfile, out: Path, seed: int, data_root: Path | None = None,
                   force: bool = False, dry_run: bool = False, log=print) -> Path:
     """The study's dataset: the synthetic testbed rendered once per configuration, or a built Cityscapes dataset."""
-    if profile.source == "cityscapes":
-        if data_root is None:
-            raise SegSDEError("the cityscapes profile needs --data-root: build one with `segsde data cityscapes --root ... --out DIR`")
-        read_manifest(data_root)
-        log(f"[data] using the Cityscapes dataset at {data_root}")
-        return Path(data_root)
     if data_root is not None:
-        read_manifest(data_root)
-        log(f"[data] using the dataset at {data_root}")
+        source = read_manifest(data_root)["source"]
+        log(f"[data] using the {source} dataset at {data_root}")
         return Path(data_root)
+    if profile.source == "cityscapes":
+        raise SegSDEError("the cityscapes profile needs --data-root: build one with `segsde data cityscapes --root ... --out DIR`")
     h, w = profile.size
     synth = SynthConfig(height=h, width=w)
     config = {"stage": "data", "version": DATA_FORMAT_VERSION, "train": profile.train, "val": profile.val,

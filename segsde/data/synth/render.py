@@ -110,7 +110,7 @@ def cast_boxes_numpy(inv, lo, hi, rects, nearest, order, zbuf, hit) -> None:
 
 @numba.njit(cache=True, nogil=True)
 def cast_boxes_compiled(inv, lo, hi, rects, nearest, order, zbuf, hit):  # pragma: no cover - compiled
-    """The same computation as :func:`cast_boxes_numpy`, pixel by pixel (about 5x faster)."""
+    """The same computation as :func:`cast_boxes_numpy`, pixel by pixel (benchmarks/bench_synth.py compares them)."""
     for k in range(order.shape[0]):
         i = order[k]
         v0, v1, u0, u1 = rects[i, 0], rects[i, 1], rects[i, 2], rects[i, 3]
