@@ -83,6 +83,32 @@ def cmd_info(args) -> dict:
     return {k: m[k] for k in ("source", "splits", "size") if k in m} | {"shards": len(m["shards"]), "verified": True}
 
 
+def _key_value(text: str) -> tuple[str, object]:
+    import yaml
+
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"'{text}' is not of the form key=value, e.g. phase2_steps=500")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
+
+
+def cmd_sde(args) -> dict:
+    from segsde.sde.run import run_sde
+
+    missing = [flag for flag, value in (("--data", args.data), ("--out", args.out)) if value is None]
+    if missing:
+        raise SegSDEError(f"segsde sde needs {' and '.join(missing)}: e.g. segsde sde --data data/synth --profile quick --out runs/sde")
+    return run_sde(args.data, args.out, profile=args.profile, workers=args.workers, gpu=args.gpu, overrides=dict(args.set),
+                   resume_from=args.resume_from, fresh=args.fresh, address=args.address, tracking_uri=args.tracking_uri,
+                   experiment=args.experiment)
+
+
+def cmd_sde_export(args) -> dict:
+    from segsde.sde.export import export_pseudo_depth
+
+    return export_pseudo_depth(args.checkpoint, args.data, batch=args.batch, device=args.device)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segsde", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +158,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("info", help="verify a dataset's shards against its manifest and print its summary")
     p.add_argument("--data", type=Path, required=True)
     p.set_defaults(func=cmd_info)
+
+    sde = sub.add_parser("sde", help="self-supervised depth pre-training on a Ray Train worker group (`segsde sde export` for pseudo-depth)",
+                         description="Train the SDE model (phase 1: frozen encoder; phase 2: everything) and print its validation "
+                                     "depth metrics as one JSON line. Writes OUT/model.pt, OUT/metrics.json, Ray checkpoints under "
+                                     "OUT/ray and, without MLFLOW_TRACKING_URI or --tracking-uri, MLflow runs in OUT/mlflow.db.")
+    sde.add_argument("--data", type=Path, help="dataset directory (segsde format) with train and val splits")
+    sde.add_argument("--out", type=Path, help="output directory")
+    sde.add_argument("--profile", default="quick", help="smoke | quick | synthetic | cityscapes (ablations/profiles.yaml)")
+    sde.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                     help="override one SDE config value, e.g. --set phase2_steps=500 (repeatable)")
+    sde.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
+    sde.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    sde.add_argument("--resume-from", type=Path, default=None, help="a checkpoint directory to continue from")
+    sde.add_argument("--fresh", action="store_true", help="discard this OUT's earlier Ray checkpoints instead of resuming from them")
+    sde.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+    sde.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or OUT/mlflow.db)")
+    sde.add_argument("--experiment", default="segsde-sde", help="MLflow experiment name")
+    sde.set_defaults(func=cmd_sde)
+    export = sde.add_subparsers(dest="sde_command").add_parser(
+        "export", help="write the SDE disparity of every sample into the dataset (side/pseudo_depth.parquet)")
+    export.add_argument("--checkpoint", type=Path, required=True, help="model.pt written by `segsde sde`")
+    export.add_argument("--data", type=Path, required=True, help="dataset directory to add the pseudo-depth to")
+    export.add_argument("--batch", type=int, default=8)
+    export.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    export.set_defaults(func=cmd_sde_export)
     return parser
 
 

@@ -9,14 +9,22 @@ import torch.nn.functional as F
 C1, C2 = 0.01**2, 0.03**2
 
 
+def box3(x: torch.Tensor) -> torch.Tensor:
+    """3x3 mean over a reflection-padded tensor [..., H, W] -> [..., H, W]; the same as monodepth2's
+    ``AvgPool2d(3, 1)`` after ``ReflectionPad2d(1)``, written as shifted sums (several times faster on
+    CPU than avg_pool2d, whose stride-1 kernel dominated the SDE step there)."""
+    x = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    rows = x[..., :-2, :] + x[..., 1:-1, :] + x[..., 2:, :]
+    return (rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]) / 9.0
+
+
 def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-pixel SSIM [B, C, H, W] with 3x3 average pooling and reflection padding (monodepth2's form;
+    """Per-pixel SSIM [B, C, H, W] with a 3x3 box window and reflection padding (monodepth2's form;
     kornia's SSIM uses a Gaussian window, which changes the loss the paper's weights were tuned for)."""
-    x, y = F.pad(x, (1, 1, 1, 1), mode="reflect"), F.pad(y, (1, 1, 1, 1), mode="reflect")
-    mu_x, mu_y = F.avg_pool2d(x, 3, 1), F.avg_pool2d(y, 3, 1)
-    sigma_x = F.avg_pool2d(x * x, 3, 1) - mu_x**2
-    sigma_y = F.avg_pool2d(y * y, 3, 1) - mu_y**2
-    sigma_xy = F.avg_pool2d(x * y, 3, 1) - mu_x * mu_y
+    C = x.shape[1]
+    stats = box3(torch.cat([x, y, x * x, y * y, x * y], 1))
+    mu_x, mu_y, xx, yy, xy = stats.split(C, 1)
+    sigma_x, sigma_y, sigma_xy = xx - mu_x**2, yy - mu_y**2, xy - mu_x * mu_y
     num = (2 * mu_x * mu_y + C1) * (2 * sigma_xy + C2)
     den = (mu_x**2 + mu_y**2 + C1) * (sigma_x + sigma_y + C2)
     return num / den
@@ -30,17 +38,19 @@ def photometric_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def min_reprojection(target: torch.Tensor, warped: list[torch.Tensor], sources: list[torch.Tensor],
-                     automask: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                     automask: bool = True, identity: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pixel minimum over the warped errors (and, with auto-masking, the identity errors of the
     unwarped sources, plus tiny noise to break ties). Returns (loss map [B, 1, H, W], mask of pixels where
-    a warped error won [B, 1, H, W]); where an identity error wins, the pixel carries no gradient."""
+    a warped error won [B, 1, H, W]); where an identity error wins, the pixel carries no gradient.
+    ``identity`` passes precomputed identity errors (they are the same at every scale)."""
     errors = [photometric_error(w, target) for w in warped]
-    if automask:
-        identity = [photometric_error(s, target) + torch.randn_like(errors[0]) * 1e-5 for s in sources]
+    if automask or identity is not None:
+        identity = identity if identity is not None else [photometric_error(s, target) for s in sources]
+        identity = [e + torch.randn_like(e) * 1e-5 for e in identity]
         errors = identity + errors
     stacked = torch.cat(errors, 1)
     best, idx = stacked.min(1, keepdim=True)
-    warped_won = idx >= (len(sources) if automask else 0)
+    warped_won = idx >= (len(errors) - len(warped))
     return best, warped_won
 
 

@@ -1,0 +1,1 @@
+"""Evaluation metrics (depth here; segmentation confusion matrices join later)."""

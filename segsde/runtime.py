@@ -1,0 +1,74 @@
+"""What every Ray Train worker loop needs: its rank and device, seeded batch order, RNG state, checkpoints."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CHECKPOINT_FILE = "state.pt"
+
+
+@dataclass(frozen=True)
+class Worker:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def current_worker() -> Worker:
+    """Rank, world size and device inside a Ray Train worker (rank 0 of 1 on CPU outside one)."""
+    import ray.train
+
+    try:
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    except Exception:  # not inside a Train worker group
+        return Worker(0, 1, torch.device("cpu"))
+    import ray.train.torch
+
+    return Worker(rank, world, ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu"))
+
+
+def batch_indices(n: int, step: int, batch: int, rank: int, world: int, seed: int) -> list[int]:
+    """The sample indices of ``rank``'s batch at ``step``: epochs are seeded permutations of range(n),
+    consumed ``batch * world`` at a time, so the order depends only on (seed, step) and a resumed run
+    sees exactly the batches an uninterrupted one would."""
+    per_step = batch * world
+    start = step * per_step + rank * batch
+    out = []
+    for pos in range(start, start + batch):
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(perm[offset]))
+    return out
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """Seed for the random draws of one step on one rank (augmentation, noise): derived from the step,
+    so a resumed run draws exactly what an uninterrupted one would, on every rank, without RNG state."""
+    return (seed * 1_000_003 + rank * 7_919 + step) % 2**63
+
+
+def save_state(directory: Path, state: dict) -> Path:
+    """Write ``state`` to ``directory/state.pt`` via a temporary file and a rename."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{CHECKPOINT_FILE}.tmp-{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, directory / CHECKPOINT_FILE)
+    return directory / CHECKPOINT_FILE
+
+
+def load_state(directory: Path, map_location="cpu") -> dict:
+    return torch.load(Path(directory) / CHECKPOINT_FILE, map_location=map_location, weights_only=True)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model

@@ -1,0 +1,70 @@
+"""Pseudo-depth export: the trained SDE network's disparity for every sample, stored as a side column of
+the dataset (``side/pseudo_depth.parquet``), which DepthMix and data selection read."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segsde.data.dataset import PSEUDO_DEPTH, SegSDEDataset
+from segsde.data.store import encode_unit_png, write_side_column
+from segsde.errors import SegSDEError
+from segsde.sde.config import SDEConfig
+from segsde.sde.model import SDEModel
+
+
+def load_sde_model(path: Path, device: str | torch.device = "cpu") -> SDEModel:
+    """An :class:`SDEModel` in eval mode from a ``model.pt`` written by the SDE stage."""
+    path = Path(path)
+    if not path.is_file():
+        raise SegSDEError(f"SDE model {path} does not exist: train one with `segsde sde --data DIR --out DIR` (it writes DIR/model.pt)")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        cfg = SDEConfig.from_dict({**saved["config"], "weights": None}, where=f"the config stored in {path}")
+    except SegSDEError:
+        raise
+    except Exception as exc:
+        raise SegSDEError(f"{path} is not an SDE model file ({type(exc).__name__}): pass the model.pt the SDE stage wrote") from exc
+    model = SDEModel(cfg)
+    try:
+        model.load_state_dict(saved["model"], strict=False)
+    except RuntimeError as exc:
+        raise SegSDEError(f"{path} does not fit the network its config describes ({str(exc).splitlines()[0]}): retrain it with this segsde") from exc
+    return model.eval().to(device)
+
+
+@torch.no_grad()
+def disparity_map(model: SDEModel, images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] of any size -> sigmoid disparity [B, H, W] (reflection-padded to a multiple of 32)."""
+    H, W = images.shape[-2:]
+    ph, pw = -H % 32, -W % 32
+    x = F.pad(images, (0, pw, 0, ph), mode="reflect") if ph or pw else images
+    return model.disparity(x)[0][:, 0, :H, :W].float()
+
+
+def normalise(disp: torch.Tensor) -> torch.Tensor:
+    """Per-image min-max normalisation to [0, 1] (the original's convention for DepthMix)."""
+    lo = disp.flatten(1).min(1).values[:, None, None]
+    hi = disp.flatten(1).max(1).values[:, None, None]
+    return (disp - lo) / (hi - lo).clamp(min=1e-8)
+
+
+def export_pseudo_depth(checkpoint: Path, data: Path, batch: int = 8, device: str | None = None, log=sys.stderr) -> dict:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_sde_model(checkpoint, device)
+    dataset = SegSDEDataset(data, split=None)
+    values, start = {}, time.perf_counter()
+    for i in range(0, len(dataset), batch):
+        items = [dataset[j] for j in range(i, min(i + batch, len(dataset)))]
+        disp = normalise(disparity_map(model, torch.stack([it["image"] for it in items]).to(device))).cpu().numpy()
+        for it, d in zip(items, disp):
+            values[it["id"]] = encode_unit_png(d.astype(np.float64))
+        print(f"[export] {len(values)}/{len(dataset)} images ({len(values) / (time.perf_counter() - start):.1f}/s)", file=log, flush=True)
+    path = write_side_column(data, PSEUDO_DEPTH, values, checkpoint=str(Path(checkpoint).absolute()),
+                             encoding="16-bit PNG of per-image min-max normalised sigmoid disparity (1 = nearest)")
+    return {"out": str(path), "images": len(values)}

@@ -1,0 +1,79 @@
+"""The SDE model: depth encoder + ASPP/U-Net decoder + pose net, and its view-synthesis objective."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segsde.models.decoder import UNetDecoder
+from segsde.models.encoder import FrozenFeatures, ResNetEncoder, feature_distance
+from segsde.models.pose import PoseNet, mirror_pose_params
+from segsde.sde.config import SDEConfig
+from segsde.sde.geometry import disp_to_depth, pose_from_params, warp
+from segsde.sde.losses import min_reprojection, photometric_error, smoothness
+
+
+class SDEModel(nn.Module):
+    """``forward(frames, K, net_frames)`` returns the SDE loss terms of one batch.
+
+    frames [B, 3, 3, H, W] (t-1, t, t+1) in [0, 1] for the loss; net_frames the same frames after colour
+    augmentation, which only the networks see (monodepth2's convention); K [B, 3, 3] for (H, W).
+    """
+
+    def __init__(self, cfg: SDEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = ResNetEncoder(cfg.encoder, cfg.weights, cfg.output_stride)
+        self.decoder = UNetDecoder(self.encoder.channels, tuple(cfg.decoder_channels), disparity_scales=cfg.scales)
+        self.pose = PoseNet(cfg.weights)
+        # only with real ImageNet features is the distance meaningful; a random copy would anchor noise
+        self.reference = FrozenFeatures(self.encoder) if cfg.weights is not None and cfg.feature_distance > 0 else None
+
+    def depth_parameters(self) -> list[nn.Parameter]:
+        return [*self.decoder.parameters(), *self.pose.parameters()]
+
+    def disparity(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """[B, 3, H, W] -> sigmoid disparities at scales 0 .. scales-1."""
+        return self.decoder(self.encoder(image), size=image.shape[-2:])
+
+    def poses(self, net_frames: torch.Tensor) -> list[torch.Tensor]:
+        """[B, 3, 3, H, W] -> [T(t->t-1), T(t->t+1)], each [B, 4, 4]; pairs go in temporal order."""
+        B = net_frames.shape[0]
+        pairs = torch.cat([net_frames[:, 0:2].flatten(1, 2), net_frames[:, 1:3].flatten(1, 2)])  # [2B, 6, H, W]
+        if self.cfg.pose_input_scale < 1:
+            pairs = F.interpolate(pairs, scale_factor=self.cfg.pose_input_scale, mode="bilinear", align_corners=False, antialias=True)
+        if self.cfg.pose_flip_average:
+            axis, trans = self.pose(torch.cat([pairs, pairs.flip(-1)]))
+            m_axis, m_trans = mirror_pose_params(axis[2 * B:], trans[2 * B:])
+            axis, trans = (axis[:2 * B] + m_axis) / 2, (trans[:2 * B] + m_trans) / 2
+        else:
+            axis, trans = self.pose(pairs)
+        return [pose_from_params(axis[:B], trans[:B], invert=True), pose_from_params(axis[B:], trans[B:])]
+
+    def forward(self, frames: torch.Tensor, K: torch.Tensor, net_frames: torch.Tensor | None = None,
+                feature_weight: float = 0.0) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        net_frames = frames if net_frames is None else net_frames
+        target, sources = frames[:, 1], [frames[:, 0], frames[:, 2]]
+        maps = self.encoder(net_frames[:, 1])
+        disps = self.decoder(maps, size=target.shape[-2:])
+        T = self.poses(net_frames)
+        identity = [photometric_error(s, target) for s in sources] if cfg.automask else None
+        photometric = smooth = 0.0
+        for s, disp in enumerate(disps):
+            full = F.interpolate(disp, size=target.shape[-2:], mode="bilinear", align_corners=False)
+            depth = disp_to_depth(full, cfg.min_depth, cfg.max_depth)[1]
+            warped = [warp(src, depth, K, Ts) for src, Ts in zip(sources, T)]
+            loss_map, warped_won = min_reprojection(target, warped, sources, identity=identity)
+            photometric = photometric + loss_map.mean()
+            image_s = F.interpolate(target, size=disp.shape[-2:], mode="area") if s else target
+            smooth = smooth + smoothness(disp, image_s) / 2**s
+        out = {"photometric": photometric / len(disps), "smoothness": smooth / len(disps),
+               "automask_ratio": warped_won.float().mean().detach()}
+        out["loss"] = out["photometric"] + cfg.smoothness * out["smoothness"]
+        if feature_weight > 0 and self.reference is not None:
+            dist, frobenius = feature_distance(maps[4], self.reference(net_frames[:, 1]))
+            out["feature_distance"], out["feature_distance_frobenius"] = dist, frobenius.detach()
+            out["loss"] = out["loss"] + feature_weight * dist
+        return out

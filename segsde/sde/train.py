@@ -1,0 +1,223 @@
+"""SDE pre-training as a Ray Train worker function: the same code on 1 CPU or N GPUs with DDP.
+
+Phase 1 trains the decoder and the pose net with a frozen encoder (the paper's ImageNet encoder); phase 2
+fine-tunes everything, with the ImageNet feature distance when ImageNet weights are used. Every
+``checkpoint_interval`` steps rank 0 writes model + optimiser + step; every ``val_interval`` steps all ranks
+evaluate their share of the validation split and all-reduce the error sums. Random draws are seeded per
+step, so a run resumed from a checkpoint continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+
+from segsde.data.dataset import Augment, SegSDEDataset
+from segsde.metrics.depth import depth_error_sums, summarise
+from segsde.runtime import batch_indices, current_worker, load_state, save_state, step_seed, unwrap
+from segsde.sde.config import SDEConfig
+from segsde.sde.geometry import disp_to_depth
+from segsde.sde.model import SDEModel
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item k = the whole batch of step ``start + k`` for one rank: frames, jittered network input, K.
+    Computing a batch from its step alone keeps the data identical whatever the loader worker count."""
+
+    def __init__(self, data: str, cfg: SDEConfig, start: int, rank: int, world: int):
+        from kornia.augmentation import ColorJitter
+
+        self.dataset = SegSDEDataset(data, "train", augment=Augment(cfg.resize, cfg.crop, random=True), sequence=True)
+        self.cfg, self.start, self.rank, self.world = cfg, start, rank, world
+        self.jitter = ColorJitter(0.2, 0.2, 0.2, 0.1, p=cfg.color_jitter)
+
+    def __len__(self) -> int:
+        return self.cfg.total_steps - self.start
+
+    def __getitem__(self, k: int) -> dict:
+        step, cfg = self.start + k, self.cfg
+        torch.manual_seed(step_seed(cfg.seed, self.rank, step))
+        items = [self.dataset[i] for i in batch_indices(len(self.dataset), step, cfg.batch_size, self.rank, self.world, cfg.seed)]
+        frames, K = torch.stack([it["frames"] for it in items]), torch.stack([it["K"] for it in items])
+        params = self.jitter.forward_parameters(frames[:, 1].shape)
+        net_frames = torch.stack([self.jitter(frames[:, f], params=params) for f in range(3)], 1)
+        batch = {"step": step, "frames": frames, "net_frames": net_frames, "K": K}
+        if "poses" in items[0]:  # ground truth of the testbed: for diagnostics, never for training
+            batch["poses"] = torch.stack([it["poses"] for it in items])
+        return batch
+
+
+def validation_set(data: str, cfg: SDEConfig) -> SegSDEDataset:
+    ds = SegSDEDataset(data, "val", augment=Augment(cfg.resize, None, random=False))
+    if cfg.val_images is not None:
+        ds = SegSDEDataset(data, "val", ids=ds.ids[: cfg.val_images], augment=ds.augment)
+    return ds
+
+
+@torch.no_grad()
+def predict_depth(model: SDEModel, images: torch.Tensor, cfg: SDEConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, 3, H, W] -> (sigmoid disparity [B, H, W], depth [B, H, W]) at scale 0."""
+    sigmoid = model.disparity(images)[0][:, 0].float()
+    return sigmoid, disp_to_depth(sigmoid, cfg.min_depth, cfg.max_depth)[1]
+
+
+@torch.no_grad()
+def validate(model: SDEModel, val_set: SegSDEDataset, cfg: SDEConfig, worker, batch: int = 8) -> tuple[dict, list]:
+    """Median-scaled depth metrics over the whole validation set (each rank takes every world-th image,
+    no padding, sums all-reduced); also rank 0's first three (image, disparity, gt) for a figure."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(8, dtype=torch.float64, device=worker.device)
+    mine = list(range(worker.rank, len(val_set), worker.world))
+    examples = []
+    for i in range(0, len(mine), batch):
+        items = [val_set[j] for j in mine[i : i + batch]]
+        images = torch.stack([it["image"] for it in items]).to(worker.device)
+        gt = torch.stack([it["depth"] for it in items]).to(worker.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=worker.device.type == "cuda"):
+            sigmoid, depth = predict_depth(model, images, cfg)
+        sums += depth_error_sums(depth, gt, 1e-3, cfg.eval_max_depth)
+        if len(examples) < 3:
+            examples += [(images[k].cpu(), sigmoid[k].cpu(), gt[k].cpu()) for k in range(min(3 - len(examples), len(items)))]
+    if worker.world > 1:
+        torch.distributed.all_reduce(sums)
+    model.train(was_training)
+    return summarise(sums.cpu()), examples
+
+
+def disparity_figure(examples: list, step: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(examples), 3, figsize=(9, 1.6 * len(examples) + 0.4), squeeze=False)
+    for row, (image, sigmoid, gt) in zip(axes, examples):
+        inv = torch.where(gt > 0, 1 / gt.clamp(min=1e-3), torch.zeros_like(gt))
+        for ax, (title, img, kw) in zip(row, [("image", image.permute(1, 2, 0), {}), ("predicted disparity", sigmoid, {"cmap": "magma"}),
+                                              ("ground-truth inverse depth", inv, {"cmap": "magma"})]):
+            ax.imshow(img.numpy(), **kw)
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    fig.suptitle(f"SDE validation, step {step}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _optimiser(model: SDEModel, cfg: SDEConfig, phase: int, worker):
+    """Freeze/unfreeze the encoder for ``phase``; return (module to call, Adam over what trains)."""
+    frozen = phase == 1
+    for p in model.encoder.parameters():
+        p.requires_grad_(not frozen)
+    params = model.depth_parameters() + ([] if frozen else list(model.encoder.parameters()))
+    optimiser = torch.optim.Adam(params, lr=cfg.lr_phase1 if frozen else cfg.lr_phase2, fused=True)  # fused: 7x faster steps on CPU
+    net = model
+    if worker.world > 1:  # re-wrapped per phase: DDP fixes the set of trained parameters at construction
+        ids = [worker.device.index] if worker.device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return net, optimiser
+
+
+def _set_mode(model: SDEModel, phase: int) -> None:
+    model.train()
+    if phase == 1:
+        model.encoder.eval()  # a frozen encoder keeps its batch-norm statistics
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point. ``config``: ``sde`` (SDEConfig fields), ``data`` (dataset directory),
+    optional ``tracking_uri`` + ``mlflow_run_id`` (rank 0 logs there), ``resume_from`` (a checkpoint
+    directory, used when Ray Train has none of its own) and ``stop_after`` (end early at that step)."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    cfg = SDEConfig.from_dict(config["sde"])
+    worker = current_worker()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    gpu = worker.device.type == "cuda"
+    model = SDEModel(cfg).to(worker.device)
+    if gpu:
+        model = model.to(memory_format=torch.channels_last)
+    start, saved_optimiser, saved_phase = 0, None, None
+    checkpoint = ray.train.get_checkpoint() or (Checkpoint.from_directory(config["resume_from"]) if config.get("resume_from") else None)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_state(d, map_location=worker.device)
+        model.load_state_dict(state["model"])
+        start, saved_optimiser, saved_phase = state["step"], state["optimizer"], state["phase"]
+    logger = None
+    if worker.is_main and config.get("mlflow_run_id"):
+        from segsde.tracking import RunLogger
+
+        logger = RunLogger(config["tracking_uri"], config["mlflow_run_id"])
+    val_set = validation_set(config["data"], cfg)
+    batches = torch.utils.data.DataLoader(StepBatches(config["data"], cfg, start, worker.rank, worker.world), batch_size=None,
+                                          num_workers=cfg.loader_workers, pin_memory=gpu, persistent_workers=False)
+    stop = min(config.get("stop_after") or cfg.total_steps, cfg.total_steps)
+    net, optimiser, phase = None, None, None
+    running, t0, seen = {}, time.perf_counter(), 0
+    for batch in batches:
+        step = batch["step"]
+        if step >= stop:
+            break
+        if cfg.phase(step) != phase:
+            phase = cfg.phase(step)
+            net, optimiser = _optimiser(model, cfg, phase, worker)
+            if saved_optimiser is not None and saved_phase == phase:
+                optimiser.load_state_dict(saved_optimiser)
+            saved_optimiser = None
+            _set_mode(model, phase)
+        for group in optimiser.param_groups:
+            group["lr"] = cfg.lr(step)
+        torch.manual_seed(step_seed(cfg.seed, worker.rank, step) + 1)  # the automask tie-break noise
+        frames, net_frames, K = (batch[k].to(worker.device, non_blocking=True) for k in ("frames", "net_frames", "K"))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
+            out = net(frames, K, net_frames, cfg.feature_distance if phase == 2 else 0.0)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"SDE loss is {loss.item()} at step {step}: lower the learning rate or check the data")
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        seen += frames.shape[0] * worker.world
+        for k, v in out.items():
+            running[k] = running.get(k, 0.0) + float(v.detach())
+        done = step + 1
+        if done % cfg.log_interval == 0 or done == stop:
+            rate = seen / (time.perf_counter() - t0)
+            means = {f"train/{k}": v / max(1, done % cfg.log_interval or cfg.log_interval) for k, v in running.items()}
+            running = {}
+            if logger:
+                logger.metrics({**means, "train/images_per_s": rate, "train/lr": cfg.lr(step), "train/phase": phase}, step=done)
+            if worker.is_main:
+                print(f"[sde] step {done}/{stop} phase {phase} loss {means['train/loss']:.4f} {rate:.1f} img/s", file=sys.stderr, flush=True)
+        if done % cfg.val_interval == 0 or done % cfg.checkpoint_interval == 0 or done == stop:
+            metrics = {"step": done, "phase": phase, "loss": float(loss), "images_per_s": seen / (time.perf_counter() - t0)}
+            if done % cfg.val_interval == 0 or done == stop:
+                depth_metrics, examples = validate(model, val_set, cfg, worker)
+                metrics.update({f"val_{k}": v for k, v in depth_metrics.items()})
+                if logger:
+                    logger.metrics({f"val/{k}": v for k, v in depth_metrics.items()}, step=done)
+                    import matplotlib.pyplot as plt
+
+                    fig = disparity_figure(examples, done)
+                    logger.figure(fig, f"figures/disparity_step{done:07d}.png")
+                    plt.close(fig)
+                if worker.is_main:
+                    print(f"[sde] validation at step {done}: AbsRel {depth_metrics['abs_rel']:.3f} "
+                          f"RMSE {depth_metrics['rmse']:.2f} d1 {depth_metrics['a1']:.3f}", file=sys.stderr, flush=True)
+            with tempfile.TemporaryDirectory() as d:
+                ckpt = None
+                if worker.is_main:
+                    save_state(d, {"model": unwrap(model).state_dict(), "optimizer": optimiser.state_dict(), "step": done,
+                                   "phase": phase, "config": asdict(cfg)})
+                    ckpt = Checkpoint.from_directory(d)
+                ray.train.report({k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}, checkpoint=ckpt)

@@ -1,0 +1,100 @@
+"""MLflow bookkeeping shared by the stages: the tracking URI, runs created by the driver (so that a
+failure can always close them), and a small logger that Train workers use on rank 0 only."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+from segsde.errors import SegSDEError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def resolve_tracking_uri(out: Path, uri: str | None = None) -> str:
+    """``uri``, else ``$MLFLOW_TRACKING_URI``, else an absolute sqlite file under ``out`` (mlflow >= 3.13
+    refuses the file store, and a relative sqlite path would follow Ray's working-directory changes)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    out = Path(out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{out / 'mlflow.db'}"
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    flat = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(_flatten(v, key + "."))
+        else:
+            flat[key] = str(v)[:6000]
+    return flat
+
+
+def start_run(uri: str, experiment: str, run_name: str, config: dict, artifact_root: Path, tags: dict | None = None) -> str:
+    """Create (or get) ``experiment`` with artifacts under ``artifact_root`` when it is new, start a run
+    with the flattened ``config`` as params, ``config.json`` and the git commit; return its id."""
+    from mlflow.entities import Param, RunTag
+
+    try:
+        client = _client(uri)
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=Path(artifact_root).absolute().as_uri())
+        run = client.create_run(exp_id, run_name=run_name, tags={"segsde.git_commit": git_commit(), **(tags or {})})
+    except Exception as exc:
+        raise SegSDEError(f"cannot reach the MLflow tracking store {uri} ({type(exc).__name__}: {str(exc)[:200]}): "
+                          "start the server or pass a reachable --tracking-uri") from exc
+    run_id = run.info.run_id
+    client.log_batch(run_id, params=[Param(k, v) for k, v in _flatten(config).items()],
+                     tags=[RunTag("mlflow.source.git.commit", git_commit())])
+    client.log_dict(run_id, config, "config.json")
+    return run_id
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    _client(uri).set_terminated(run_id, status=status)
+
+
+class RunLogger:
+    """Logs into an existing run from any process (Train workers log on rank 0 only)."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.client, self.run_id = _client(uri), run_id
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+
+    def figure(self, fig, path: str) -> None:
+        self.client.log_figure(self.run_id, fig, path)
+
+    def artifact(self, path: Path, directory: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), directory)
+
+    def text(self, text: str, path: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            file = Path(tmp) / Path(path).name
+            file.write_text(text)
+            self.client.log_artifact(self.run_id, str(file), str(Path(path).parent) if Path(path).parent != Path(".") else None)

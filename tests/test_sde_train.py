@@ -1,0 +1,133 @@
+import json
+
+import pytest
+import torch
+
+from segsde.data.dataset import SegSDEDataset
+from segsde.metrics.depth import depth_error_sums, summarise
+from segsde.runtime import Worker, batch_indices, load_state
+from segsde.sde.run import sde_config
+from segsde.sde.train import StepBatches, _optimiser, _set_mode
+from segsde.sde.model import SDEModel
+
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def smoke_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "data"
+    run_cli("data", "synth", "--out", out, "--train", 16, "--val", 8, "--size", "64x128", "--seed", 0)
+    return out
+
+
+def test_depth_metrics_hand_computed():
+    gt = torch.tensor([[[1.0, 2.0, 0.0]]])  # the 0 is invalid and ignored
+    sums = depth_error_sums(torch.tensor([[[1.0, 1.0, 7.0]]]), gt)
+    m = summarise(sums)
+    # median scaling by 1.5 gives [1.5, 1.5]: AbsRel (0.5/1 + 0.5/2) / 2, ratios 1.5 and 1.33
+    assert m["abs_rel"] == pytest.approx(0.375) and m["a1"] == 0 and m["a2"] == 1
+    assert summarise(depth_error_sums(2 * gt + 0.0, gt))["abs_rel"] == pytest.approx(0.0, abs=1e-12)
+    empty = depth_error_sums(torch.ones(1, 1, 3), torch.zeros(1, 1, 3))
+    assert empty[-1] == 0  # an image without valid pixels does not count
+
+
+def test_batch_order_is_seeded_disjoint_across_ranks_and_covers_epochs():
+    n, batch, world = 10, 2, 2
+    steps = [[batch_indices(n, s, batch, r, world, seed=3) for r in range(world)] for s in range(5)]
+    first_epoch = [i for s in steps for r in s for i in r][:n]
+    assert sorted(first_epoch) == list(range(n))  # every sample once per epoch, split between ranks
+    assert steps == [[batch_indices(n, s, batch, r, world, seed=3) for r in range(world)] for s in range(5)]
+    assert steps != [[batch_indices(n, s, batch, r, world, seed=4) for r in range(world)] for s in range(5)]
+
+
+def test_loss_decreases_when_training_on_the_testbed(smoke_data):
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    cfg = sde_config("smoke", {"phase1_steps": 0, "phase2_steps": 30, "lr_phase2": 3e-4})
+    model = SDEModel(cfg)
+    net, opt = _optimiser(model, cfg, 2, Worker(0, 1, torch.device("cpu")))
+    _set_mode(model, 2)
+    batches = StepBatches(str(smoke_data), cfg, 0, 0, 1)
+    fixed = batches[0]
+    losses = []
+    for step in range(cfg.total_steps):
+        out = net(fixed["frames"], fixed["K"], fixed["net_frames"])
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["loss"].item())
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses
+
+
+def test_step_batches_do_not_depend_on_the_start_step(smoke_data):
+    cfg = sde_config("smoke")
+    a, b = StepBatches(str(smoke_data), cfg, 0, 0, 1), StepBatches(str(smoke_data), cfg, 2, 0, 1)
+    assert torch.equal(a[3]["net_frames"], b[1]["net_frames"]) and torch.equal(a[3]["K"], b[1]["K"])
+
+
+def test_cli_trains_logs_to_mlflow_and_exports_pseudo_depth(smoke_data, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "sde"
+    proc = run_cli("sde", "--data", smoke_data, "--profile", "smoke", "--out", out)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["step"] == 5 and 0 < result["abs_rel"] < 5 and 0 <= result["a1"] <= 1
+    assert (out / "model.pt").is_file() and json.loads((out / "metrics.json").read_text())["abs_rel"] == result["abs_rel"]
+    assert "[sde] step 5/5" in proc.stderr  # progress goes to stderr
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["sde.encoder"] == "18"
+    assert run.data.tags["segsde.git_commit"] and "val/abs_rel" in run.data.metrics
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 5  # log_interval 1
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
+        a.path for d in ("figures", "model") for a in client.list_artifacts(run.info.run_id, d)}
+    assert {"config.json", "model/model.pt", "figures/disparity_step0000005.png"} <= artifacts
+
+    proc = run_cli("sde", "export", "--checkpoint", out / "model.pt", "--data", smoke_data)
+    assert json.loads(proc.stdout)["images"] == 24
+    ds = SegSDEDataset(smoke_data, "val")
+    pseudo = ds[0]["pseudo_depth"]
+    assert pseudo.shape == (64, 128) and pseudo.min() == 0 and pseudo.max() == 1
+
+
+def test_resume_from_a_checkpoint_continues_exactly(smoke_data, tmp_path):
+    import ray
+
+    from segsde.sde.run import run_sde
+
+    try:
+        first = run_sde(smoke_data, tmp_path / "a", profile="smoke", stop_after=3)
+        assert first["step"] == 3
+        resumed = run_sde(smoke_data, tmp_path / "b", profile="smoke", resume_from=first["checkpoint"])
+        straight = run_sde(smoke_data, tmp_path / "c", profile="smoke")
+    finally:
+        ray.shutdown()
+    a, b = load_state(resumed["checkpoint"]), load_state(straight["checkpoint"])
+    assert a["step"] == b["step"] == 5 and a["phase"] == b["phase"] == 2
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sb for k in sb[i])
+    assert load_state(first["checkpoint"])["step"] == 3
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--profile", "smoke"], "needs --data and --out"),
+    (["--data", "{tmp}/nowhere", "--out", "{tmp}/o"], "does not exist"),
+    (["--data", "{data}", "--out", "{tmp}/o", "--set", "phase2_step=3"], "unknown key 'phase2_step'.*did you mean 'phase2_steps'"),
+    (["--data", "{data}", "--out", "{tmp}/o", "--set", "batch_size=1"], "batch_size must be >= 2"),
+    (["--data", "{data}", "--out", "{tmp}/o", "--profile", "quik"], "did you mean 'quick'"),
+])
+def test_bad_sde_input_is_one_line_and_starts_nothing(args, message, smoke_data, tmp_path):
+    import re
+
+    proc = run_cli("sde", *[a.format(tmp=tmp_path, data=smoke_data) for a in args], check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), proc.stderr
+    assert not (tmp_path / "o" / "mlflow.db").exists()
+
+
+def test_export_refuses_a_file_that_is_not_an_sde_model(smoke_data, tmp_path):
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    proc = run_cli("sde", "export", "--checkpoint", tmp_path / "other.pt", "--data", smoke_data, check=False)
+    assert proc.returncode == 2 and "not an SDE model file" in proc.stderr
