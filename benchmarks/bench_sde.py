@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from segsde.runtime import Worker
+from segsde.sde.model import SDEModel
 from segsde.sde.run import sde_config
 from segsde.sde.train import StepBatches, _optimiser, _set_mode
-from segsde.sde.model import SDEModel
 
 PAPER = {"decoder_channels": (64, 128, 128, 256, 256), "pose_input_scale": 1.0}
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import tempfile
 from pathlib import Path
 
 from segsde.errors import SegSDEError
@@ -50,15 +49,22 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def start_run(uri: str, experiment: str, run_name: str, config: dict, artifact_root: Path, tags: dict | None = None) -> str:
-    """Create (or get) ``experiment`` with artifacts under ``artifact_root`` when it is new, start a run
-    with the flattened ``config`` as params, ``config.json`` and the git commit; return its id."""
+def artifact_root(uri: str) -> str | None:
+    """Artifacts of a sqlite store go beside its file (MLflow's default would follow the working directory)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return None  # a tracking server decides
+
+
+def start_run(uri: str, experiment: str, run_name: str, config: dict, tags: dict | None = None) -> str:
+    """Create (or get) ``experiment``, start a run with the flattened ``config`` as params, ``config.json``
+    and the git commit; return its id. An unreachable store is a one-line error before anything runs."""
     from mlflow.entities import Param, RunTag
 
     try:
         client = _client(uri)
         exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=Path(artifact_root).absolute().as_uri())
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_root(uri))
         run = client.create_run(exp_id, run_name=run_name, tags={"segsde.git_commit": git_commit(), **(tags or {})})
     except Exception as exc:
         raise SegSDEError(f"cannot reach the MLflow tracking store {uri} ({type(exc).__name__}: {str(exc)[:200]}): "
@@ -81,8 +87,9 @@ class RunLogger:
         self.client, self.run_id = _client(uri), run_id
 
     def metrics(self, values: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
         import time
+
+        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
@@ -92,9 +99,3 @@ class RunLogger:
 
     def artifact(self, path: Path, directory: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), directory)
-
-    def text(self, text: str, path: str) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            file = Path(tmp) / Path(path).name
-            file.write_text(text)
-            self.client.log_artifact(self.run_id, str(file), str(Path(path).parent) if Path(path).parent != Path(".") else None)

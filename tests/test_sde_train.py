@@ -2,15 +2,14 @@ import json
 
 import pytest
 import torch
+from conftest import run_cli
 
 from segsde.data.dataset import SegSDEDataset
 from segsde.metrics.depth import depth_error_sums, summarise
 from segsde.runtime import Worker, batch_indices, load_state
+from segsde.sde.model import SDEModel
 from segsde.sde.run import sde_config
 from segsde.sde.train import StepBatches, _optimiser, _set_mode
-from segsde.sde.model import SDEModel
-
-from conftest import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +49,7 @@ def test_loss_decreases_when_training_on_the_testbed(smoke_data):
     batches = StepBatches(str(smoke_data), cfg, 0, 0, 1)
     fixed = batches[0]
     losses = []
-    for step in range(cfg.total_steps):
+    for _ in range(cfg.total_steps):
         out = net(fixed["frames"], fixed["K"], fixed["net_frames"])
         opt.zero_grad()
         out["loss"].backward()
@@ -108,6 +107,12 @@ def test_resume_from_a_checkpoint_continues_exactly(smoke_data, tmp_path):
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sb for k in sb[i])
     assert load_state(first["checkpoint"])["step"] == 3
+
+
+def test_two_ddp_workers_train_and_all_reduce_validation(smoke_data, tmp_path):
+    proc = run_cli("sde", "--data", smoke_data, "--profile", "smoke", "--out", tmp_path, "--workers", 2)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["step"] == 5 and 0 < result["abs_rel"] < 5  # 8 val images: 4 per rank, summed over both
 
 
 @pytest.mark.parametrize("args,message", [

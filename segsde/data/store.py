@@ -186,6 +186,12 @@ def write_side_column(root: Path, name: str, values: dict[str, bytes], **meta) -
     return path
 
 
+def read_side_meta(root: Path, name: str) -> dict | None:
+    """The metadata written with a side column (e.g. which checkpoint made it), or None if there is none."""
+    path = Path(root) / SIDE_DIR / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def read_side_column(root: Path, name: str) -> dict[str, bytes] | None:
     path = Path(root) / SIDE_DIR / f"{name}.parquet"
     if not path.is_file():

@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from segsde.data.store import read_manifest
+from segsde.data.store import read_manifest, read_side_meta
 from segsde.data.synth.scene import SynthConfig
 from segsde.errors import SegSDEError
 from segsde.profiles import DataProfile
@@ -46,3 +46,45 @@ def dataset_stage(profile: DataProfile, out: Path, seed: int, data_root: Path | 
     log(f"[data] rendering {profile.train} train + {profile.val} val samples at {h}x{w} into {path}")
     generate(path, profile.train, profile.val, synth, seed, overwrite=force)
     return path
+
+
+def sde_stage(profile: str, data: Path, out: Path, tracking_uri: str | None = None, force: bool = False,
+              dry_run: bool = False, log=print) -> Path:
+    """SDE pre-training on ``data``, cached by its config and dataset; returns the directory with model.pt.
+    An interrupted run of the same configuration continues from its last Ray Train checkpoint."""
+    from segsde.sde.run import METRICS_FILE, MODEL_FILE, run_sde, sde_config
+
+    cfg = sde_config(profile)
+    config = {"stage": "sde", "config": asdict(cfg), "data": str(Path(data).absolute())}
+    path = Path(out).absolute() / "cache" / f"sde-{cache_key(config)}"
+    if (path / MODEL_FILE).is_file() and (path / METRICS_FILE).is_file() and not force:
+        metrics = json.loads((path / METRICS_FILE).read_text())
+        log(f"[sde] cache hit: reusing {path} (AbsRel {metrics.get('abs_rel', float('nan')):.3f})")
+        return path
+    if dry_run:
+        log(f"[sde] would train {cfg.total_steps} steps (profile '{profile}') into {path}")
+        return path
+    log(f"[sde] training {cfg.total_steps} steps (profile '{profile}') into {path}")
+    metrics = run_sde(data, path, profile=profile, fresh=force, tracking_uri=tracking_uri)
+    quality = (f"AbsRel {metrics['abs_rel']:.3f}, RMSE {metrics['rmse']:.2f}, d1 {metrics['a1']:.3f} (median-scaled, validation split)"
+               if "abs_rel" in metrics else "no ground-truth depth to validate against")
+    log(f"[sde] done in {metrics['seconds']:.0f} s: {quality}")
+    return path
+
+
+def export_stage(sde_dir: Path, data: Path, force: bool = False, dry_run: bool = False, log=print) -> None:
+    """Pseudo-depth of every sample from the SDE model, written into the dataset unless that model's is there."""
+    from segsde.data.dataset import PSEUDO_DEPTH
+    from segsde.sde.export import export_pseudo_depth
+    from segsde.sde.run import MODEL_FILE
+
+    model = Path(sde_dir).absolute() / MODEL_FILE
+    meta = read_side_meta(data, PSEUDO_DEPTH)
+    if meta is not None and meta.get("checkpoint") == str(model) and not force:
+        log(f"[export] cache hit: {data}/side/{PSEUDO_DEPTH}.parquet comes from {model}")
+        return
+    if dry_run:
+        log(f"[export] would write the pseudo-depth of {model} into {data}")
+        return
+    result = export_pseudo_depth(model, data)
+    log(f"[export] wrote the pseudo-depth of {result['images']} images to {result['out']}")

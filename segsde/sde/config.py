@@ -23,6 +23,7 @@ class SDEConfig:
     scales: int = 4
     smoothness: float = 1e-3
     automask: bool = True
+    normalise_disparity: bool = False        # [ours] divide each image's disparity by its mean before warping
     # schedule: phase 1 trains decoder + pose with a frozen encoder, phase 2 everything
     phase1_steps: int = 300_000
     phase2_steps: int = 50_000

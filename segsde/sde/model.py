@@ -63,7 +63,9 @@ class SDEModel(nn.Module):
         photometric = smooth = 0.0
         for s, disp in enumerate(disps):
             full = F.interpolate(disp, size=target.shape[-2:], mode="bilinear", align_corners=False)
-            depth = disp_to_depth(full, cfg.min_depth, cfg.max_depth)[1]
+            scaled, depth = disp_to_depth(full, cfg.min_depth, cfg.max_depth)
+            if cfg.normalise_disparity:  # removes the depth/translation scale drift (Wang et al., CVPR 2018)
+                depth = scaled.mean((2, 3), keepdim=True) * depth
             warped = [warp(src, depth, K, Ts) for src, Ts in zip(sources, T)]
             loss_map, warped_won = min_reprojection(target, warped, sources, identity=identity)
             photometric = photometric + loss_map.mean()

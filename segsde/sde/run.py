@@ -88,7 +88,7 @@ def run_sde(data: Path, out: Path, profile: str = "quick", workers: int = 1, gpu
     init_ray(address, num_cpus=max(workers * threads, 1), num_gpus=workers if gpu else 0)
     uri = resolve_tracking_uri(out, tracking_uri)
     config = {"sde": asdict(cfg), "data": str(data), "profile": profile, "workers": workers, "gpu": gpu}
-    run_id = start_run(uri, experiment, f"sde-{profile}", config, out / "mlartifacts", tags={"segsde.stage": "sde"})
+    run_id = start_run(uri, experiment, f"sde-{profile}", config, tags={"segsde.stage": "sde"})
     print(f"[sde] MLflow run {run_id} in {uri}", file=log, flush=True)
     loop_config = {"sde": asdict(cfg), "data": str(data), "tracking_uri": uri, "mlflow_run_id": run_id,
                    "resume_from": str(resume_from) if resume_from else None, "stop_after": stop_after}

@@ -16,7 +16,6 @@ import time
 from dataclasses import asdict
 
 import torch
-import torch.nn.functional as F
 
 from segsde.data.dataset import Augment, SegSDEDataset
 from segsde.metrics.depth import depth_error_sums, summarise
@@ -79,7 +78,8 @@ def validate(model: SDEModel, val_set: SegSDEDataset, cfg: SDEConfig, worker, ba
     for i in range(0, len(mine), batch):
         items = [val_set[j] for j in mine[i : i + batch]]
         images = torch.stack([it["image"] for it in items]).to(worker.device)
-        gt = torch.stack([it["depth"] for it in items]).to(worker.device)
+        # sources without ground-truth depth (Cityscapes) count no valid pixel: the metrics stay NaN
+        gt = torch.stack([it.get("depth", torch.zeros(it["image"].shape[-2:])) for it in items]).to(worker.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=worker.device.type == "cuda"):
             sigmoid, depth = predict_depth(model, images, cfg)
         sums += depth_error_sums(depth, gt, 1e-3, cfg.eval_max_depth)
@@ -211,7 +211,7 @@ def train_loop_per_worker(config: dict) -> None:
                     fig = disparity_figure(examples, done)
                     logger.figure(fig, f"figures/disparity_step{done:07d}.png")
                     plt.close(fig)
-                if worker.is_main:
+                if worker.is_main and not math.isnan(depth_metrics["abs_rel"]):
                     print(f"[sde] validation at step {done}: AbsRel {depth_metrics['abs_rel']:.3f} "
                           f"RMSE {depth_metrics['rmse']:.2f} d1 {depth_metrics['a1']:.3f}", file=sys.stderr, flush=True)
             with tempfile.TemporaryDirectory() as d:
