@@ -110,6 +110,12 @@ def disparity_figure(examples: list, step: int):
     return fig
 
 
+def _progress(line: str) -> None:
+    # not print(): inside Ray Train workers print is patched to go to the log *and* the stream, twice over
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _optimiser(model: SDEModel, cfg: SDEConfig, phase: int, worker):
     """Freeze/unfreeze the encoder for ``phase``; return (module to call, Adam over what trains)."""
     frozen = phase == 1
@@ -163,7 +169,7 @@ def train_loop_per_worker(config: dict) -> None:
                                           num_workers=cfg.loader_workers, pin_memory=gpu, persistent_workers=False)
     stop = min(config.get("stop_after") or cfg.total_steps, cfg.total_steps)
     net, optimiser, phase = None, None, None
-    running, t0, seen = {}, time.perf_counter(), 0
+    running, logged, t0, seen = {}, 0, time.perf_counter(), 0
     for batch in batches:
         step = batch["step"]
         if step >= stop:
@@ -190,15 +196,16 @@ def train_loop_per_worker(config: dict) -> None:
         seen += frames.shape[0] * worker.world
         for k, v in out.items():
             running[k] = running.get(k, 0.0) + float(v.detach())
+        logged += 1
         done = step + 1
         if done % cfg.log_interval == 0 or done == stop:
             rate = seen / (time.perf_counter() - t0)
-            means = {f"train/{k}": v / max(1, done % cfg.log_interval or cfg.log_interval) for k, v in running.items()}
-            running = {}
+            means = {f"train/{k}": v / logged for k, v in running.items()}
+            running, logged = {}, 0
             if logger:
                 logger.metrics({**means, "train/images_per_s": rate, "train/lr": cfg.lr(step), "train/phase": phase}, step=done)
             if worker.is_main:
-                print(f"[sde] step {done}/{stop} phase {phase} loss {means['train/loss']:.4f} {rate:.1f} img/s", file=sys.stderr, flush=True)
+                _progress(f"[sde] step {done}/{stop} phase {phase} loss {means['train/loss']:.4f} {rate:.1f} img/s")
         if done % cfg.val_interval == 0 or done % cfg.checkpoint_interval == 0 or done == stop:
             metrics = {"step": done, "phase": phase, "loss": float(loss), "images_per_s": seen / (time.perf_counter() - t0)}
             if done % cfg.val_interval == 0 or done == stop:
@@ -212,8 +219,8 @@ def train_loop_per_worker(config: dict) -> None:
                     logger.figure(fig, f"figures/disparity_step{done:07d}.png")
                     plt.close(fig)
                 if worker.is_main and not math.isnan(depth_metrics["abs_rel"]):
-                    print(f"[sde] validation at step {done}: AbsRel {depth_metrics['abs_rel']:.3f} "
-                          f"RMSE {depth_metrics['rmse']:.2f} d1 {depth_metrics['a1']:.3f}", file=sys.stderr, flush=True)
+                    _progress(f"[sde] validation at step {done}: AbsRel {depth_metrics['abs_rel']:.3f} "
+                              f"RMSE {depth_metrics['rmse']:.2f} d1 {depth_metrics['a1']:.3f}")
             with tempfile.TemporaryDirectory() as d:
                 ckpt = None
                 if worker.is_main:
