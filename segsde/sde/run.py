@@ -3,7 +3,9 @@ in step with the outcome, and leave ``<out>/model.pt`` + ``<out>/metrics.json`` 
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import shutil
 import sys
 import time
@@ -30,8 +32,6 @@ def sde_config(profile: str, overrides: dict | None = None) -> SDEConfig:
 
 def init_ray(address: str | None, num_cpus: int, num_gpus: int | None = None) -> None:
     """Join the cluster at ``address`` (``auto``: the one this node belongs to), else start local Ray."""
-    import os
-
     import ray
 
     if ray.is_initialized():
@@ -52,8 +52,6 @@ def init_ray(address: str | None, num_cpus: int, num_gpus: int | None = None) ->
 def save_model(path: Path, state: dict) -> None:
     """Weights for later stages (no optimiser, no frozen reference copy) + the config that built them."""
     weights = {k: v for k, v in state["model"].items() if not k.startswith("reference.")}
-    import io
-
     buf = io.BytesIO()
     torch.save({"model": weights, "config": state["config"], "step": state["step"]}, buf)
     atomic_write_bytes(path, buf.getvalue())

@@ -46,10 +46,7 @@ class StepBatches(torch.utils.data.Dataset):
         frames, K = torch.stack([it["frames"] for it in items]), torch.stack([it["K"] for it in items])
         params = self.jitter.forward_parameters(frames[:, 1].shape)
         net_frames = torch.stack([self.jitter(frames[:, f], params=params) for f in range(3)], 1)
-        batch = {"step": step, "frames": frames, "net_frames": net_frames, "K": K}
-        if "poses" in items[0]:  # ground truth of the testbed: for diagnostics, never for training
-            batch["poses"] = torch.stack([it["poses"] for it in items])
-        return batch
+        return {"step": step, "frames": frames, "net_frames": net_frames, "K": K}
 
 
 def validation_set(data: str, cfg: SDEConfig) -> SegSDEDataset:
