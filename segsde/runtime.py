@@ -68,7 +68,3 @@ def save_state(directory: Path, state: dict) -> Path:
 
 def load_state(directory: Path, map_location="cpu") -> dict:
     return torch.load(Path(directory) / CHECKPOINT_FILE, map_location=map_location, weights_only=True)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model

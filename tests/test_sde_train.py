@@ -58,6 +58,17 @@ def test_loss_decreases_when_training_on_the_testbed(smoke_data):
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses
 
 
+def test_validation_leaves_a_frozen_encoder_in_eval_mode(smoke_data):
+    from segsde.sde.train import validate, validation_set
+
+    cfg = sde_config("smoke")
+    model = SDEModel(cfg)
+    _set_mode(model, 1)
+    metrics, examples = validate(model, validation_set(str(smoke_data), cfg), cfg, Worker(0, 1, torch.device("cpu")))
+    assert not model.encoder.training and model.decoder.training and model.pose.training
+    assert len(examples) == 3 and 0 < metrics["abs_rel"] < 5
+
+
 def test_step_batches_do_not_depend_on_the_start_step(smoke_data):
     cfg = sde_config("smoke")
     a, b = StepBatches(str(smoke_data), cfg, 0, 0, 1), StepBatches(str(smoke_data), cfg, 2, 0, 1)

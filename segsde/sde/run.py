@@ -17,7 +17,7 @@ import torch
 from segsde.data.store import atomic_write_bytes, read_manifest
 from segsde.errors import SegSDEError
 from segsde.profiles import load_profile
-from segsde.runtime import load_state
+from segsde.runtime import CHECKPOINT_FILE, load_state
 from segsde.sde.config import SDEConfig
 
 MODEL_FILE, METRICS_FILE = "model.pt", "metrics.json"
@@ -72,8 +72,8 @@ def run_sde(data: Path, out: Path, profile: str = "quick", workers: int = 1, gpu
     manifest = read_manifest(data)
     if "train" not in manifest["splits"] or "val" not in manifest["splits"]:
         raise SegSDEError(f"{data} needs 'train' and 'val' splits for SDE training (it has {sorted(manifest['splits'])}): rebuild it")
-    if resume_from is not None and not (Path(resume_from) / "state.pt").is_file():
-        raise SegSDEError(f"--resume-from {resume_from} is not a checkpoint directory (no state.pt): pass one under {out}/ray")
+    if resume_from is not None and not (Path(resume_from) / CHECKPOINT_FILE).is_file():
+        raise SegSDEError(f"--resume-from {resume_from} is not a checkpoint directory (no {CHECKPOINT_FILE}): pass one under {out}/ray")
     if workers < 1:
         raise SegSDEError("--workers must be >= 1")
     if gpu and not address and not torch.cuda.is_available():

@@ -18,8 +18,8 @@ from dataclasses import asdict
 import torch
 
 from segsde.data.dataset import Augment, SegSDEDataset
-from segsde.metrics.depth import depth_error_sums, summarise
-from segsde.runtime import batch_indices, current_worker, load_state, save_state, step_seed, unwrap
+from segsde.metrics.depth import METRICS, depth_error_sums, summarise
+from segsde.runtime import batch_indices, current_worker, load_state, save_state, step_seed
 from segsde.sde.config import SDEConfig
 from segsde.sde.geometry import disp_to_depth
 from segsde.sde.model import SDEModel
@@ -67,9 +67,9 @@ def predict_depth(model: SDEModel, images: torch.Tensor, cfg: SDEConfig) -> tupl
 def validate(model: SDEModel, val_set: SegSDEDataset, cfg: SDEConfig, worker, batch: int = 8) -> tuple[dict, list]:
     """Median-scaled depth metrics over the whole validation set (each rank takes every world-th image,
     no padding, sums all-reduced); also rank 0's first three (image, disparity, gt) for a figure."""
-    was_training = model.training
+    modes = [m.training for m in model.modules()]  # restored per module: a frozen encoder stays in eval
     model.eval()
-    sums = torch.zeros(8, dtype=torch.float64, device=worker.device)
+    sums = torch.zeros(len(METRICS) + 1, dtype=torch.float64, device=worker.device)
     mine = list(range(worker.rank, len(val_set), worker.world))
     examples = []
     for i in range(0, len(mine), batch):
@@ -84,7 +84,8 @@ def validate(model: SDEModel, val_set: SegSDEDataset, cfg: SDEConfig, worker, ba
             examples += [(images[k].cpu(), sigmoid[k].cpu(), gt[k].cpu()) for k in range(min(3 - len(examples), len(items)))]
     if worker.world > 1:
         torch.distributed.all_reduce(sums)
-    model.train(was_training)
+    for m, mode in zip(model.modules(), modes):
+        m.training = mode
     return summarise(sums.cpu()), examples
 
 
@@ -221,7 +222,8 @@ def train_loop_per_worker(config: dict) -> None:
             with tempfile.TemporaryDirectory() as d:
                 ckpt = None
                 if worker.is_main:
-                    save_state(d, {"model": unwrap(model).state_dict(), "optimizer": optimiser.state_dict(), "step": done,
+                    # model is the bare module; net is its DDP wrapper
+                    save_state(d, {"model": model.state_dict(), "optimizer": optimiser.state_dict(), "step": done,
                                    "phase": phase, "config": asdict(cfg)})
                     ckpt = Checkpoint.from_directory(d)
                 ray.train.report({k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}, checkpoint=ckpt)
