@@ -109,6 +109,33 @@ def cmd_sde_export(args) -> dict:
     return export_pseudo_depth(args.checkpoint, args.data, batch=args.batch, device=args.device)
 
 
+def cmd_train(args) -> dict:
+    from segsde.trainer.run import run_train
+
+    missing = [flag for flag, value in (("--data", args.data), ("--out", args.out)) if value is None]
+    if missing:
+        raise SegSDEError(f"segsde train needs {' and '.join(missing)}: e.g. segsde train --data data/synth --row baseline --out runs/t")
+    overrides = dict(args.set)
+    overrides.update({k: v for k, v in (("budget", args.budget), ("seed", args.seed)) if v is not None})
+    return run_train(args.data, args.out, row=args.row, profile=args.profile, overrides=overrides, sde_model=args.sde_model,
+                     selection=args.selection, workers=args.workers, gpu=args.gpu, address=args.address,
+                     tracking_uri=args.tracking_uri, experiment=args.experiment, fresh=args.fresh, resume_from=args.resume_from)
+
+
+def _job_flags(p: argparse.ArgumentParser, experiment: str, example: str) -> None:
+    """Flags every Ray Train job shares: profile, overrides, workers, resume, cluster, MLflow."""
+    p.add_argument("--profile", default="quick", help="smoke | quick | synthetic | cityscapes (ablations/profiles.yaml)")
+    p.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override one config value, e.g. --set {example} (repeatable)")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--resume-from", type=Path, default=None, help="a checkpoint directory to continue from")
+    p.add_argument("--fresh", action="store_true", help="discard this OUT's earlier Ray checkpoints instead of resuming from them")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or OUT/mlflow.db)")
+    p.add_argument("--experiment", default=experiment, help="MLflow experiment name")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segsde", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,16 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "OUT/ray and, without MLFLOW_TRACKING_URI or --tracking-uri, MLflow runs in OUT/mlflow.db.")
     sde.add_argument("--data", type=Path, help="dataset directory (segsde format) with train and val splits")
     sde.add_argument("--out", type=Path, help="output directory")
-    sde.add_argument("--profile", default="quick", help="smoke | quick | synthetic | cityscapes (ablations/profiles.yaml)")
-    sde.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                     help="override one SDE config value, e.g. --set phase2_steps=500 (repeatable)")
-    sde.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
-    sde.add_argument("--gpu", action="store_true", help="one GPU per worker")
-    sde.add_argument("--resume-from", type=Path, default=None, help="a checkpoint directory to continue from")
-    sde.add_argument("--fresh", action="store_true", help="discard this OUT's earlier Ray checkpoints instead of resuming from them")
-    sde.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
-    sde.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or OUT/mlflow.db)")
-    sde.add_argument("--experiment", default="segsde-sde", help="MLflow experiment name")
+    _job_flags(sde, "segsde-sde", "phase2_steps=500")
     sde.set_defaults(func=cmd_sde)
     export = sde.add_subparsers(dest="sde_command").add_parser(
         "export", help="write the SDE disparity of every sample into the dataset (side/pseudo_depth.parquet)")
@@ -183,6 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--batch", type=int, default=8)
     export.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     export.set_defaults(func=cmd_sde_export)
+
+    train = sub.add_parser("train", help="one semi-supervised segmentation trial (a component-study row) on Ray Train",
+                           description="Train one row of ablations/component_study.yaml and print its final validation scores "
+                                       "(mIoU over the classes present, pixel accuracy, best mIoU) as one JSON line.")
+    train.add_argument("--data", type=Path, help="dataset directory (segsde format) with train and val splits")
+    train.add_argument("--out", type=Path, help="output directory")
+    train.add_argument("--row", default="baseline", help="row id in ablations/component_study.yaml")
+    train.add_argument("--budget", type=int, default=None, help="labeled images (default: the profile's)")
+    train.add_argument("--seed", type=int, default=None, help="seed of the labeled subset, weights and batches (default 0)")
+    train.add_argument("--sde-model", type=Path, default=None, help="model.pt of `segsde sde` (transfer, mtl, combination)")
+    train.add_argument("--selection", type=Path, default=None, help="ordered id list for rows labeling a selection prefix")
+    _job_flags(train, "segsde-train", "steps=300")
+    train.set_defaults(func=cmd_train)
     return parser
 
 

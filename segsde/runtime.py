@@ -68,3 +68,34 @@ def save_state(directory: Path, state: dict) -> Path:
 
 def load_state(directory: Path, map_location="cpu") -> dict:
     return torch.load(Path(directory) / CHECKPOINT_FILE, map_location=map_location, weights_only=True)
+
+
+def start_worker(threads: int | None, seed: int) -> Worker:
+    """This worker's context, with torch's CPU threads set and the seed that makes every rank build
+    identical initial weights."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    return current_worker()
+
+
+def resume_state(resume_from: str | None, map_location) -> dict | None:
+    """The state to continue from: Ray Train's latest checkpoint of this run (after a restart), else the
+    checkpoint directory given by the user, else None."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    checkpoint = ray.train.get_checkpoint() or (Checkpoint.from_directory(resume_from) if resume_from else None)
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        return load_state(d, map_location=map_location)
+
+
+def sync_buffers(model: torch.nn.Module, worker: Worker) -> None:
+    """Give every rank rank 0's buffers (batch-norm running statistics). DDP broadcasts them at the start
+    of each forward, but each rank's own training forward then moves them again, so without this the
+    ranks would evaluate with slightly different statistics than the checkpoint rank 0 saves."""
+    if worker.world > 1:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, 0)

@@ -3,6 +3,7 @@ failure can always close them), and a small logger that Train workers use on ran
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
@@ -80,6 +81,21 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     _client(uri).set_terminated(run_id, status=status)
 
 
+@contextlib.contextmanager
+def tracked_run(uri: str, experiment: str, run_name: str, config: dict, tags: dict | None = None):
+    """Yields the id of a new run and always closes it: FINISHED, KILLED on Ctrl-C, else FAILED."""
+    run_id = start_run(uri, experiment, run_name, config, tags)
+    status = "FAILED"
+    try:
+        yield run_id
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        end_run(uri, run_id, status)
+
+
 class RunLogger:
     """Logs into an existing run from any process (Train workers log on rank 0 only)."""
 
@@ -99,3 +115,6 @@ class RunLogger:
 
     def artifact(self, path: Path, directory: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), directory)
+
+    def table(self, data: dict[str, list], path: str) -> None:
+        self.client.log_table(self.run_id, data=data, artifact_file=path)

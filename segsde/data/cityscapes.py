@@ -124,3 +124,12 @@ def build(root: Path, out: Path, size: tuple[int, int] = (512, 1024), workers: i
     return build_dataset(out, tasks, partial(_convert_shard, root, size), source="cityscapes", splits=splits,
                          samples_per_task=[len(t) for t in tasks], workers=workers, overwrite=overwrite,
                          size=list(size), root=str(root))
+
+
+def native_label(root: Path, split: str, sample_id: str) -> np.ndarray:
+    """The full-resolution (2048x1024) trainIds of a sample, for the official evaluation protocol."""
+    path = _paths(Path(root), split, sample_id)["label"]
+    if not path.is_file():
+        raise SegSDEError(f"{path} is missing, which the full-resolution evaluation needs: keep the Cityscapes tree the "
+                          "dataset was built from at its recorded root, or set eval_full_resolution: false")
+    return load_train_ids(path, None)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
-from segsde.errors import SegSDEError
+from segsde.configs import check, config_from_dict
 
 
 @dataclass(frozen=True)
@@ -58,21 +57,7 @@ class SDEConfig:
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "the sde config") -> SDEConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            import difflib
-
-            close = difflib.get_close_matches(unknown[0], names, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {sorted(names)}"
-            raise SegSDEError(f"unknown key '{unknown[0]}' in {where}: {hint}")
-        values = dict(values)
-        for key in ("resize", "crop", "decoder_channels"):
-            if values.get(key) is not None:
-                values[key] = tuple(values[key])
-        cfg = cls(**values)
-        cfg.validate(where)
-        return cfg
+        return config_from_dict(cls, values, where)
 
     def validate(self, where: str = "the sde config") -> None:
         checks = [
@@ -86,6 +71,4 @@ class SDEConfig:
             (0 <= self.color_jitter <= 1, "color_jitter is a probability in [0, 1]"),
             (self.crop is None or (self.crop[0] % 32 == 0 and self.crop[1] % 32 == 0), "crop sides must be multiples of 32"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise SegSDEError(f"{where}: {message}")
+        check(checks, where)

@@ -16,6 +16,7 @@ from segsde.data.store import encode_unit_png, write_side_column
 from segsde.errors import SegSDEError
 from segsde.sde.config import SDEConfig
 from segsde.sde.model import SDEModel
+from segsde.ssl.mixing import normalised_disparity
 
 
 def load_sde_model(path: Path, device: str | torch.device = "cpu") -> SDEModel:
@@ -47,13 +48,6 @@ def disparity_map(model: SDEModel, images: torch.Tensor) -> torch.Tensor:
     return model.disparity(x)[0][:, 0, :H, :W].float()
 
 
-def normalise(disp: torch.Tensor) -> torch.Tensor:
-    """Per-image min-max normalisation to [0, 1] (the original's convention for DepthMix)."""
-    lo = disp.flatten(1).min(1).values[:, None, None]
-    hi = disp.flatten(1).max(1).values[:, None, None]
-    return (disp - lo) / (hi - lo).clamp(min=1e-8)
-
-
 def export_pseudo_depth(checkpoint: Path, data: Path, batch: int = 8, device: str | None = None, log=sys.stderr) -> dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_sde_model(checkpoint, device)
@@ -61,7 +55,7 @@ def export_pseudo_depth(checkpoint: Path, data: Path, batch: int = 8, device: st
     values, start = {}, time.perf_counter()
     for i in range(0, len(dataset), batch):
         items = [dataset[j] for j in range(i, min(i + batch, len(dataset)))]
-        disp = normalise(disparity_map(model, torch.stack([it["image"] for it in items]).to(device))).cpu().numpy()
+        disp = normalised_disparity(disparity_map(model, torch.stack([it["image"] for it in items]).to(device))).cpu().numpy()
         for it, d in zip(items, disp):
             values[it["id"]] = encode_unit_png(d.astype(np.float64))
         print(f"[export] {len(values)}/{len(dataset)} images ({len(values) / (time.perf_counter() - start):.1f}/s)", file=log, flush=True)

@@ -38,44 +38,55 @@ class SDEModel(nn.Module):
         return self.decoder(self.encoder(image), size=image.shape[-2:])
 
     def poses(self, net_frames: torch.Tensor) -> list[torch.Tensor]:
-        """[B, 3, 3, H, W] -> [T(t->t-1), T(t->t+1)], each [B, 4, 4]; pairs go in temporal order."""
-        B = net_frames.shape[0]
-        pairs = torch.cat([net_frames[:, 0:2].flatten(1, 2), net_frames[:, 1:3].flatten(1, 2)])  # [2B, 6, H, W]
-        if self.cfg.pose_input_scale < 1:
-            pairs = F.interpolate(pairs, scale_factor=self.cfg.pose_input_scale, mode="bilinear", align_corners=False, antialias=True)
-        if self.cfg.pose_flip_average:
-            axis, trans = self.pose(torch.cat([pairs, pairs.flip(-1)]))
-            m_axis, m_trans = mirror_pose_params(axis[2 * B:], trans[2 * B:])
-            axis, trans = (axis[:2 * B] + m_axis) / 2, (trans[:2 * B] + m_trans) / 2
-        else:
-            axis, trans = self.pose(pairs)
-        return [pose_from_params(axis[:B], trans[:B], invert=True), pose_from_params(axis[B:], trans[B:])]
+        return frame_poses(self.pose, net_frames, self.cfg)
 
     def forward(self, frames: torch.Tensor, K: torch.Tensor, net_frames: torch.Tensor | None = None,
                 feature_weight: float = 0.0) -> dict[str, torch.Tensor]:
-        cfg = self.cfg
         net_frames = frames if net_frames is None else net_frames
-        target, sources = frames[:, 1], [frames[:, 0], frames[:, 2]]
         maps = self.encoder(net_frames[:, 1])
-        disps = self.decoder(maps, size=target.shape[-2:])
-        T = self.poses(net_frames)
-        identity = [photometric_error(s, target) for s in sources] if cfg.automask else None
-        photometric = smooth = 0.0
-        for s, disp in enumerate(disps):
-            full = F.interpolate(disp, size=target.shape[-2:], mode="bilinear", align_corners=False)
-            scaled, depth = disp_to_depth(full, cfg.min_depth, cfg.max_depth)
-            if cfg.normalise_disparity:  # removes the depth/translation scale drift (Wang et al., CVPR 2018)
-                depth = scaled.mean((2, 3), keepdim=True) * depth
-            warped = [warp(src, depth, K, Ts) for src, Ts in zip(sources, T)]
-            loss_map, warped_won = min_reprojection(target, warped, sources, identity=identity)
-            photometric = photometric + loss_map.mean()
-            image_s = F.interpolate(target, size=disp.shape[-2:], mode="area") if s else target
-            smooth = smooth + smoothness(disp, image_s) / 2**s
-        out = {"photometric": photometric / len(disps), "smoothness": smooth / len(disps),
-               "automask_ratio": warped_won.float().mean().detach()}
-        out["loss"] = out["photometric"] + cfg.smoothness * out["smoothness"]
+        disps = self.decoder(maps, size=frames.shape[-2:])
+        out = view_synthesis_loss(frames, K, disps, self.poses(net_frames), self.cfg)
         if feature_weight > 0 and self.reference is not None:
             dist, frobenius = feature_distance(maps[4], self.reference(net_frames[:, 1]))
             out["feature_distance"], out["feature_distance_frobenius"] = dist, frobenius.detach()
             out["loss"] = out["loss"] + feature_weight * dist
         return out
+
+
+def view_synthesis_loss(frames: torch.Tensor, K: torch.Tensor, disps: list[torch.Tensor], T: list[torch.Tensor],
+                        cfg: SDEConfig) -> dict[str, torch.Tensor]:
+    """The monodepth2 objective of one batch: frames [B, 3, 3, H, W] (t-1, t, t+1) in [0, 1], K [B, 3, 3]
+    for (H, W), sigmoid disparities [B, 1, H/2^s, W/2^s] of frame t, T = [T(t->t-1), T(t->t+1)] [B, 4, 4].
+    Returns ``loss`` (photometric + weighted smoothness), its parts and the auto-mask ratio."""
+    target, sources = frames[:, 1], [frames[:, 0], frames[:, 2]]
+    identity = [photometric_error(s, target) for s in sources] if cfg.automask else None
+    photometric = smooth = 0.0
+    for s, disp in enumerate(disps):
+        full = F.interpolate(disp, size=target.shape[-2:], mode="bilinear", align_corners=False)
+        scaled, depth = disp_to_depth(full, cfg.min_depth, cfg.max_depth)
+        if cfg.normalise_disparity:  # removes the depth/translation scale drift (Wang et al., CVPR 2018)
+            depth = scaled.mean((2, 3), keepdim=True) * depth
+        warped = [warp(src, depth, K, Ts) for src, Ts in zip(sources, T)]
+        loss_map, warped_won = min_reprojection(target, warped, sources, identity=identity)
+        photometric = photometric + loss_map.mean()
+        image_s = F.interpolate(target, size=disp.shape[-2:], mode="area") if s else target
+        smooth = smooth + smoothness(disp, image_s) / 2**s
+    out = {"photometric": photometric / len(disps), "smoothness": smooth / len(disps),
+           "automask_ratio": warped_won.float().mean().detach()}
+    out["loss"] = out["photometric"] + cfg.smoothness * out["smoothness"]
+    return out
+
+
+def frame_poses(pose_net: PoseNet, net_frames: torch.Tensor, cfg: SDEConfig) -> list[torch.Tensor]:
+    """[B, 3, 3, H, W] -> [T(t->t-1), T(t->t+1)], each [B, 4, 4]; pairs go in temporal order."""
+    B = net_frames.shape[0]
+    pairs = torch.cat([net_frames[:, 0:2].flatten(1, 2), net_frames[:, 1:3].flatten(1, 2)])  # [2B, 6, H, W]
+    if cfg.pose_input_scale < 1:
+        pairs = F.interpolate(pairs, scale_factor=cfg.pose_input_scale, mode="bilinear", align_corners=False, antialias=True)
+    if cfg.pose_flip_average:
+        axis, trans = pose_net(torch.cat([pairs, pairs.flip(-1)]))
+        m_axis, m_trans = mirror_pose_params(axis[2 * B:], trans[2 * B:])
+        axis, trans = (axis[:2 * B] + m_axis) / 2, (trans[:2 * B] + m_trans) / 2
+    else:
+        axis, trans = pose_net(pairs)
+    return [pose_from_params(axis[:B], trans[:B], invert=True), pose_from_params(axis[B:], trans[B:])]

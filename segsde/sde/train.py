@@ -19,7 +19,7 @@ import torch
 
 from segsde.data.dataset import Augment, SegSDEDataset
 from segsde.metrics.depth import METRICS, depth_error_sums, summarise
-from segsde.runtime import batch_indices, current_worker, load_state, save_state, step_seed
+from segsde.runtime import batch_indices, resume_state, save_state, start_worker, step_seed, sync_buffers
 from segsde.sde.config import SDEConfig
 from segsde.sde.geometry import disp_to_depth
 from segsde.sde.model import SDEModel
@@ -67,6 +67,7 @@ def predict_depth(model: SDEModel, images: torch.Tensor, cfg: SDEConfig) -> tupl
 def validate(model: SDEModel, val_set: SegSDEDataset, cfg: SDEConfig, worker, batch: int = 8) -> tuple[dict, list]:
     """Median-scaled depth metrics over the whole validation set (each rank takes every world-th image,
     no padding, sums all-reduced); also rank 0's first three (image, disparity, gt) for a figure."""
+    sync_buffers(model, worker)
     modes = [m.training for m in model.modules()]  # restored per module: a frozen encoder stays in eval
     model.eval()
     sums = torch.zeros(len(METRICS) + 1, dtype=torch.float64, device=worker.device)
@@ -142,19 +143,14 @@ def train_loop_per_worker(config: dict) -> None:
     from ray.train import Checkpoint
 
     cfg = SDEConfig.from_dict(config["sde"])
-    worker = current_worker()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    worker = start_worker(cfg.threads, cfg.seed)
     gpu = worker.device.type == "cuda"
     model = SDEModel(cfg).to(worker.device)
     if gpu:
         model = model.to(memory_format=torch.channels_last)
     start, saved_optimiser, saved_phase = 0, None, None
-    checkpoint = ray.train.get_checkpoint() or (Checkpoint.from_directory(config["resume_from"]) if config.get("resume_from") else None)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = load_state(d, map_location=worker.device)
+    state = resume_state(config.get("resume_from"), worker.device)
+    if state is not None:
         model.load_state_dict(state["model"])
         start, saved_optimiser, saved_phase = state["step"], state["optimizer"], state["phase"]
     logger = None

@@ -1,0 +1,135 @@
+"""Semi-supervised trainer step time per component-study row, and the share of it spent mixing/augmenting.
+
+Prints one JSON object. Each row runs the real step (TrialBatches data, supervised loss + backward, the
+teacher's pseudo-label loss + backward, clipping, SGD, EMA) of the given profile on the testbed, CPU always
+and CUDA too when present. The baseline, in the same run, is the `baseline` row (supervised only): every
+row's step time is also given relative to it. The mixing share re-runs, on each step's pool batch, exactly
+the calls that build the mixed batch (mask, partners, mixing of images and soft targets, strong
+augmentation, pseudo-labels) and divides their time by the step time (goal: < 5 %).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from segsde.ssl.augment import StrongAugment
+from segsde.ssl.mixing import mix, partners
+from segsde.ssl.pseudo import pseudo_labels
+from segsde.ssl.teacher import ema_update, make_teacher
+from segsde.trainer.data import TrialBatches, labeled_ids, mix_pool
+from segsde.trainer.model import build_network, load_transfer, parameter_groups
+from segsde.trainer.run import train_config
+from segsde.trainer.step import mixing_mask, pseudo_label_loss, supervised_loss
+
+ROWS = {"baseline": {}, "pseudolabel": {}, "classmix": {}, "depthmix": {"depth_source": "ground_truth"},
+        "depthmix_sde": {"depth_source": "sde"}, "mtl": {}, "combination": {"labeled": "random"}}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def mixing_seconds(cfg, pool, teacher, augment, student_disparity) -> float:
+    """The calls of pseudo_label_loss that build the mixed batch, timed alone (teacher forward excluded)."""
+    with torch.no_grad():
+        teacher_out = teacher(pool["image"])
+        targets = torch.softmax(teacher_out["logits"].float(), 1)
+        _sync(pool["image"].device)
+        start = time.perf_counter()
+        g = torch.Generator().manual_seed(0)
+        p = partners(targets.shape[0], g, device=targets.device)
+        mask = mixing_mask(cfg, pool, targets, p, teacher_out, student_disparity, g)
+        augment(mix(mask, pool["image"], p))
+        pseudo_labels(mix(mask, targets, p), cfg.confidence_threshold, cfg.confidence)
+        _sync(pool["image"].device)
+        return time.perf_counter() - start
+
+
+def measure(data: Path, sde_model: Path, profile: str, row: str, steps: int, device: torch.device) -> dict:
+    name = row.removesuffix("_sde")
+    cfg = train_config(profile, name, {"steps": steps + 2, **ROWS[row]})
+    torch.manual_seed(0)
+    net = build_network(cfg)
+    sde_cfg = load_transfer(net, sde_model, cfg) if cfg.transfer else None
+    net.to(device)
+    teacher = make_teacher(net, drop=("pose",) if cfg.multitask else ()) if cfg.teacher else None
+    opt = torch.optim.SGD(parameter_groups(net, cfg), lr=cfg.lr_decoder, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    labeled = labeled_ids(data, cfg)
+    batches = TrialBatches(data, cfg, labeled, mix_pool(data, cfg, labeled) if cfg.uses_unlabeled else None, 0, 0, 1)
+    augment = StrongAugment(cfg.crop or cfg.resize or batches.labeled[0]["image"].shape[-2:], cfg.jitter_p, cfg.jitter_strength,
+                            cfg.blur_p, cfg.blur_sigma)
+    gpu = device.type == "cuda"
+    step_time = mixing = 0.0
+    for step in range(steps + 2):
+        b = batches[step]
+        lab = {k: v.to(device) for k, v in b["labeled"].items()}
+        pool = {k: v.to(device) for k, v in b["pool"].items()} if "pool" in b else None
+        _sync(device)
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
+            loss, _, disparity = supervised_loss(net, lab, pool, cfg, sde_cfg)
+        loss.backward()
+        if teacher is not None:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
+                unsup, _, _ = pseudo_label_loss(net, teacher, pool, cfg, augment, disparity)
+            unsup.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        opt.step()
+        if teacher is not None:
+            ema_update(teacher, net, step, cfg.ema_alpha)
+        _sync(device)
+        if step >= 2:  # two warm-up steps
+            step_time += time.perf_counter() - start
+            if teacher is not None:
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
+                    mixing += mixing_seconds(cfg, pool, teacher, augment, disparity)
+    out = {"step_ms": round(1000 * step_time / steps, 1)}
+    if teacher is not None:
+        out["mixing_ms"] = round(1000 * mixing / steps, 2)
+        out["mixing_share_pct"] = round(100 * mixing / step_time, 2)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="quick")
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args()
+    from segsde.data.synth.generate import generate
+    from segsde.data.synth.scene import SynthConfig
+    from segsde.profiles import data_profile
+    from segsde.sde.export import export_pseudo_depth
+    from segsde.sde.model import SDEModel
+    from segsde.sde.run import save_model, sde_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        h, w = data_profile(args.profile).size
+        data = Path(tmp) / "data"
+        generate(data, 48, 4, SynthConfig(height=h, width=w), seed=0, workers=1)
+        sde_cfg = sde_config(args.profile)
+        save_model(Path(tmp) / "sde.pt", {"model": SDEModel(sde_cfg).state_dict(), "config": asdict(sde_cfg), "step": 0})
+        export_pseudo_depth(Path(tmp) / "sde.pt", data, log=open("/dev/null", "w"))
+        results = {"benchmark": "trainer_step", "profile": args.profile, "steps": args.steps, "host": platform.node(),
+                   "cpu_threads": torch.get_num_threads(), "mixing_share_goal_pct": 5}
+        for device in [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else []):
+            rows = {row: measure(data, Path(tmp) / "sde.pt", args.profile, row, args.steps, device) for row in ROWS}
+            base = rows["baseline"]["step_ms"]
+            for r in rows.values():
+                r["vs_baseline"] = round(r["step_ms"] / base, 2)
+            results[device.type] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "rows": rows,
+                                    "max_mixing_share_pct": max(r.get("mixing_share_pct", 0) for r in rows.values())}
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

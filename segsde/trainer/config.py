@@ -1,0 +1,113 @@
+"""Typed configuration of one semi-supervised segmentation trial.
+
+A trial = the ``train`` section of a profile (schedule, sizes, optimiser) + a component-study row from
+``ablations/component_study.yaml`` (which components are on) + ``--set`` overrides. Every component is an
+independent switch, so any row is a set of flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from segsde.configs import check, config_from_dict
+
+MIX_MODES = ("none", "class", "depth")             # none: pseudo-labels on strongly augmented unlabeled images
+MIX_POOLS = ("unlabeled", "all_with_gt")           # all_with_gt: labeled images join with one-hot targets
+DEPTH_SOURCES = ("sde", "student", "teacher", "ground_truth")
+CONFIDENCE_MODES = ("per_pixel", "batch_fraction")
+LABELED_SETS = ("random", "selection")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # networks
+    encoder: int = 101
+    output_stride: int = 16
+    decoder_channels: tuple[int, ...] = (64, 128, 128, 256, 256)
+    weights: str | None = "imagenet"     # encoder init without transfer: None | "imagenet" | state-dict path
+    transfer: bool = False               # encoder + decoder (ASPP included) from the SDE checkpoint
+    multitask: bool = False              # two decoders exchanging features at 1/4 + the SDE loss (needs transfer)
+    # labeled set
+    labeled: str = "random"              # random: seeded permutation prefix | selection: prefix of an ordered list
+    selection: str | None = None         # name of the list a `selection` row expects (e.g. ds_us, al_entropy)
+    budget: int = 372
+    seed: int = 0
+    # mean teacher and mixing
+    teacher: bool = False
+    ema_alpha: float = 0.99
+    mix: str = "none"
+    mix_pool: str = "unlabeled"
+    depth_source: str = "sde"
+    epsilon: float = 0.03                # DepthMix, in per-image min-max normalised disparity
+    confidence: str = "per_pixel"
+    confidence_threshold: float = 0.968
+    # loss weights
+    seg_weight: float = 1.0
+    unsup_weight: float = 1.0
+    sde_weight: float = 1.0              # multitask only
+    # schedule and optimiser (SGD, the original's values)
+    steps: int = 40_000
+    batch_labeled: int = 2
+    batch_unlabeled: int = 2
+    resize: tuple[int, int] | None = None
+    crop: tuple[int, int] | None = (512, 512)
+    lr_decoder: float = 1e-2
+    lr_encoder: float = 1e-3
+    lr_pose: float = 1e-6
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_decay_step: int | None = 30_000   # x0.1 from this step on (None: never)
+    grad_clip: float = 10.0
+    # strong augmentation of mixed images
+    jitter_p: float = 0.8
+    jitter_strength: float = 0.25
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.15, 1.15)
+    # evaluation and bookkeeping
+    eval_interval: int = 2500
+    checkpoint_interval: int = 2500
+    log_interval: int = 50
+    val_images: int | None = None        # None: the whole validation split
+    eval_full_resolution: bool = False   # Cityscapes: also score against the native 2048x1024 labels
+    threads: int | None = None
+    loader_workers: int = 0
+
+    @property
+    def uses_unlabeled(self) -> bool:
+        return self.teacher or self.multitask
+
+    @property
+    def needs_sde(self) -> bool:
+        return self.transfer or self.multitask or (self.teacher and self.mix == "depth" and self.depth_source == "sde")
+
+    def lr_factor(self, step: int) -> float:
+        return 0.1 if self.lr_decay_step is not None and step >= self.lr_decay_step else 1.0
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "the train config") -> TrainConfig:
+        return config_from_dict(cls, values, where)
+
+    def validate(self, where: str = "the train config") -> None:
+        check([
+            (self.mix in MIX_MODES, f"mix must be one of {MIX_MODES}"),
+            (self.mix_pool in MIX_POOLS, f"mix_pool must be one of {MIX_POOLS}"),
+            (self.depth_source in DEPTH_SOURCES, f"depth_source must be one of {DEPTH_SOURCES}"),
+            (self.confidence in CONFIDENCE_MODES, f"confidence must be one of {CONFIDENCE_MODES}"),
+            (self.labeled in LABELED_SETS, f"labeled must be one of {LABELED_SETS}"),
+            (self.mix == "none" or self.teacher, "mixing needs pseudo-labels: set teacher: true or mix: none"),
+            (not (self.mix == "depth" and self.depth_source == "student") or self.multitask,
+             "depth_source 'student' needs the multi-task decoder (multitask: true): use 'sde' otherwise"),
+            (not (self.mix == "depth" and self.depth_source == "teacher") or self.multitask,
+             "depth_source 'teacher' needs the multi-task decoder (multitask: true): use 'sde' otherwise"),
+            (not self.multitask or self.transfer, "multitask initialises both decoders from SDE: set transfer: true too"),
+            (self.budget >= 1 and self.steps >= 1, "budget and steps must be >= 1"),
+            (self.batch_labeled >= 2 and self.batch_unlabeled >= 2,
+             "batch_labeled and batch_unlabeled must be >= 2 (the ASPP's batch norm needs two samples)"),
+            (0 <= self.ema_alpha < 1, "ema_alpha must be in [0, 1)"),
+            (0 < self.confidence_threshold <= 1, "confidence_threshold must be in (0, 1]"),
+            (min(self.seg_weight, self.unsup_weight, self.sde_weight) >= 0, "loss weights must be >= 0"),
+            (min(self.lr_decoder, self.lr_encoder, self.lr_pose) >= 0, "learning rates must be >= 0"),
+            (len(self.decoder_channels) == 5 and min(self.decoder_channels) > 0, "decoder_channels needs 5 positive widths"),
+            (self.crop is None or (self.crop[0] % 32 == 0 and self.crop[1] % 32 == 0), "crop sides must be multiples of 32"),
+            (self.eval_interval >= 1 and self.checkpoint_interval >= 1 and self.log_interval >= 1, "intervals must be >= 1"),
+        ], where)

@@ -1,0 +1,216 @@
+"""A semi-supervised segmentation trial as a Ray Train worker function (1 CPU or N GPUs with DDP).
+
+Per step: the supervised loss is back-propagated (under DDP without a gradient sync when a second loss
+follows), then the pseudo-label loss on the mixed pool batch; gradients are clipped, SGD steps, and the
+EMA teacher follows the student. Every ``eval_interval`` steps all ranks score their share of the
+validation split, the confusion matrix is all-reduced and mIoU is reported through ``ray.train.report``
+(what Tune's schedulers act on); checkpoints hold student, teacher, optimiser and step, and every random
+draw is seeded by (seed, rank, step), so a resumed trial continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from segsde.data.dataset import Augment, SegSDEDataset
+from segsde.metrics.segmentation import confusion_matrix, iou_table, scores
+from segsde.runtime import resume_state, save_state, start_worker, step_seed, sync_buffers
+from segsde.ssl.augment import StrongAugment
+from segsde.ssl.teacher import ema_update, make_teacher
+from segsde.trainer.config import TrainConfig
+from segsde.trainer.data import TrialBatches
+from segsde.trainer.model import build_network, load_transfer, parameter_groups
+from segsde.trainer.step import pseudo_label_loss, supervised_loss
+
+
+def validation_set(data: str, cfg: TrainConfig) -> SegSDEDataset:
+    ds = SegSDEDataset(data, "val", augment=Augment(cfg.resize, None, random=False))
+    return SegSDEDataset(data, "val", ids=ds.ids[: cfg.val_images], augment=ds.augment) if cfg.val_images else ds
+
+
+@torch.no_grad()
+def evaluate(model, val_set: SegSDEDataset, worker, full_resolution_root: str | None = None, batch: int = 8) -> dict:
+    """Dataset-level scores of the (bare, un-wrapped) student over the whole validation split: each rank
+    takes every world-th image, confusion matrices are all-reduced. With ``full_resolution_root`` the
+    logits are also upsampled to the native Cityscapes labels (the official protocol, ``full_*`` keys)."""
+    from segsde.data.cityscapes import native_label
+
+    sync_buffers(model, worker)
+    modes = [m.training for m in model.modules()]
+    model.eval()
+    conf = torch.zeros(2, 19, 19, dtype=torch.int64, device=worker.device)
+    mine = list(range(worker.rank, len(val_set), worker.world))
+    examples = []
+    for i in range(0, len(mine), batch):
+        items = [val_set[j] for j in mine[i: i + batch]]
+        images = torch.stack([it["image"] for it in items]).to(worker.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=worker.device.type == "cuda"):
+            logits = model(images)["logits"].float()
+        pred = logits.argmax(1)
+        conf[0] += confusion_matrix(pred, torch.stack([it["label"] for it in items]).to(worker.device))
+        if full_resolution_root:
+            for it, lg in zip(items, logits):
+                native = torch.from_numpy(native_label(full_resolution_root, "val", it["id"]).astype("int64")).to(worker.device)
+                up = F.interpolate(lg[None], size=native.shape, mode="bilinear", align_corners=False)
+                conf[1] += confusion_matrix(up.argmax(1)[0], native)
+        if len(examples) < 3:
+            examples += [(images[k].cpu(), items[k]["label"], pred[k].cpu()) for k in range(min(3 - len(examples), len(items)))]
+    if worker.world > 1:
+        torch.distributed.all_reduce(conf)
+    for m, mode in zip(model.modules(), modes):
+        m.training = mode
+    out = {"legacy": scores(conf[0].cpu())}
+    if full_resolution_root:
+        out["full"] = scores(conf[1].cpu())
+    out["examples"] = examples
+    return out
+
+
+def _progress(line: str) -> None:
+    sys.stderr.write(line + "\n")  # not print(): Ray Train patches print to emit every line twice
+    sys.stderr.flush()
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point. ``config``: ``train`` (TrainConfig fields), ``data``, ``labeled`` and
+    ``pool`` (id lists), ``sde_model`` (model.pt, for transfer), optional ``tracking_uri`` +
+    ``mlflow_run_id``, ``full_resolution_root``, ``resume_from`` and ``stop_after``."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    cfg = TrainConfig.from_dict(config["train"])
+    worker = start_worker(cfg.threads, cfg.seed)
+    gpu = worker.device.type == "cuda"
+    model = build_network(cfg)
+    sde_cfg = load_transfer(model, Path(config["sde_model"]), cfg) if cfg.transfer else None
+    model.to(worker.device)
+    if gpu:
+        model = model.to(memory_format=torch.channels_last)
+    teacher = make_teacher(model, drop=("pose",) if cfg.multitask else ()) if cfg.teacher else None
+    optimiser = torch.optim.SGD(parameter_groups(model, cfg), lr=cfg.lr_decoder, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    start, best = 0, float("nan")
+    state = resume_state(config.get("resume_from"), worker.device)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimizer"])
+        if teacher is not None:
+            teacher.load_state_dict(state["teacher"])
+        start, best = state["step"], state.get("best_miou", best)
+    net = model
+    if worker.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[worker.device.index] if gpu else None)
+    logger = None
+    if worker.is_main and config.get("mlflow_run_id"):
+        from segsde.tracking import RunLogger
+
+        logger = RunLogger(config["tracking_uri"], config["mlflow_run_id"])
+    augment = StrongAugment(cfg.crop or cfg.resize or val_shape(config["data"]), cfg.jitter_p, cfg.jitter_strength, cfg.blur_p, cfg.blur_sigma)
+    val_set = validation_set(config["data"], cfg)
+    batches = torch.utils.data.DataLoader(
+        TrialBatches(Path(config["data"]), cfg, config["labeled"], config.get("pool"), start, worker.rank, worker.world),
+        batch_size=None, num_workers=cfg.loader_workers, pin_memory=gpu)
+    stop = min(config.get("stop_after") or cfg.steps, cfg.steps)
+    running, logged, t0, seen, example = {}, 0, time.perf_counter(), 0, None
+    model.train()
+    for batch in batches:
+        step = batch["step"]
+        if step >= stop:
+            break
+        done = step + 1
+        evaluating = done % cfg.eval_interval == 0 or done == stop
+        for group in optimiser.param_groups:
+            group["lr"] = group["base_lr"] * cfg.lr_factor(step)
+        torch.manual_seed(step_seed(cfg.seed, worker.rank, step) + 1)  # augmentation, partners, class choice
+        labeled = {k: v.to(worker.device, non_blocking=True) for k, v in batch["labeled"].items()}
+        pool = {k: v.to(worker.device, non_blocking=True) for k, v in batch["pool"].items()} if "pool" in batch else None
+        optimiser.zero_grad(set_to_none=True)
+        # with a second backward to come, DDP syncs gradients once, after it (gradient accumulation)
+        first = net.no_sync() if worker.world > 1 and teacher is not None else contextlib.nullcontext()
+        with first:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
+                loss, logs, student_disparity = supervised_loss(net, labeled, pool, cfg, sde_cfg)
+            _check_finite(loss, step)
+            loss.backward()
+        if teacher is not None:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
+                unsup, more, mixed = pseudo_label_loss(net, teacher, pool, cfg, augment, student_disparity, keep_example=evaluating)
+            _check_finite(unsup, step)
+            unsup.backward()
+            loss, logs, example = loss.detach() + unsup.detach(), {**logs, **more}, mixed or example
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimiser.step()
+        if teacher is not None:
+            ema_update(teacher, model, step, cfg.ema_alpha)
+        seen += labeled["image"].shape[0] * worker.world
+        for k, v in {"loss": loss.detach(), **logs}.items():
+            running[k] = running.get(k, 0.0) + float(v)
+        logged += 1
+        if done % cfg.log_interval == 0 or done == stop:
+            rate = seen / (time.perf_counter() - t0)
+            means = {f"train/{k}": v / logged for k, v in running.items()}
+            running, logged = {}, 0
+            if logger:
+                logger.metrics({**means, "train/labeled_images_per_s": rate, "train/lr_decoder": cfg.lr_decoder * cfg.lr_factor(step)}, step=done)
+            if worker.is_main:
+                _progress(f"[train] step {done}/{stop} loss {means['train/loss']:.4f} {rate:.1f} labeled img/s")
+        if evaluating or done % cfg.checkpoint_interval == 0:
+            metrics = {"step": done, "loss": float(loss)}
+            if evaluating:
+                result = evaluate(model, val_set, worker, config.get("full_resolution_root"))
+                metrics.update(_flat_scores(result))
+                best = metrics["best_miou"] = max(best, metrics["miou"]) if best == best else metrics["miou"]
+                if worker.is_main:
+                    _progress(f"[train] validation at step {done}: mIoU {100 * metrics['miou']:.2f} "
+                              f"pixel accuracy {100 * metrics['pixel_accuracy']:.2f}")
+                if logger:
+                    _log_evaluation(logger, result, metrics, example, cfg, done)
+            with tempfile.TemporaryDirectory() as d:
+                ckpt = None
+                if worker.is_main:
+                    save_state(d, {"model": model.state_dict(), "teacher": teacher.state_dict() if teacher is not None else None,
+                                   "optimizer": optimiser.state_dict(), "step": done, "best_miou": best, "config": asdict(cfg)})
+                    ckpt = Checkpoint.from_directory(d)
+                ray.train.report({k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}, checkpoint=ckpt)
+
+
+def val_shape(data: str) -> tuple[int, int]:
+    return tuple(SegSDEDataset(data, "val")[0]["image"].shape[-2:])
+
+
+def _check_finite(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"training loss is {loss.item()} at step {step}: lower the learning rates or check the data")
+
+
+def _flat_scores(result: dict) -> dict:
+    out = {"miou": result["legacy"]["miou"], "pixel_accuracy": result["legacy"]["pixel_accuracy"]}
+    if "full" in result:
+        out.update({"full_miou": result["full"]["miou"], "full_pixel_accuracy": result["full"]["pixel_accuracy"]})
+    return out
+
+
+def _log_evaluation(logger, result: dict, metrics: dict, example: dict | None, cfg: TrainConfig, step: int) -> None:
+    import matplotlib.pyplot as plt
+
+    from segsde.trainer.figures import mixing_figure, prediction_figure
+
+    logger.metrics({f"val/{k}": v for k, v in metrics.items() if k not in ("step", "loss")}, step=step)
+    for protocol in ("legacy", "full"):
+        if protocol in result:
+            logger.table(iou_table(result[protocol]), f"tables/class_iou_{protocol}_step{step:07d}.json")
+    figures = [(prediction_figure(result["examples"], step), f"figures/predictions_step{step:07d}.png")]
+    if example is not None:
+        figures.append((mixing_figure(example, step, {"none": "pseudo-label (no mix)", "class": "ClassMix", "depth": "DepthMix"}[cfg.mix]),
+                        f"figures/mixing_step{step:07d}.png"))
+    for fig, path in figures:
+        logger.figure(fig, path)
+        plt.close(fig)

@@ -1,0 +1,111 @@
+"""The driver of one trial: resolve row + profile + overrides into a TrainConfig, pick the labeled set, run
+the worker loop on Ray Train, and keep its MLflow run in step with the outcome."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from segsde.data.store import atomic_write_bytes, read_manifest
+from segsde.errors import SegSDEError
+from segsde.profiles import PROFILES_FILE, load_profile, load_yaml
+from segsde.runtime import CHECKPOINT_FILE
+from segsde.trainer.config import TrainConfig
+
+STUDY_FILE = PROFILES_FILE.parent / "component_study.yaml"
+METRICS_FILE = "metrics.json"
+
+
+def study_rows(path: Path = STUDY_FILE) -> dict[str, dict]:
+    rows = load_yaml(path)
+    for name, row in rows.items():
+        if not isinstance(row, dict):
+            raise SegSDEError(f"row '{name}' in {path} must be a mapping of settings (use {{}} for none)")
+    return rows
+
+
+def train_config(profile: str, row: str, overrides: dict | None = None) -> TrainConfig:
+    """The profile's ``train`` section, then the row's switches, then ``overrides``."""
+    section = load_profile(profile).get("train")
+    if not isinstance(section, dict):
+        raise SegSDEError(f"profile '{profile}' has no 'train' section in ablations/profiles.yaml: add one")
+    rows = study_rows()
+    if row not in rows:
+        import difflib
+
+        close = difflib.get_close_matches(row, rows, n=1)
+        raise SegSDEError(f"unknown row '{row}' in {STUDY_FILE}: " + (f"did you mean '{close[0]}'?" if close else f"choose one of {sorted(rows)}"))
+    return TrainConfig.from_dict({**section, **rows[row], **(overrides or {})}, where=f"row '{row}' with profile '{profile}'")
+
+
+def run_train(data: Path, out: Path, row: str = "baseline", profile: str = "quick", overrides: dict | None = None,
+              sde_model: Path | None = None, selection: Path | None = None, workers: int = 1, gpu: bool = False,
+              address: str | None = None, tracking_uri: str | None = None, experiment: str = "segsde-train",
+              parent_run_id: str | None = None, fresh: bool = False, resume_from: Path | None = None,
+              stop_after: int | None = None, log=sys.stderr) -> dict:
+    """Run one trial on ``data``; return its final (and best) validation scores."""
+    from segsde.orchestration.ray_job import check_resources, fit
+    from segsde.tracking import RunLogger, resolve_tracking_uri, tracked_run
+    from segsde.trainer.data import labeled_ids, mix_pool
+
+    cfg = train_config(profile, row, overrides)
+    data, out = Path(data).absolute(), Path(out).absolute()
+    manifest = read_manifest(data)
+    if "train" not in manifest["splits"] or "val" not in manifest["splits"]:
+        raise SegSDEError(f"{data} needs 'train' and 'val' splits (it has {sorted(manifest['splits'])}): rebuild it")
+    if cfg.transfer and (sde_model is None or not Path(sde_model).is_file()):
+        raise SegSDEError(f"row '{row}' starts from the SDE model: pass --sde-model MODEL.pt (written by `segsde sde`), "
+                          f"{'which does not exist at ' + str(sde_model) if sde_model else 'none was given'}")
+    if resume_from is not None and not (Path(resume_from) / CHECKPOINT_FILE).is_file():
+        raise SegSDEError(f"--resume-from {resume_from} is not a checkpoint directory (no {CHECKPOINT_FILE}): pass one under {out}/ray")
+    if cfg.teacher and cfg.mix == "depth":
+        _check_depth_source(cfg, data, manifest)
+    check_resources(workers, gpu, address)
+    labeled = labeled_ids(data, cfg, Path(selection) if selection else None)
+    pool = mix_pool(data, cfg, labeled) if cfg.uses_unlabeled else None
+    full_root = manifest.get("root") if cfg.eval_full_resolution and manifest["source"] == "cityscapes" else None
+    out.mkdir(parents=True, exist_ok=True)
+    uri = resolve_tracking_uri(out, tracking_uri)
+    config = {"train": asdict(cfg), "row": row, "profile": profile, "data": str(data), "workers": workers, "gpu": gpu,
+              "sde_model": str(sde_model) if sde_model else None, "selection_file": str(selection) if selection else None}
+    tags = {"segsde.stage": "train", "segsde.row": row, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+    start = time.perf_counter()
+    with tracked_run(uri, experiment, f"{row}-b{cfg.budget}-s{cfg.seed}", config, tags) as run_id:
+        logger = RunLogger(uri, run_id)
+        logger.client.log_text(run_id, "\n".join(labeled) + "\n", "labeled_ids.txt")
+        print(f"[train] row '{row}', {len(labeled)} labeled images, MLflow run {run_id} in {uri}", file=log, flush=True)
+        loop_config = {"train": asdict(cfg), "data": str(data), "labeled": labeled, "pool": pool,
+                       "sde_model": str(Path(sde_model).absolute()) if sde_model else None, "tracking_uri": uri,
+                       "mlflow_run_id": run_id, "full_resolution_root": full_root,
+                       "resume_from": str(resume_from) if resume_from else None, "stop_after": stop_after}
+        result = fit(_loop, loop_config, "train", out / "ray", workers, gpu, cfg.threads or 1, fresh, address)
+        final = result.metrics
+        summary = {"row": row, "budget": cfg.budget, "seed": cfg.seed, "step": final.get("step"),
+                   **{k: final[k] for k in ("miou", "best_miou", "pixel_accuracy", "full_miou", "full_pixel_accuracy") if k in final},
+                   "seconds": round(time.perf_counter() - start, 1), "checkpoint": result.checkpoint.path if result.checkpoint else None,
+                   "mlflow_run_id": run_id}
+        logger.metrics({"final/miou": final.get("miou", float("nan")), "final/best_miou": final.get("best_miou", float("nan"))},
+                       step=final.get("step", 0))
+        atomic_write_bytes(out / METRICS_FILE, json.dumps(summary, indent=1).encode())
+        return summary
+
+
+def _check_depth_source(cfg: TrainConfig, data: Path, manifest: dict) -> None:
+    from segsde.data.dataset import PSEUDO_DEPTH
+    from segsde.data.store import read_side_meta
+
+    if cfg.depth_source == "sde" and read_side_meta(data, PSEUDO_DEPTH) is None:
+        raise SegSDEError(f"DepthMix with depth_source 'sde' needs the SDE pseudo-depth in {data}: run "
+                          "`segsde sde export --checkpoint MODEL.pt --data DIR` first, or choose another depth_source")
+    if cfg.depth_source == "ground_truth" and manifest["source"] != "synthetic":
+        raise SegSDEError(f"depth_source 'ground_truth' is an oracle of the synthetic testbed, and {data} is "
+                          f"{manifest['source']}: use 'sde' or 'student'")
+
+
+def _loop(config: dict) -> None:
+    from segsde.trainer.loop import train_loop_per_worker
+
+    train_loop_per_worker(config)

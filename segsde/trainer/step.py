@@ -1,0 +1,79 @@
+"""One training step of the component study, as two losses that are back-propagated in turn.
+
+1. ``supervised_loss``: cross-entropy on the labeled batch (multi-task: mean of final and side output,
+   plus the SDE loss on the labeled and pool triplets, whose scale-0 disparity DepthMix may use).
+2. ``pseudo_label_loss`` (with a teacher): the eval-mode EMA teacher labels the pool batch, images and
+   soft targets are mixed with one mask (all ones, ClassMix or DepthMix), the mixed images get strong
+   augmentation, and the student is trained on the confident pseudo-labels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from segsde.data.labels import IGNORE_INDEX, NUM_CLASSES
+from segsde.sde.config import SDEConfig
+from segsde.sde.model import frame_poses, view_synthesis_loss
+from segsde.ssl.mixing import class_mask, depth_mask, depth_to_disparity, mix, normalised_disparity, partners
+from segsde.ssl.pseudo import one_hot_targets, pseudo_labels, weighted_cross_entropy
+from segsde.trainer.config import TrainConfig
+
+
+def supervised_loss(net, labeled: dict, pool: dict | None, cfg: TrainConfig, sde_cfg: SDEConfig | None
+                    ) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
+    """-> (loss, logged terms, the student's detached scale-0 disparity of the pool batch or None)."""
+    if not cfg.multitask:
+        ce = F.cross_entropy(net(labeled["image"])["logits"].float(), labeled["label"], ignore_index=IGNORE_INDEX)
+        return cfg.seg_weight * ce, {"supervised": ce.detach()}, None
+    parts = [labeled] + ([pool] if pool is not None else [])
+    frames, K = torch.cat([p["frames"] for p in parts]), torch.cat([p["K"] for p in parts])
+    n = labeled["image"].shape[0]
+    out = net(frames[:, 1])
+    ce = (F.cross_entropy(out["logits"][:n].float(), labeled["label"], ignore_index=IGNORE_INDEX)
+          + F.cross_entropy(out["side"][:n].float(), labeled["label"], ignore_index=IGNORE_INDEX)) / 2
+    module = net.module if hasattr(net, "module") else net
+    sde = view_synthesis_loss(frames, K, [d.float() for d in out["disparities"]], frame_poses(module.pose, frames, sde_cfg), sde_cfg)
+    loss = cfg.seg_weight * ce + cfg.sde_weight * sde["loss"]
+    disparity = out["disparities"][0][n:, 0].detach().float() if pool is not None else None
+    return loss, {"supervised": ce.detach(), "sde": sde["loss"].detach()}, disparity
+
+
+def mixing_mask(cfg: TrainConfig, pool: dict, targets: torch.Tensor, partner: torch.Tensor, teacher_out: dict,
+                student_disparity: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    """bool [B, H, W]: where each mixed image keeps its own pixels (the rest comes from its partner)."""
+    B, _, H, W = targets.shape
+    if cfg.mix == "none":
+        return torch.ones(B, H, W, dtype=torch.bool, device=targets.device)
+    if cfg.mix == "class":
+        confidence, labels = targets.max(1)
+        return class_mask(torch.where(confidence > 0, labels, IGNORE_INDEX), generator)
+    disparity = {"sde": lambda: normalised_disparity(pool.get("depth_map", torch.empty(0)).float()),
+                 "ground_truth": lambda: depth_to_disparity(pool.get("depth_map", torch.empty(0)).float()),
+                 "student": lambda: normalised_disparity(student_disparity),
+                 "teacher": lambda: normalised_disparity(teacher_out["disparities"][0][:, 0].float())}[cfg.depth_source]()
+    return depth_mask(disparity, partner, cfg.epsilon)
+
+
+def pseudo_label_loss(net, teacher, pool: dict, cfg: TrainConfig, augment, student_disparity: torch.Tensor | None,
+                      keep_example: bool = False) -> tuple[torch.Tensor, dict, dict | None]:
+    """-> (loss, logged terms, an example of the mixing for the figure when ``keep_example``)."""
+    x = pool["image"]
+    with torch.no_grad():
+        teacher_out = teacher(x)
+        targets = torch.softmax(teacher_out["logits"].float(), 1)
+        if pool["is_labeled"].any():  # labeled pool members (mix_pool all_with_gt) bring their ground truth
+            truth = one_hot_targets(pool["label"], NUM_CLASSES)
+            targets = torch.where(pool["is_labeled"][:, None, None, None], truth, targets)
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+        partner = partners(x.shape[0], generator, device=x.device)
+        mask = mixing_mask(cfg, pool, targets, partner, teacher_out, student_disparity, generator)
+        mixed = augment(mix(mask, x, partner))
+        labels, weight, fraction = pseudo_labels(mix(mask, targets, partner), cfg.confidence_threshold, cfg.confidence)
+    loss = weighted_cross_entropy(net(mixed)["logits"], labels, weight)
+    example = None
+    if keep_example:
+        example = {"image_i": x[0], "image_j": x[partner[0]], "mask": mask[0], "mixed": mixed[0], "label": labels[0]}
+        example = {k: v.detach().cpu() for k, v in example.items()}
+    return cfg.unsup_weight * loss, {"unsupervised": loss.detach(), "confident_fraction": fraction.detach(),
+                                     "mask_ratio": mask.float().mean()}, example

@@ -1,0 +1,163 @@
+"""The semi-supervised trainer: networks, transfer, every study row end to end on Ray Train with MLflow,
+exact resume with the teacher, DDP evaluation, and one-line errors for bad input."""
+
+import json
+import re
+from dataclasses import asdict
+
+import pytest
+import torch
+from conftest import run_cli
+
+from segsde.data.dataset import SegSDEDataset
+from segsde.data.splits import random_order, write_order
+from segsde.runtime import Worker, load_state
+from segsde.sde.model import SDEModel
+from segsde.sde.run import save_model, sde_config
+from segsde.trainer.data import train_ids
+from segsde.trainer.model import MultiTaskNet, SegmentationNet, build_network, load_transfer
+from segsde.trainer.run import study_rows, train_config
+
+ROWS = sorted(study_rows())
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A smoke dataset with SDE pseudo-depth, the SDE model it came from, and an ordered selection list."""
+    from segsde.sde.export import export_pseudo_depth
+
+    root = tmp_path_factory.mktemp("trainer")
+    data = root / "data"
+    run_cli("data", "synth", "--out", data, "--train", 16, "--val", 8, "--size", "64x128", "--seed", 1)
+    torch.manual_seed(0)
+    cfg = sde_config("smoke")
+    save_model(root / "sde.pt", {"model": SDEModel(cfg).state_dict(), "config": asdict(cfg), "step": 0})
+    export_pseudo_depth(root / "sde.pt", data)
+    write_order(root / "selection.txt", list(reversed(random_order(train_ids(data), seed=5))))
+    return {"data": data, "sde": root / "sde.pt", "selection": root / "selection.txt"}
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+def test_networks_shapes_and_gates():
+    cfg = train_config("smoke", "mtl")
+    net = build_network(cfg)
+    assert isinstance(net, MultiTaskNet)
+    out = net(torch.rand(2, 3, 64, 128))
+    assert out["logits"].shape == out["side"].shape == (2, 19, 64, 128)
+    assert [d.shape[-2:] for d in out["disparities"]] == [(64, 128), (32, 64), (16, 32), (8, 16)]
+    x = torch.randn(1, cfg.decoder_channels[2], 4, 4)
+    assert torch.allclose(net.gate_to_seg(x), net.gate_to_seg.conv(x) * 0.5)  # every gate starts half open
+    single = build_network(train_config("smoke", "baseline"))
+    assert isinstance(single, SegmentationNet) and single(torch.rand(2, 3, 64, 128))["logits"].shape == (2, 19, 64, 128)
+    assert not hasattr(single.decoder, "heads") or len(single.decoder.heads) == 0
+
+
+def test_transfer_copies_encoder_decoder_and_pose(study):
+    saved = torch.load(study["sde"], weights_only=True)["model"]
+    for row, net_cls in (("transfer", SegmentationNet), ("mtl", MultiTaskNet)):
+        cfg = train_config("smoke", row)
+        net = build_network(cfg)
+        sde_cfg = load_transfer(net, study["sde"], cfg)
+        assert isinstance(net, net_cls) and sde_cfg.smoothness == sde_config("smoke").smoothness
+        state = net.state_dict()
+        seg = "seg" if row == "mtl" else "decoder"
+        for key, value in saved.items():
+            if key.startswith("encoder."):
+                assert torch.equal(state[key], value), key
+            elif key.startswith("decoder.") and not key.startswith("decoder.heads."):
+                assert torch.equal(state[key.replace("decoder.", f"{seg}.", 1)], value), key
+        if row == "mtl":
+            assert all(torch.equal(state[k.replace("decoder.", "depth.", 1)], v) for k, v in saved.items() if k.startswith("decoder."))
+            assert all(torch.equal(state[k], v) for k, v in saved.items() if k.startswith("pose."))
+    with pytest.raises(Exception, match="use the same architecture"):
+        load_transfer(build_network(train_config("smoke", "transfer", {"encoder": 34})), study["sde"],
+                      train_config("smoke", "transfer", {"encoder": 34}))
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_every_row_runs_end_to_end(row, study, ray_session, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from segsde.trainer.run import run_train
+
+    result = run_train(study["data"], tmp_path, row=row, profile="smoke", sde_model=study["sde"], selection=study["selection"])
+    assert result["step"] == 4 and 0 < result["miou"] <= 1 and 0 < result["pixel_accuracy"] <= 1
+    assert result["best_miou"] >= result["miou"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["miou"] == result["miou"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["segsde.row"] == row
+    assert run.data.params["train.budget"] == "8"
+    history = client.get_metric_history(run.info.run_id, "train/supervised")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    artifacts = {a.path for d in ("", "figures", "tables") for a in client.list_artifacts(run.info.run_id, d)}
+    assert {"labeled_ids.txt", "config.json", "figures/predictions_step0000004.png", "tables/class_iou_legacy_step0000004.json"} <= artifacts
+    cfg = train_config("smoke", row)
+    assert ("figures/mixing_step0000004.png" in artifacts) == cfg.teacher
+    if cfg.teacher:
+        assert client.get_metric_history(run.info.run_id, "train/confident_fraction")
+    if cfg.multitask:
+        assert client.get_metric_history(run.info.run_id, "train/sde")
+    labeled = client.download_artifacts(run.info.run_id, "labeled_ids.txt", str(tmp_path))
+    ids = open(labeled).read().split()
+    order = open(study["selection"]).read().split() if cfg.labeled == "selection" else random_order(train_ids(study["data"]), 0)
+    assert ids == order[:8]
+
+
+def test_resume_with_teacher_continues_exactly(study, ray_session, tmp_path):
+    from segsde.trainer.run import run_train
+
+    kw = dict(row="depthmix", profile="smoke", overrides={"depth_source": "ground_truth"})
+    first = run_train(study["data"], tmp_path / "a", stop_after=2, **kw)
+    resumed = run_train(study["data"], tmp_path / "b", resume_from=first["checkpoint"], **kw)
+    straight = run_train(study["data"], tmp_path / "c", **kw)
+    a, b = load_state(resumed["checkpoint"]), load_state(straight["checkpoint"])
+    assert load_state(first["checkpoint"])["step"] == 2 and a["step"] == b["step"] == 4
+    for part in ("model", "teacher"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in b[part]), part
+    assert not all(torch.equal(a["model"][k], a["teacher"][k]) for k in a["model"] if k in a["teacher"])
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sb for k in sb[i])
+    assert resumed["miou"] == straight["miou"]
+
+
+def test_two_ddp_workers_all_reduce_the_confusion_matrix(study, tmp_path):
+    from segsde.trainer.loop import evaluate, validation_set
+
+    proc = run_cli("train", "--data", study["data"], "--out", tmp_path, "--profile", "smoke", "--row", "pseudolabel",
+                   "--workers", 2)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    cfg = train_config("smoke", "pseudolabel")
+    net = build_network(cfg)
+    net.load_state_dict(load_state(result["checkpoint"])["model"])
+    alone = evaluate(net, validation_set(str(study["data"]), cfg), Worker(0, 1, torch.device("cpu")))
+    # 8 validation images, 4 scored by each rank: the all-reduced score equals one process scoring all 8
+    assert result["miou"] == pytest.approx(alone["legacy"]["miou"], abs=1e-9)
+    assert len(SegSDEDataset(study["data"], "val")) == 8
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--row", "basline"], "unknown row 'basline'.*did you mean 'baseline'"),
+    (["--row", "transfer"], "pass --sde-model"),
+    (["--row", "autoselect"], "pass it with --selection FILE"),
+    (["--set", "epsilom=0.1"], "unknown key 'epsilom'.*did you mean 'epsilon'"),
+    (["--set", "mix=class"], "mixing needs pseudo-labels"),
+    (["--budget", "999"], "budget 999 is larger than the labeled pool of 16"),
+    (["--row", "classmix", "--budget", "16"], "no unlabeled image is left"),
+    (["--row", "depthmix", "--set", "depth_source=student"], "needs the multi-task decoder"),
+    (["--row", "autoselect", "--selection", "{tmp}/missing.txt"], "does not exist"),
+])
+def test_bad_train_input_is_one_line_and_starts_nothing(args, message, study, tmp_path):
+    proc = run_cli("train", "--data", study["data"], "--out", tmp_path / "o", "--profile", "smoke",
+                   *[a.format(tmp=tmp_path) for a in args], check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), proc.stderr
+    assert not (tmp_path / "o" / "mlflow.db").exists()
