@@ -9,7 +9,7 @@ def _run(*args):
     return subprocess.run([sys.executable, str(ROOT / "tune" / "run_ablation.py"), *map(str, args)], capture_output=True, text=True)
 
 
-def test_run_ablation_caches_data_sde_and_export(tmp_path):
+def test_run_ablation_caches_data_sde_export_and_baseline(tmp_path):
     first = _run("--profile", "smoke", "--out", tmp_path)
     assert first.returncode == 0, first.stderr
     assert "[sde] done in" in first.stdout and "[export] wrote the pseudo-depth of 24 images" in first.stdout
@@ -19,7 +19,8 @@ def test_run_ablation_caches_data_sde_and_export(tmp_path):
 
     again = _run("--profile", "smoke", "--out", tmp_path)
     assert again.returncode == 0, again.stderr
-    for stage in ("[data] cache hit", "[sde] cache hit", "[export] cache hit"):
+    assert "[train] done in" in first.stdout and "baseline mIoU" in first.stdout
+    for stage in ("[data] cache hit", "[sde] cache hit", "[export] cache hit", "[train] cache hit"):
         assert stage in again.stdout
     assert "[sde] training" not in again.stdout
 

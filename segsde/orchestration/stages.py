@@ -88,3 +88,26 @@ def export_stage(sde_dir: Path, data: Path, force: bool = False, dry_run: bool =
         return
     result = export_pseudo_depth(model, data)
     log(f"[export] wrote the pseudo-depth of {result['images']} images to {result['out']}")
+
+
+def baseline_stage(profile: str, data: Path, out: Path, tracking_uri: str | None = None, force: bool = False,
+                   dry_run: bool = False, log=print) -> Path:
+    """One supervised `baseline` trial at the profile's budget, cached like the other stages: a first
+    measure of the trainer before the study runs every row."""
+    from segsde.trainer.run import METRICS_FILE, run_train, train_config
+
+    cfg = train_config(profile, "baseline")
+    config = {"stage": "train", "row": "baseline", "config": asdict(cfg), "data": str(Path(data).absolute())}
+    path = Path(out).absolute() / "cache" / f"train-baseline-{cache_key(config)}"
+    if (path / METRICS_FILE).is_file() and not force:
+        metrics = json.loads((path / METRICS_FILE).read_text())
+        log(f"[train] cache hit: reusing {path} (baseline mIoU {100 * metrics['miou']:.2f})")
+        return path
+    if dry_run:
+        log(f"[train] would train the baseline row for {cfg.steps} steps on {cfg.budget} labels into {path}")
+        return path
+    log(f"[train] baseline row, {cfg.budget} labels, {cfg.steps} steps (profile '{profile}') into {path}")
+    metrics = run_train(data, path, row="baseline", profile=profile, fresh=force, tracking_uri=tracking_uri)
+    log(f"[train] done in {metrics['seconds']:.0f} s: baseline mIoU {100 * metrics['miou']:.2f}, "
+        f"pixel accuracy {100 * metrics['pixel_accuracy']:.2f} (validation split)")
+    return path

@@ -1,0 +1,1 @@
+"""Semi-supervised segmentation trainer: config, networks, data, step, Ray Train loop and driver."""
