@@ -161,3 +161,35 @@ def test_bad_train_input_is_one_line_and_starts_nothing(args, message, study, tm
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and re.search(message, lines[0]), proc.stderr
     assert not (tmp_path / "o" / "mlflow.db").exists()
+
+
+def test_cityscapes_full_resolution_protocol(tmp_path):
+    """The official protocol scores logits upsampled to the native gtFine labels, beside the legacy one."""
+    import numpy as np
+    import torch.nn.functional as F
+    from PIL import Image
+    from test_cityscapes import make_tree
+
+    from segsde.data.labels import label_id_to_train_id_lut
+    from segsde.metrics.segmentation import confusion_matrix, scores
+    from segsde.trainer.loop import evaluate, validation_set
+
+    tree = make_tree(tmp_path / "cityscapes")
+    run_cli("data", "cityscapes", "--root", tree, "--out", tmp_path / "cs", "--size", "128x64")
+    cfg = train_config("smoke", "baseline")
+    torch.manual_seed(0)
+    net = build_network(cfg).eval()
+    val = validation_set(str(tmp_path / "cs"), cfg)
+    result = evaluate(net, val, Worker(0, 1, torch.device("cpu")), full_resolution_root=str(tree))
+    conf = torch.zeros(19, 19, dtype=torch.int64)
+    lut = label_id_to_train_id_lut()
+    for item in val:
+        city = item["id"].split("_")[0]
+        native = lut[np.asarray(Image.open(tree / "gtFine" / "val" / city / f"{item['id']}_gtFine_labelIds.png"))]
+        with torch.no_grad():
+            logits = net(item["image"][None])["logits"]
+        up = F.interpolate(logits, size=native.shape, mode="bilinear", align_corners=False).argmax(1)[0]
+        conf += confusion_matrix(up, torch.from_numpy(native.astype(np.int64)))
+    assert native.shape != tuple(item["image"].shape[-2:])  # the labels really are at another resolution
+    assert result["full"]["miou"] == pytest.approx(scores(conf)["miou"])
+    assert "legacy" in result and result["legacy"]["present"] == scores(conf)["present"]
