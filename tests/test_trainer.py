@@ -128,13 +128,14 @@ def test_resume_with_teacher_continues_exactly(study, ray_session, tmp_path):
     assert resumed["miou"] == straight["miou"]
 
 
-def test_two_ddp_workers_all_reduce_the_confusion_matrix(study, tmp_path):
+@pytest.mark.parametrize("row", ["pseudolabel", "combination"])
+def test_two_ddp_workers_all_reduce_the_confusion_matrix(row, study, tmp_path):
     from segsde.trainer.loop import evaluate, validation_set
 
-    proc = run_cli("train", "--data", study["data"], "--out", tmp_path, "--profile", "smoke", "--row", "pseudolabel",
-                   "--workers", 2)
+    proc = run_cli("train", "--data", study["data"], "--out", tmp_path, "--profile", "smoke", "--row", row,
+                   "--workers", 2, "--sde-model", study["sde"], "--selection", study["selection"])
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    cfg = train_config("smoke", "pseudolabel")
+    cfg = train_config("smoke", row)
     net = build_network(cfg)
     net.load_state_dict(load_state(result["checkpoint"])["model"])
     alone = evaluate(net, validation_set(str(study["data"]), cfg), Worker(0, 1, torch.device("cpu")))

@@ -107,7 +107,9 @@ def train_loop_per_worker(config: dict) -> None:
         start, best = state["step"], state.get("best_miou", best)
     net = model
     if worker.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[worker.device.index] if gpu else None)
+        # with the multi-task net, the pseudo-label pass leaves the depth heads, side output and pose net unused
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[worker.device.index] if gpu else None,
+                                                        find_unused_parameters=cfg.multitask and teacher is not None)
     logger = None
     if worker.is_main and config.get("mlflow_run_id"):
         from segsde.tracking import RunLogger
