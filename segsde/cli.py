@@ -45,16 +45,11 @@ def cmd_cityscapes(args) -> dict:
     return {"out": str(Path(args.out).absolute()), "splits": m["splits"], "shards": len(m["shards"])}
 
 
-def _dataset_ids(data: Path, split: str) -> list[str]:
-    from segsde.data.store import read_index, read_manifest
-
-    return [sid for sid, sp, _, _ in read_index(data, read_manifest(data)) if sp == split]
-
-
 def cmd_split(args) -> dict:
     from segsde.data.splits import random_order, take_budget, write_order
+    from segsde.data.store import split_ids
 
-    order = random_order(_dataset_ids(args.data, args.split), args.seed)
+    order = random_order(split_ids(args.data, args.split), args.seed)
     if args.budget is not None:
         order = take_budget(order, args.budget)
     write_order(args.out, order)
@@ -63,9 +58,10 @@ def cmd_split(args) -> dict:
 
 def cmd_import_split(args) -> dict:
     from segsde.data.splits import check_ids, import_split_file, write_order
+    from segsde.data.store import split_ids
 
     ids = import_split_file(args.file)
-    check_ids(ids, _dataset_ids(args.data, args.split), str(args.file))
+    check_ids(ids, split_ids(args.data, args.split), str(args.file))
     write_order(args.out, ids)
     return {"out": str(args.out), "ids": len(ids)}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,3 +100,17 @@ def sync_buffers(model: torch.nn.Module, worker: Worker) -> None:
     if worker.world > 1:
         for buffer in model.buffers():
             torch.distributed.broadcast(buffer, 0)
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: torch.nn.Module, worker: Worker):
+    """Rank 0's buffers and eval mode for the block; afterwards each module gets its own mode back (not
+    ``model.train()``: a frozen encoder must stay in eval mode)."""
+    sync_buffers(model, worker)
+    modes = [m.training for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(model.modules(), modes):
+            m.training = mode

@@ -140,3 +140,9 @@ class SegSDEDataset(torch.utils.data.Dataset):
             poses = np.array(r["poses"], dtype=np.float64).reshape(2, 4, 4)
             item["poses"] = torch.from_numpy(flip_pose(poses) if flip else poses).float()
         return item
+
+
+def validation_split(root: str | Path, resize: tuple[int, int] | None, limit: int | None = None) -> SegSDEDataset:
+    """The ``val`` split resized for evaluation (no crop, no flip), its first ``limit`` samples if given."""
+    ds = SegSDEDataset(root, "val", augment=Augment(resize, None, random=False))
+    return SegSDEDataset(root, "val", ids=ds.ids[:limit], augment=ds.augment) if limit is not None else ds

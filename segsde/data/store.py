@@ -198,3 +198,8 @@ def read_side_column(root: Path, name: str) -> dict[str, bytes] | None:
         return None
     table = pq.read_table(path)
     return dict(zip(table["id"].to_pylist(), table[name].to_pylist()))
+
+
+def split_ids(root: Path, split: str) -> list[str]:
+    """The ids of one split, in index order."""
+    return [sid for sid, sp, _, _ in read_index(root, read_manifest(root)) if sp == split]

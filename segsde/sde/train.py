@@ -17,9 +17,9 @@ from dataclasses import asdict
 
 import torch
 
-from segsde.data.dataset import Augment, SegSDEDataset
+from segsde.data.dataset import Augment, SegSDEDataset, validation_split
 from segsde.metrics.depth import METRICS, depth_error_sums, summarise
-from segsde.runtime import batch_indices, resume_state, save_state, start_worker, step_seed, sync_buffers
+from segsde.runtime import batch_indices, evaluation_mode, resume_state, save_state, start_worker, step_seed
 from segsde.sde.config import SDEConfig
 from segsde.sde.geometry import disp_to_depth
 from segsde.sde.model import SDEModel
@@ -50,10 +50,7 @@ class StepBatches(torch.utils.data.Dataset):
 
 
 def validation_set(data: str, cfg: SDEConfig) -> SegSDEDataset:
-    ds = SegSDEDataset(data, "val", augment=Augment(cfg.resize, None, random=False))
-    if cfg.val_images is not None:
-        ds = SegSDEDataset(data, "val", ids=ds.ids[: cfg.val_images], augment=ds.augment)
-    return ds
+    return validation_split(data, cfg.resize, cfg.val_images)
 
 
 @torch.no_grad()
@@ -67,26 +64,22 @@ def predict_depth(model: SDEModel, images: torch.Tensor, cfg: SDEConfig) -> tupl
 def validate(model: SDEModel, val_set: SegSDEDataset, cfg: SDEConfig, worker, batch: int = 8) -> tuple[dict, list]:
     """Median-scaled depth metrics over the whole validation set (each rank takes every world-th image,
     no padding, sums all-reduced); also rank 0's first three (image, disparity, gt) for a figure."""
-    sync_buffers(model, worker)
-    modes = [m.training for m in model.modules()]  # restored per module: a frozen encoder stays in eval
-    model.eval()
     sums = torch.zeros(len(METRICS) + 1, dtype=torch.float64, device=worker.device)
     mine = list(range(worker.rank, len(val_set), worker.world))
     examples = []
-    for i in range(0, len(mine), batch):
-        items = [val_set[j] for j in mine[i : i + batch]]
-        images = torch.stack([it["image"] for it in items]).to(worker.device)
-        # sources without ground-truth depth (Cityscapes) count no valid pixel: the metrics stay NaN
-        gt = torch.stack([it.get("depth", torch.zeros(it["image"].shape[-2:])) for it in items]).to(worker.device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=worker.device.type == "cuda"):
-            sigmoid, depth = predict_depth(model, images, cfg)
-        sums += depth_error_sums(depth, gt, 1e-3, cfg.eval_max_depth)
-        if len(examples) < 3:
-            examples += [(images[k].cpu(), sigmoid[k].cpu(), gt[k].cpu()) for k in range(min(3 - len(examples), len(items)))]
+    with evaluation_mode(model, worker):
+        for i in range(0, len(mine), batch):
+            items = [val_set[j] for j in mine[i : i + batch]]
+            images = torch.stack([it["image"] for it in items]).to(worker.device)
+            # sources without ground-truth depth (Cityscapes) count no valid pixel: the metrics stay NaN
+            gt = torch.stack([it.get("depth", torch.zeros(it["image"].shape[-2:])) for it in items]).to(worker.device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=worker.device.type == "cuda"):
+                sigmoid, depth = predict_depth(model, images, cfg)
+            sums += depth_error_sums(depth, gt, 1e-3, cfg.eval_max_depth)
+            if len(examples) < 3:
+                examples += [(images[k].cpu(), sigmoid[k].cpu(), gt[k].cpu()) for k in range(min(3 - len(examples), len(items)))]
     if worker.world > 1:
         torch.distributed.all_reduce(sums)
-    for m, mode in zip(model.modules(), modes):
-        m.training = mode
     return summarise(sums.cpu()), examples
 
 

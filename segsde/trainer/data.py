@@ -14,14 +14,14 @@ import torch
 from segsde.data.dataset import PSEUDO_DEPTH, Augment, SegSDEDataset
 from segsde.data.labels import IGNORE_INDEX
 from segsde.data.splits import check_ids, random_order, read_order, take_budget
-from segsde.data.store import read_index, read_manifest
+from segsde.data.store import split_ids
 from segsde.errors import SegSDEError
 from segsde.runtime import batch_indices, step_seed
 from segsde.trainer.config import TrainConfig
 
 
 def train_ids(data: Path) -> list[str]:
-    return [sid for sid, split, _, _ in read_index(data, read_manifest(data)) if split == "train"]
+    return split_ids(data, "train")
 
 
 def labeled_ids(data: Path, cfg: TrainConfig, selection_file: Path | None = None) -> list[str]:
@@ -41,8 +41,9 @@ def labeled_ids(data: Path, cfg: TrainConfig, selection_file: Path | None = None
 def mix_pool(data: Path, cfg: TrainConfig, labeled: list[str]) -> list[str]:
     """Images the teacher pseudo-labels (and the multi-task SDE loss sees): the unlabeled rest of the
     training split, or all of it (``all_with_gt``: labeled members bring their ground truth)."""
-    rest = [i for i in train_ids(data) if i not in set(labeled)]
-    pool = rest if cfg.mix_pool == "unlabeled" else sorted(set(rest) | set(labeled))
+    chosen = set(labeled)
+    rest = [i for i in train_ids(data) if i not in chosen]
+    pool = rest if cfg.mix_pool == "unlabeled" else sorted(set(rest) | chosen)
     if not pool:
         raise SegSDEError(f"budget {cfg.budget} labels the whole training split, so no unlabeled image is left: "
                           "lower the budget or set mix_pool: all_with_gt")

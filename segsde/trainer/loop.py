@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from segsde.data.dataset import Augment, SegSDEDataset
+from segsde.data.dataset import SegSDEDataset, validation_split
 from segsde.metrics.segmentation import confusion_matrix, iou_table, scores
-from segsde.runtime import resume_state, save_state, start_worker, step_seed, sync_buffers
+from segsde.runtime import evaluation_mode, resume_state, save_state, start_worker, step_seed
 from segsde.ssl.augment import StrongAugment
 from segsde.ssl.teacher import ema_update, make_teacher
 from segsde.trainer.config import TrainConfig
@@ -33,8 +33,7 @@ from segsde.trainer.step import pseudo_label_loss, supervised_loss
 
 
 def validation_set(data: str, cfg: TrainConfig) -> SegSDEDataset:
-    ds = SegSDEDataset(data, "val", augment=Augment(cfg.resize, None, random=False))
-    return SegSDEDataset(data, "val", ids=ds.ids[: cfg.val_images], augment=ds.augment) if cfg.val_images else ds
+    return validation_split(data, cfg.resize, cfg.val_images)
 
 
 @torch.no_grad()
@@ -44,30 +43,26 @@ def evaluate(model, val_set: SegSDEDataset, worker, full_resolution_root: str | 
     logits are also upsampled to the native Cityscapes labels (the official protocol, ``full_*`` keys)."""
     from segsde.data.cityscapes import native_label
 
-    sync_buffers(model, worker)
-    modes = [m.training for m in model.modules()]
-    model.eval()
     conf = torch.zeros(2, 19, 19, dtype=torch.int64, device=worker.device)
     mine = list(range(worker.rank, len(val_set), worker.world))
     examples = []
-    for i in range(0, len(mine), batch):
-        items = [val_set[j] for j in mine[i: i + batch]]
-        images = torch.stack([it["image"] for it in items]).to(worker.device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=worker.device.type == "cuda"):
-            logits = model(images)["logits"].float()
-        pred = logits.argmax(1)
-        conf[0] += confusion_matrix(pred, torch.stack([it["label"] for it in items]).to(worker.device))
-        if full_resolution_root:
-            for it, lg in zip(items, logits):
-                native = torch.from_numpy(native_label(full_resolution_root, "val", it["id"]).astype("int64")).to(worker.device)
-                up = F.interpolate(lg[None], size=native.shape, mode="bilinear", align_corners=False)
-                conf[1] += confusion_matrix(up.argmax(1)[0], native)
-        if len(examples) < 3:
-            examples += [(images[k].cpu(), items[k]["label"], pred[k].cpu()) for k in range(min(3 - len(examples), len(items)))]
+    with evaluation_mode(model, worker):
+        for i in range(0, len(mine), batch):
+            items = [val_set[j] for j in mine[i: i + batch]]
+            images = torch.stack([it["image"] for it in items]).to(worker.device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=worker.device.type == "cuda"):
+                logits = model(images)["logits"].float()
+            pred = logits.argmax(1)
+            conf[0] += confusion_matrix(pred, torch.stack([it["label"] for it in items]).to(worker.device))
+            if full_resolution_root:
+                for it, lg in zip(items, logits):
+                    native = torch.from_numpy(native_label(full_resolution_root, "val", it["id"]).astype("int64")).to(worker.device)
+                    up = F.interpolate(lg[None], size=native.shape, mode="bilinear", align_corners=False)
+                    conf[1] += confusion_matrix(up.argmax(1)[0], native)
+            if len(examples) < 3:
+                examples += [(images[k].cpu(), items[k]["label"], pred[k].cpu()) for k in range(min(3 - len(examples), len(items)))]
     if worker.world > 1:
         torch.distributed.all_reduce(conf)
-    for m, mode in zip(model.modules(), modes):
-        m.training = mode
     out = {"legacy": scores(conf[0].cpu())}
     if full_resolution_root:
         out["full"] = scores(conf[1].cpu())
