@@ -115,18 +115,40 @@ def cmd_train(args) -> dict:
     overrides.update({k: v for k, v in (("budget", args.budget), ("seed", args.seed)) if v is not None})
     return run_train(args.data, args.out, row=args.row, profile=args.profile, overrides=overrides, sde_model=args.sde_model,
                      selection=args.selection, workers=args.workers, gpu=args.gpu, address=args.address,
-                     tracking_uri=args.tracking_uri, experiment=args.experiment, fresh=args.fresh, resume_from=args.resume_from)
+                     tracking_uri=args.tracking_uri, experiment=args.experiment, fresh=args.fresh, resume_from=args.resume_from,
+                     cache_root=args.cache)
 
 
-def _job_flags(p: argparse.ArgumentParser, experiment: str, example: str) -> None:
+def _budgets(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budgets '{text}' are not comma-separated integers, e.g. 25,50,100") from None
+
+
+def cmd_select(args) -> dict:
+    from segsde.selection.run import run_select
+
+    missing = [flag for flag, value in (("--data", args.data), ("--method", args.method), ("--out", args.out)) if value is None]
+    if missing:
+        raise SegSDEError(f"segsde select needs {' and '.join(missing)}: e.g. segsde select --data data/synth --method sde --out sel.parquet")
+    overrides = dict(args.set)
+    overrides.update({k: v for k, v in (("budgets", args.budgets), ("seed", args.seed)) if v is not None})
+    return run_select(args.data, args.method, args.out, sde_checkpoint=args.sde_checkpoint, profile=args.profile,
+                      overrides=overrides, cache_root=args.cache, workers=args.workers, gpu=args.gpu, address=args.address,
+                      tracking_uri=args.tracking_uri, experiment=args.experiment, fresh=args.fresh)
+
+
+def _job_flags(p: argparse.ArgumentParser, experiment: str, example: str, resume: bool = True) -> None:
     """Flags every Ray Train job shares: profile, overrides, workers, resume, cluster, MLflow."""
     p.add_argument("--profile", default="quick", help="smoke | quick | synthetic | cityscapes (ablations/profiles.yaml)")
     p.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help=f"override one config value, e.g. --set {example} (repeatable)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
-    p.add_argument("--resume-from", type=Path, default=None, help="a checkpoint directory to continue from")
-    p.add_argument("--fresh", action="store_true", help="discard this OUT's earlier Ray checkpoints instead of resuming from them")
+    if resume:
+        p.add_argument("--resume-from", type=Path, default=None, help="a checkpoint directory to continue from")
+    p.add_argument("--fresh", action="store_true", help="discard this OUT's earlier progress instead of resuming from it")
     p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or OUT/mlflow.db)")
     p.add_argument("--experiment", default=experiment, help="MLflow experiment name")
@@ -207,9 +229,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--budget", type=int, default=None, help="labeled images (default: the profile's)")
     train.add_argument("--seed", type=int, default=None, help="seed of the labeled subset, weights and batches (default 0)")
     train.add_argument("--sde-model", type=Path, default=None, help="model.pt of `segsde sde` (transfer, mtl, combination)")
-    train.add_argument("--selection", type=Path, default=None, help="ordered id list for rows labeling a selection prefix")
+    train.add_argument("--selection", default=None,
+                       help="label a prefix of this ordered id list (.txt/.parquet) or of this method's selection "
+                            "(sde | diversity | difficulty | entropy | random, cached under CACHE)")
+    train.add_argument("--cache", type=Path, default=Path("outputs"), help="stage cache root for selections and SDE (default ./outputs)")
     _job_flags(train, "segsde-train", "steps=300")
     train.set_defaults(func=cmd_train)
+
+    select = sub.add_parser("select", help="automatic data selection for annotation (and its baselines) on Ray Train",
+                            description="Order the training split for labeling: sde (diversity of SDE features + depth "
+                                        "difficulty, the paper's ds_us), diversity, difficulty, entropy (active learning, "
+                                        "labels in the loop) or random. Every budget is a prefix of the list. Writes OUT "
+                                        "(Parquet: id, rank, round, score parts) and prints a JSON summary line.")
+    select.add_argument("--data", type=Path, help="dataset directory (segsde format) with a train split")
+    select.add_argument("--method", help="sde | diversity | difficulty | entropy | random")
+    select.add_argument("--out", type=Path, help="the selection file to write (.parquet)")
+    select.add_argument("--sde-checkpoint", type=Path, default=None,
+                        help="model.pt of `segsde sde` (default: train or reuse the profile's SDE stage under CACHE)")
+    select.add_argument("--budgets", type=_budgets, default=None, help="rounds as comma-separated budgets, e.g. 25,50,100 (default: the profile's)")
+    select.add_argument("--seed", type=int, default=None, help="selection seed (default 0)")
+    select.add_argument("--cache", type=Path, default=Path("outputs"), help="stage cache root (default ./outputs, as tune/run_ablation.py)")
+    _job_flags(select, "segsde-select", "student_steps=200", resume=False)
+    select.set_defaults(func=cmd_select)
     return parser
 
 

@@ -25,6 +25,31 @@ def synth_root(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def smoke_study(tmp_path_factory):
+    """A smoke dataset (16 train, 8 val, 64x128) with SDE pseudo-depth, the (untrained) smoke SDE model it
+    came from, and an ordered selection list."""
+    from dataclasses import asdict
+
+    import torch
+
+    from segsde.data.splits import random_order, write_order
+    from segsde.data.store import split_ids
+    from segsde.sde.export import export_pseudo_depth
+    from segsde.sde.model import SDEModel
+    from segsde.sde.run import save_model, sde_config
+
+    root = tmp_path_factory.mktemp("study")
+    data = root / "data"
+    run_cli("data", "synth", "--out", data, "--train", 16, "--val", 8, "--size", "64x128", "--seed", 1)
+    torch.manual_seed(0)
+    cfg = sde_config("smoke")
+    save_model(root / "sde.pt", {"model": SDEModel(cfg).state_dict(), "config": asdict(cfg), "step": 0})
+    export_pseudo_depth(root / "sde.pt", data)
+    write_order(root / "selection.txt", list(reversed(random_order(split_ids(data, "train"), seed=5))))
+    return {"data": data, "sde": root / "sde.pt", "selection": root / "selection.txt"}
+
+
 def bilinear(img: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Sample img [H, W, C] at float pixel coordinates (inside the image)."""
     H, W = img.shape[:2]

@@ -3,17 +3,15 @@ exact resume with the teacher, DDP evaluation, and one-line errors for bad input
 
 import json
 import re
-from dataclasses import asdict
 
 import pytest
 import torch
 from conftest import run_cli
 
 from segsde.data.dataset import SegSDEDataset
-from segsde.data.splits import random_order, write_order
+from segsde.data.splits import random_order
 from segsde.runtime import Worker, load_state
-from segsde.sde.model import SDEModel
-from segsde.sde.run import save_model, sde_config
+from segsde.sde.run import sde_config
 from segsde.trainer.data import train_ids
 from segsde.trainer.model import MultiTaskNet, SegmentationNet, build_network, load_transfer
 from segsde.trainer.run import study_rows, train_config
@@ -22,19 +20,8 @@ ROWS = sorted(study_rows())
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    """A smoke dataset with SDE pseudo-depth, the SDE model it came from, and an ordered selection list."""
-    from segsde.sde.export import export_pseudo_depth
-
-    root = tmp_path_factory.mktemp("trainer")
-    data = root / "data"
-    run_cli("data", "synth", "--out", data, "--train", 16, "--val", 8, "--size", "64x128", "--seed", 1)
-    torch.manual_seed(0)
-    cfg = sde_config("smoke")
-    save_model(root / "sde.pt", {"model": SDEModel(cfg).state_dict(), "config": asdict(cfg), "step": 0})
-    export_pseudo_depth(root / "sde.pt", data)
-    write_order(root / "selection.txt", list(reversed(random_order(train_ids(data), seed=5))))
-    return {"data": data, "sde": root / "sde.pt", "selection": root / "selection.txt"}
+def study(smoke_study):
+    return smoke_study
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +74,9 @@ def test_every_row_runs_end_to_end(row, study, ray_session, tmp_path):
 
     from segsde.trainer.run import run_train
 
-    result = run_train(study["data"], tmp_path, row=row, profile="smoke", sde_model=study["sde"], selection=study["selection"])
+    cfg = train_config("smoke", row)
+    selection = study["selection"] if cfg.labeled == "selection" else None  # the selection stage itself: test_selection.py
+    result = run_train(study["data"], tmp_path, row=row, profile="smoke", sde_model=study["sde"], selection=selection)
     assert result["step"] == 4 and 0 < result["miou"] <= 1 and 0 < result["pixel_accuracy"] <= 1
     assert result["best_miou"] >= result["miou"]
     assert json.loads((tmp_path / "metrics.json").read_text())["miou"] == result["miou"]
@@ -99,7 +88,6 @@ def test_every_row_runs_end_to_end(row, study, ray_session, tmp_path):
     assert [m.step for m in history] == [1, 2, 3, 4]
     artifacts = {a.path for d in ("", "figures", "tables") for a in client.list_artifacts(run.info.run_id, d)}
     assert {"labeled_ids.txt", "config.json", "figures/predictions_step0000004.png", "tables/class_iou_legacy_step0000004.json"} <= artifacts
-    cfg = train_config("smoke", row)
     assert ("figures/mixing_step0000004.png" in artifacts) == cfg.teacher
     if cfg.teacher:
         assert client.get_metric_history(run.info.run_id, "train/confident_fraction")
@@ -148,7 +136,8 @@ def test_two_ddp_workers_all_reduce_the_confusion_matrix(study, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--row", "basline"], "unknown row 'basline'.*did you mean 'baseline'"),
     (["--row", "transfer"], "pass --sde-model"),
-    (["--row", "autoselect"], "pass it with --selection FILE"),
+    (["--set", "labeled=selection"], "pass it with --selection FILE"),
+    (["--selection", "nonsense"], "neither an existing file nor a selection method"),
     (["--set", "epsilom=0.1"], "unknown key 'epsilom'.*did you mean 'epsilon'"),
     (["--set", "mix=class"], "mixing needs pseudo-labels"),
     (["--budget", "999"], "budget 999 is larger than the labeled pool of 16"),

@@ -88,6 +88,11 @@ class SegSDEDataset(torch.utils.data.Dataset):
             self._groups[key] = pf.read_row_group(key[1]).to_pylist()
         return self._groups[key][row % group_size]
 
+    def label_array(self, i: int) -> np.ndarray | None:
+        """Sample i's stored label map (trainIds, 255 = ignore) at the stored size, or None if unlabeled."""
+        r = self._row(i)
+        return decode_png(r["label"], f"label of {r['id']}") if r["label"] is not None else None
+
     def __getitem__(self, i: int) -> dict:
         r = self._row(i)
         sid = r["id"]

@@ -72,13 +72,15 @@ def sde_stage(profile: str, data: Path, out: Path, tracking_uri: str | None = No
     return path
 
 
-def export_stage(sde_dir: Path, data: Path, force: bool = False, dry_run: bool = False, log=print) -> None:
-    """Pseudo-depth of every sample from the SDE model, written into the dataset unless that model's is there."""
+def export_stage(sde: Path, data: Path, force: bool = False, dry_run: bool = False, log=print) -> None:
+    """Pseudo-depth of every sample from the SDE model (``sde``: its model.pt or the directory holding it),
+    written into the dataset unless that model's is there."""
     from segsde.data.dataset import PSEUDO_DEPTH
     from segsde.sde.export import export_pseudo_depth
     from segsde.sde.run import MODEL_FILE
 
-    model = Path(sde_dir).absolute() / MODEL_FILE
+    model = Path(sde).absolute()
+    model = model / MODEL_FILE if model.is_dir() else model
     meta = read_side_meta(data, PSEUDO_DEPTH)
     if meta is not None and meta.get("checkpoint") == str(model) and not force:
         log(f"[export] cache hit: {data}/side/{PSEUDO_DEPTH}.parquet comes from {model}")
@@ -110,4 +112,32 @@ def baseline_stage(profile: str, data: Path, out: Path, tracking_uri: str | None
     metrics = run_train(data, path, row="baseline", profile=profile, fresh=force, tracking_uri=tracking_uri)
     log(f"[train] done in {metrics['seconds']:.0f} s: baseline mIoU {100 * metrics['miou']:.2f}, "
         f"pixel accuracy {100 * metrics['pixel_accuracy']:.2f} (validation split)")
+    return path
+
+
+def selection_stage(method: str, profile: str, data: Path, out: Path, seed: int = 0, budget: int | None = None,
+                    sde_model: Path | None = None, tracking_uri: str | None = None, force: bool = False,
+                    dry_run: bool = False, log=print) -> Path:
+    """The ordered selection list of ``method`` with the profile's schedule (extended to ``budget`` if that
+    is larger), cached by configuration; returns the Parquet file. Without ``sde_model`` the profile's
+    cached SDE stage provides the depth teacher."""
+    from segsde.selection.config import NEEDS_FEATURES, NEEDS_STUDENT
+    from segsde.selection.run import check_method, read_selection_meta, run_select, selection_config
+
+    check_method(method)
+    cfg = selection_config(profile, {"seed": seed})
+    cfg = cfg.with_budget(budget) if budget is not None else cfg
+    needs_sde = method in NEEDS_FEATURES + NEEDS_STUDENT
+    config = {"stage": "select", "method": method, "config": asdict(cfg), "data": str(Path(data).absolute()),
+              "sde_model": str(Path(sde_model).absolute()) if sde_model and needs_sde else None}
+    path = Path(out).absolute() / "cache" / f"select-{method}-s{seed}-{cache_key(config)}.parquet"
+    if path.is_file() and read_selection_meta(path) is not None and not force:
+        log(f"[select] cache hit: reusing {path}")
+        return path
+    if dry_run:
+        log(f"[select] would select {cfg.budgets[-1]} images with '{method}' (seed {seed}) into {path}")
+        return path
+    run_select(data, method, path, sde_checkpoint=sde_model if needs_sde else None, profile=profile,
+               overrides={"seed": seed, "budgets": list(cfg.budgets)}, cache_root=out, tracking_uri=tracking_uri,
+               fresh=force, log=log)
     return path

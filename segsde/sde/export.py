@@ -39,13 +39,18 @@ def load_sde_model(path: Path, device: str | torch.device = "cpu") -> SDEModel:
     return model.eval().to(device)
 
 
+def pad_to_multiple(images: torch.Tensor, multiple: int = 32) -> torch.Tensor:
+    """[B, 3, H, W] reflection-padded at the bottom and right to sides divisible by ``multiple``."""
+    H, W = images.shape[-2:]
+    ph, pw = -H % multiple, -W % multiple
+    return F.pad(images, (0, pw, 0, ph), mode="reflect") if ph or pw else images
+
+
 @torch.no_grad()
 def disparity_map(model: SDEModel, images: torch.Tensor) -> torch.Tensor:
     """[B, 3, H, W] of any size -> sigmoid disparity [B, H, W] (reflection-padded to a multiple of 32)."""
     H, W = images.shape[-2:]
-    ph, pw = -H % 32, -W % 32
-    x = F.pad(images, (0, pw, 0, ph), mode="reflect") if ph or pw else images
-    return model.disparity(x)[0][:, 0, :H, :W].float()
+    return model.disparity(pad_to_multiple(images))[0][:, 0, :H, :W].float()
 
 
 def export_pseudo_depth(checkpoint: Path, data: Path, batch: int = 8, device: str | None = None, log=sys.stderr) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from segsde.configs import check, config_from_dict
+from segsde.selection.config import METHODS as SELECTION_METHODS
 
 MIX_MODES = ("none", "class", "depth")             # none: pseudo-labels on strongly augmented unlabeled images
 MIX_POOLS = ("unlabeled", "all_with_gt")           # all_with_gt: labeled images join with one-hot targets
@@ -29,7 +30,7 @@ class TrainConfig:
     multitask: bool = False              # two decoders exchanging features at 1/4 + the SDE loss (needs transfer)
     # labeled set
     labeled: str = "random"              # random: seeded permutation prefix | selection: prefix of an ordered list
-    selection: str | None = None         # name of the list a `selection` row expects (e.g. ds_us, al_entropy)
+    selection: str | None = None         # the selection method of a `selection` row (sde, entropy, ...)
     budget: int = 372
     seed: int = 0
     # mean teacher and mixing
@@ -94,6 +95,7 @@ class TrainConfig:
             (self.depth_source in DEPTH_SOURCES, f"depth_source must be one of {DEPTH_SOURCES}"),
             (self.confidence in CONFIDENCE_MODES, f"confidence must be one of {CONFIDENCE_MODES}"),
             (self.labeled in LABELED_SETS, f"labeled must be one of {LABELED_SETS}"),
+            (self.selection is None or self.selection in SELECTION_METHODS, f"selection must be one of {SELECTION_METHODS}"),
             (self.mix == "none" or self.teacher, "mixing needs pseudo-labels: set teacher: true or mix: none"),
             (not (self.mix == "depth" and self.depth_source == "student") or self.multitask,
              "depth_source 'student' needs the multi-task decoder (multitask: true): use 'sde' otherwise"),

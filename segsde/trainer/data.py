@@ -32,7 +32,7 @@ def labeled_ids(data: Path, cfg: TrainConfig, selection_file: Path | None = None
     else:
         if selection_file is None:
             raise SegSDEError(f"this row labels a prefix of the '{cfg.selection}' selection list: pass it with --selection FILE "
-                              "(written by the data-selection stage, or any ordered id list)")
+                              "(written by `segsde select`, or any ordered id list)")
         order = read_order(selection_file)
         check_ids(order, pool, f"selection list {selection_file}")
     return take_budget(order, cfg.budget)

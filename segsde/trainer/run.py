@@ -41,17 +41,34 @@ def train_config(profile: str, row: str, overrides: dict | None = None) -> Train
     return TrainConfig.from_dict({**section, **rows[row], **(overrides or {})}, where=f"row '{row}' with profile '{profile}'")
 
 
+def selection_overrides(selection: Path | str | None) -> tuple[dict, Path | None]:
+    """``--selection`` as config overrides: an existing file or a selection method labels that list's prefix."""
+    from segsde.selection.config import METHODS
+
+    if selection is None:
+        return {}, None
+    if Path(selection).is_file():
+        return {"labeled": "selection"}, Path(selection).absolute()
+    if str(selection) in METHODS:
+        return {"labeled": "selection", "selection": str(selection)}, None
+    raise SegSDEError(f"--selection {selection} is neither an existing file nor a selection method: "
+                      f"pass an ordered id list (.txt/.parquet) or one of {list(METHODS)}")
+
+
 def run_train(data: Path, out: Path, row: str = "baseline", profile: str = "quick", overrides: dict | None = None,
-              sde_model: Path | None = None, selection: Path | None = None, workers: int = 1, gpu: bool = False,
+              sde_model: Path | None = None, selection: Path | str | None = None, workers: int = 1, gpu: bool = False,
               address: str | None = None, tracking_uri: str | None = None, experiment: str = "segsde-train",
               parent_run_id: str | None = None, fresh: bool = False, resume_from: Path | None = None,
-              stop_after: int | None = None, log=sys.stderr) -> dict:
-    """Run one trial on ``data``; return its final (and best) validation scores."""
+              stop_after: int | None = None, cache_root: Path = Path("outputs"), log=sys.stderr) -> dict:
+    """Run one trial on ``data``; return its final (and best) validation scores. ``selection``: an ordered
+    id list file or a selection method (computed, or reused from ``cache_root``'s stage cache)."""
     from segsde.orchestration.ray_job import check_resources, fit
+    from segsde.orchestration.stages import selection_stage
     from segsde.tracking import RunLogger, resolve_tracking_uri, tracked_run
     from segsde.trainer.data import labeled_ids, mix_pool
 
-    cfg = train_config(profile, row, overrides)
+    chosen, selection = selection_overrides(selection)
+    cfg = train_config(profile, row, {**(overrides or {}), **chosen})
     data, out = Path(data).absolute(), Path(out).absolute()
     manifest = read_manifest(data)
     if "train" not in manifest["splits"] or "val" not in manifest["splits"]:
@@ -64,11 +81,14 @@ def run_train(data: Path, out: Path, row: str = "baseline", profile: str = "quic
     if cfg.teacher and cfg.mix == "depth":
         _check_depth_source(cfg, data, manifest)
     check_resources(workers, gpu, address)
-    labeled = labeled_ids(data, cfg, Path(selection) if selection else None)
-    pool = mix_pool(data, cfg, labeled) if cfg.uses_unlabeled else None
-    full_root = manifest.get("root") if cfg.eval_full_resolution and manifest["source"] == "cityscapes" else None
     out.mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(out, tracking_uri)
+    if cfg.labeled == "selection" and selection is None and cfg.selection is not None:
+        selection = selection_stage(cfg.selection, profile, data, cache_root, seed=cfg.seed, budget=cfg.budget,
+                                    sde_model=sde_model, tracking_uri=uri, log=lambda line: print(line, file=log, flush=True))
+    labeled = labeled_ids(data, cfg, selection)
+    pool = mix_pool(data, cfg, labeled) if cfg.uses_unlabeled else None
+    full_root = manifest.get("root") if cfg.eval_full_resolution and manifest["source"] == "cityscapes" else None
     config = {"train": asdict(cfg), "row": row, "profile": profile, "data": str(data), "workers": workers, "gpu": gpu,
               "sde_model": str(sde_model) if sde_model else None, "selection_file": str(selection) if selection else None}
     tags = {"segsde.stage": "train", "segsde.row": row, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}

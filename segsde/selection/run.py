@@ -1,0 +1,321 @@
+"""The data-selection driver: compute the diversity features and each round's scores as Ray Train jobs,
+make the picks (IFP or top-k) here, write the ordered list and log it to MLflow.
+
+Every method returns one ordered id list whose prefixes are the smaller budgets. Progress is saved in
+``<out>.work/`` after the features and after each round, so an interrupted selection continues where it
+stopped; the Parquet file appears only when the whole list is done.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from segsde.data.splits import random_order
+from segsde.data.store import atomic_write_bytes, read_manifest, split_ids
+from segsde.errors import SegSDEError
+from segsde.profiles import load_profile
+from segsde.selection.config import METHODS, NEEDS_FEATURES, NEEDS_STUDENT, SelectionConfig
+from segsde.selection.ifp import farthest_points, random_projection, standardise
+
+COLUMNS = ("id", "rank", "round", "score", "distance", "difficulty", "entropy")
+
+
+def selection_config(profile: str, overrides: dict | None = None) -> SelectionConfig:
+    section = load_profile(profile).get("select")
+    if not isinstance(section, dict):
+        raise SegSDEError(f"profile '{profile}' has no 'select' section in ablations/profiles.yaml: add one")
+    return SelectionConfig.from_dict({**section, **(overrides or {})}, where=f"profile '{profile}' select section")
+
+
+def round_of(rank: int, budgets: tuple[int, ...]) -> int:
+    """The round whose budget first includes position ``rank`` (0 = the initial set)."""
+    return next(r for r, b in enumerate(budgets) if rank < b)
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        import difflib
+
+        close = difflib.get_close_matches(method, METHODS, n=1)
+        raise SegSDEError(f"unknown selection method '{method}': " + (f"did you mean '{close[0]}'?" if close else f"choose one of {list(METHODS)}"))
+
+
+class Selection:
+    """One selection run: ``method`` over the training split of ``data`` under ``cfg``."""
+
+    def __init__(self, method: str, cfg: SelectionConfig, data: Path, pool: list[str], sde_model: Path | None,
+                 work: Path, job: dict, logger, log):
+        self.method, self.cfg, self.data, self.pool, self.sde_model = method, cfg, data, pool, sde_model
+        self.work, self.job, self.logger, self.log = work, job, logger, log
+        self.index = {sid: k for k, sid in enumerate(pool)}
+        self.state_file = work / "state.json"
+        self.records: list[dict] = json.loads(self.state_file.read_text())["records"] if self.state_file.is_file() else []
+
+    # -- Ray Train jobs --------------------------------------------------------------------------------
+    def _fit(self, loop, name: str, config: dict, payload_file: str):
+        from segsde.orchestration.ray_job import fit
+
+        result = fit(loop, {"select": asdict(self.cfg), "data": str(self.data), **config}, name, self.work / "ray",
+                     fresh=False, **self.job)
+        if result.checkpoint is None:
+            raise SegSDEError(f"the selection job '{name}' reported no result: rerun with --fresh")
+        with result.checkpoint.as_directory() as d:
+            return torch.load(Path(d) / payload_file, map_location="cpu", weights_only=True)
+
+    def features(self) -> torch.Tensor:
+        """[N, D] standardised layer-6 features in pool order (randomly projected for huge pools)."""
+        from segsde.selection.jobs import FEATURES_FILE
+
+        cache = self.work / FEATURES_FILE
+        if cache.is_file():
+            raw = torch.load(cache, weights_only=True)
+        else:
+            self.log(f"[select] layer-6 features of {len(self.pool)} images from {self.sde_model}")
+            raw = self._fit(_features, "features", {"sde_model": str(self.sde_model), "ids": self.pool}, FEATURES_FILE)["features"]
+            torch.save(raw, cache)
+        feats = standardise(raw.float())
+        if feats.numel() > self.cfg.max_exact_values:
+            self.log(f"[select] {feats.shape[0]} x {feats.shape[1]} features exceed max_exact_values: "
+                     f"IFP on a random projection to {self.cfg.projection_dim} dimensions")
+            feats = random_projection(feats, self.cfg.projection_dim, self.cfg.seed)
+        return feats
+
+    def round_scores(self, kind: str, r: int, selected: list[str]) -> dict[str, float]:
+        from segsde.selection.jobs import SCORES_FILE
+
+        chosen = set(selected)
+        candidates = [i for i in self.pool if i not in chosen]
+        steps = self.cfg.round_steps(r)
+        self.log(f"[select] round {r}: {kind} trained {steps} steps on {len(selected)} images, then scores {len(candidates)}")
+        t0 = time.perf_counter()
+        config = {"select": asdict(replace(self.cfg, seed=self.cfg.seed * 1000 + r)), "kind": kind, "selected": selected,
+                  "candidates": candidates, "steps": steps}
+        scores = self._fit(_round, f"round{r}", config, SCORES_FILE)
+        if self.logger:
+            self.logger.metrics({"select/round_seconds": time.perf_counter() - t0,
+                                 f"select/mean_{'difficulty' if kind == 'student' else 'entropy'}": float(np.mean(list(scores.values())))}, step=r)
+        return scores
+
+    # -- picks -----------------------------------------------------------------------------------------
+    def _add(self, sid: str, **parts) -> None:
+        self.records.append({"id": sid, "score": None, "distance": None, "difficulty": None, "entropy": None, **parts})
+
+    def _save(self) -> None:
+        atomic_write_bytes(self.state_file, json.dumps({"records": self.records}).encode())
+
+    def _round_done(self, r: int) -> bool:
+        return len(self.records) >= self.cfg.budgets[r]
+
+    def run(self) -> list[dict]:
+        cfg, budgets = self.cfg, self.cfg.budgets
+        if self.method == "random":
+            for sid in random_order(self.pool, cfg.seed)[: budgets[-1]]:
+                self._add(sid)
+        elif self.method in NEEDS_FEATURES:
+            self._farthest_point_rounds(self.features())
+        else:
+            kind, part = ("student", "difficulty") if self.method in NEEDS_STUDENT else ("segmentation", "entropy")
+            if not self._round_done(0):
+                for sid in random_order(self.pool, cfg.seed)[: budgets[0]]:
+                    self._add(sid)
+                self._save()
+            for r in range(1, len(budgets)):
+                if self._round_done(r):
+                    continue
+                scores = self.round_scores(kind, r, [x["id"] for x in self.records])
+                top = sorted(scores, key=lambda i: (-scores[i], self.index[i]))[: budgets[r] - len(self.records)]
+                for sid in top:
+                    self._add(sid, score=scores[sid], **{part: scores[sid]})
+                self._save()
+        return [{**rec, "rank": k, "round": round_of(k, budgets)} for k, rec in enumerate(self.records)]
+
+    def _farthest_point_rounds(self, feats: torch.Tensor) -> None:
+        cfg, budgets = self.cfg, self.cfg.budgets
+        if not self.records:
+            start = int(np.random.default_rng(cfg.seed).integers(len(self.pool)))
+            self._add(self.pool[start])
+        rounds = range(1) if self.method == "diversity" else range(len(budgets))
+        target = {0: budgets[-1] if self.method == "diversity" else budgets[0]}
+        nearest = None
+        for r in rounds:
+            goal = target.get(r, budgets[r])
+            if len(self.records) >= goal:
+                continue
+            selected = [self.index[x["id"]] for x in self.records]
+            bonus, scores = None, {}
+            if r > 0:
+                scores = self.round_scores("student", r, [x["id"] for x in self.records])
+                bonus = torch.zeros(len(self.pool))
+                for sid, e in scores.items():
+                    bonus[self.index[sid]] = e
+            picks, gaps, nearest = farthest_points(feats, selected, goal - len(selected), bonus, cfg.weight if r else 0.0, nearest)
+            for j, gap in zip(picks, gaps.tolist()):
+                e = scores.get(self.pool[j])
+                self._add(self.pool[j], distance=gap, difficulty=e, score=gap + (cfg.weight * e if e is not None else 0.0))
+            self._save()
+
+
+def class_pixels(data: Path, ids: list[str]) -> np.ndarray | None:
+    """[N, 19] labeled pixels per class of each image, or None when some image has no label."""
+    from segsde.data.dataset import SegSDEDataset
+    from segsde.data.labels import NUM_CLASSES
+
+    dataset = SegSDEDataset(data, "train", ids=ids)
+    counts = np.zeros((len(ids), NUM_CLASSES), np.int64)
+    for k in range(len(ids)):
+        label = dataset.label_array(k)
+        if label is None:
+            return None
+        counts[k] = np.bincount(label[label < NUM_CLASSES].ravel(), minlength=NUM_CLASSES)
+    return counts
+
+
+def class_coverage(counts: np.ndarray, chosen: np.ndarray) -> float:
+    """Share of the classes present in the pool that occur in the chosen images."""
+    present = counts.sum(0) > 0
+    return float((counts[chosen].sum(0) > 0)[present].mean())
+
+
+def class_balance(counts: np.ndarray, chosen: np.ndarray) -> float:
+    """Normalised entropy of the chosen images' class pixel distribution over the pool's classes: 1 when
+    every class has the same number of pixels, lower the more a few classes dominate."""
+    present = counts.sum(0) > 0
+    p = counts[chosen].sum(0)[present].astype(np.float64)
+    p = p[p > 0] / p.sum()
+    return float(-(p * np.log(p)).sum() / np.log(present.sum())) if present.sum() > 1 else 1.0
+
+
+def write_selection(path: Path, records: list[dict], meta: dict) -> None:
+    table = pa.table({c: [r.get(c) for r in records] for c in COLUMNS},
+                     schema=pa.schema([("id", pa.string()), ("rank", pa.int64()), ("round", pa.int64())] +
+                                      [(c, pa.float64()) for c in COLUMNS[3:]]))
+    table = table.replace_schema_metadata({"segsde.selection": json.dumps(meta)})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def read_selection_meta(path: Path) -> dict | None:
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return None
+    raw = meta.get(b"segsde.selection")
+    return json.loads(raw) if raw else None
+
+
+def run_select(data: Path, method: str, out: Path, sde_checkpoint: Path | None = None, profile: str = "quick",
+               overrides: dict | None = None, cache_root: Path = Path("outputs"), workers: int = 1, gpu: bool = False,
+               address: str | None = None, tracking_uri: str | None = None, experiment: str = "segsde-select",
+               fresh: bool = False, parent_run_id: str | None = None, log=None) -> dict:
+    """Select ``cfg.budgets[-1]`` images of ``data``'s training split with ``method``; write ``out``."""
+    from segsde.orchestration.ray_job import check_resources
+    from segsde.tracking import RunLogger, resolve_tracking_uri, tracked_run
+
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    check_method(method)
+    cfg = selection_config(profile, overrides)
+    data, out = Path(data).absolute(), Path(out).absolute()
+    if out.suffix != ".parquet":
+        raise SegSDEError(f"--out {out} must end in .parquet (the selection is written as id, rank, round, score parts)")
+    manifest = read_manifest(data)
+    if "train" not in manifest["splits"]:
+        raise SegSDEError(f"{data} has no 'train' split to select from (it has {sorted(manifest['splits'])}): rebuild it")
+    pool = sorted(split_ids(data, "train"))
+    if cfg.budgets[-1] > len(pool):
+        raise SegSDEError(f"the largest budget {cfg.budgets[-1]} exceeds the pool of {len(pool)} images: lower --budgets")
+    check_resources(workers, gpu, address)
+    counts = class_pixels(data, pool)
+    if method == "entropy" and counts is None:
+        raise SegSDEError(f"the entropy baseline trains on the labels it selects, and {data} has unlabeled training images: "
+                          "use a labeled pool or another method")
+    sde_model = None
+    if method != "random" and method != "entropy":
+        sde_model = _sde_model(sde_checkpoint, profile, data, cache_root, tracking_uri, log)
+        if method in NEEDS_STUDENT:
+            from segsde.orchestration.stages import export_stage
+
+            export_stage(sde_model, data, log=log)
+    from segsde.orchestration.stages import cache_key
+
+    meta = {"method": method, "config": asdict(cfg), "data": str(data), "sde_model": str(sde_model) if sde_model else None}
+    work = out.with_name(out.name + ".work")
+    key = cache_key(meta)
+    if fresh or not (work / "key").is_file() or (work / "key").read_text() != key:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        (work / "key").write_text(key)
+    else:
+        log(f"[select] continuing the interrupted selection in {work}")
+    uri = resolve_tracking_uri(out.parent, tracking_uri)
+    job = {"workers": workers, "gpu": gpu, "threads": cfg.threads or 1, "address": address}
+    tags = {"segsde.stage": "select", "segsde.method": method, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+    start = time.perf_counter()
+    with tracked_run(uri, experiment, f"select-{method}-s{cfg.seed}", {**meta, "profile": profile, "workers": workers}, tags) as run_id:
+        logger = RunLogger(uri, run_id)
+        records = Selection(method, cfg, data, pool, sde_model, work, job, logger, log).run()
+        coverage = _log_selection(logger, records, cfg, method, pool, counts)
+        write_selection(out, records, {**meta, "seed": cfg.seed, "budgets": list(cfg.budgets)})
+        logger.artifact(out, "selection")
+    shutil.rmtree(work, ignore_errors=True)
+    seconds = round(time.perf_counter() - start, 1)
+    log(f"[select] '{method}' chose {len(records)} of {len(pool)} images in {seconds:.0f} s -> {out}")
+    return {"out": str(out), "method": method, "seed": cfg.seed, "budgets": list(cfg.budgets), "ids": len(records),
+            "first": [r["id"] for r in records[:3]], "class_coverage": coverage, "seconds": seconds, "mlflow_run_id": run_id}
+
+
+def _sde_model(checkpoint: Path | None, profile: str, data: Path, cache_root: Path, tracking_uri: str | None, log) -> Path:
+    from segsde.sde.run import MODEL_FILE
+
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise SegSDEError(f"--sde-checkpoint {checkpoint} does not exist: pass the model.pt written by `segsde sde`, or leave it out")
+        return Path(checkpoint).absolute()
+    from segsde.orchestration.stages import sde_stage
+    from segsde.tracking import resolve_tracking_uri
+
+    cache_root = Path(cache_root).absolute()
+    return sde_stage(profile, data, cache_root, tracking_uri=resolve_tracking_uri(cache_root, tracking_uri), log=log) / MODEL_FILE
+
+
+def _log_selection(logger, records: list[dict], cfg: SelectionConfig, method: str, pool: list[str], counts) -> dict:
+    import matplotlib.pyplot as plt
+
+    from segsde.selection.figures import class_histogram, score_parts
+
+    coverage = {}
+    index = {sid: k for k, sid in enumerate(pool)}
+    if counts is not None:
+        chosen = np.array([index[r["id"]] for r in records])
+        for b in cfg.budgets:
+            coverage[b] = class_coverage(counts, chosen[:b])
+            logger.metrics({"select/class_coverage": coverage[b], "select/class_balance": class_balance(counts, chosen[:b])}, step=b)
+        fig = class_histogram(counts.sum(0), np.stack([counts[chosen[:b]].sum(0) for b in cfg.budgets]), list(cfg.budgets), method)
+        logger.figure(fig, "figures/class_histogram.png")
+        plt.close(fig)
+    fig = score_parts(records, list(cfg.budgets), cfg.weight, method)
+    logger.figure(fig, "figures/score_parts.png")
+    plt.close(fig)
+    return coverage
+
+
+def _features(config: dict) -> None:
+    from segsde.selection.jobs import feature_loop
+
+    feature_loop(config)
+
+
+def _round(config: dict) -> None:
+    from segsde.selection.jobs import round_loop
+
+    round_loop(config)
