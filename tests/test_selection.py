@@ -86,8 +86,6 @@ def selections(smoke_study, tmp_path_factory):
     out = {m: run_select(smoke_study["data"], m, root / f"{m}.parquet", sde_checkpoint=smoke_study["sde"], profile="smoke",
                          cache_root=root, workers=2 if m == "sde" else 1, log=lambda line: None) for m in METHODS}
     yield {"root": root, "results": out}
-    import ray
-
     ray.shutdown()
 
 

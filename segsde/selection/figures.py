@@ -44,16 +44,20 @@ def score_parts(records: list[dict], budgets: list[int], weight: float, method: 
     parts = [("distance to the selected set", [r["distance"] for r in records], 1.0),
              (f"{weight:g} x difficulty E", [r["difficulty"] for r in records], weight),
              ("mean pixel entropy", [r["entropy"] for r in records], 1.0)]
+    plotted = False
     for name, values, scale in parts:
         v = np.array([np.nan if x is None else x * scale for x in values], dtype=float)
         if np.isfinite(v).any():
-            ax.plot(rank, v, ".", ms=3, label=name)
+            ax.plot(rank, v, ".", ms=4, label=name)
+            plotted = True
     for b in budgets[:-1]:
         ax.axvline(b - 0.5, color="0.6", lw=0.8, ls="--")
     ax.set_xlabel("rank in the selection (dashed: round boundaries)")
     ax.set_ylabel("score part at pick time")
     ax.set_title(f"'{method}' selection: score parts per round")
-    if ax.lines:
+    if plotted:
         ax.legend(fontsize=8)
+    else:  # random picks have no scores
+        ax.text(0.5, 0.5, "no score parts: a seeded random order", transform=ax.transAxes, ha="center")
     fig.tight_layout()
     return fig
