@@ -144,7 +144,7 @@ def test_two_ddp_workers_all_reduce_the_confusion_matrix(study, tmp_path):
     (["--budget", "999"], "budget 999 is larger than the labeled pool of 16"),
     (["--row", "classmix", "--budget", "16"], "no unlabeled image is left"),
     (["--row", "depthmix", "--set", "depth_source=student"], "needs the multi-task decoder"),
-    (["--row", "autoselect", "--selection", "{tmp}/missing.txt"], "does not exist"),
+    (["--row", "autoselect", "--selection", "{tmp}/missing.txt"], "missing.txt is neither an existing file"),
 ])
 def test_bad_train_input_is_one_line_and_starts_nothing(args, message, study, tmp_path):
     proc = run_cli("train", "--data", study["data"], "--out", tmp_path / "o", "--profile", "smoke",
