@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,13 @@ def batch_indices(n: int, step: int, batch: int, rank: int, world: int, seed: in
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         out.append(int(perm[offset]))
     return out
+
+
+def progress(line: str) -> None:
+    """A progress line on stderr, from any worker (not print(): Ray Train patches print to emit every
+    line twice)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:

@@ -10,7 +10,6 @@ step, so a run resumed from a checkpoint continues exactly as an uninterrupted o
 from __future__ import annotations
 
 import math
-import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -19,7 +18,7 @@ import torch
 
 from segsde.data.dataset import Augment, SegSDEDataset, validation_split
 from segsde.metrics.depth import METRICS, depth_error_sums, summarise
-from segsde.runtime import batch_indices, evaluation_mode, resume_state, save_state, start_worker, step_seed
+from segsde.runtime import batch_indices, evaluation_mode, progress, resume_state, save_state, start_worker, step_seed
 from segsde.sde.config import SDEConfig
 from segsde.sde.geometry import disp_to_depth
 from segsde.sde.model import SDEModel
@@ -100,12 +99,6 @@ def disparity_figure(examples: list, step: int):
     fig.suptitle(f"SDE validation, step {step}", fontsize=9)
     fig.tight_layout()
     return fig
-
-
-def _progress(line: str) -> None:
-    # not print(): inside Ray Train workers print is patched to go to the log *and* the stream, twice over
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
 
 
 def _optimiser(model: SDEModel, cfg: SDEConfig, phase: int, worker):
@@ -192,7 +185,7 @@ def train_loop_per_worker(config: dict) -> None:
             if logger:
                 logger.metrics({**means, "train/images_per_s": rate, "train/lr": cfg.lr(step), "train/phase": phase}, step=done)
             if worker.is_main:
-                _progress(f"[sde] step {done}/{stop} phase {phase} loss {means['train/loss']:.4f} {rate:.1f} img/s")
+                progress(f"[sde] step {done}/{stop} phase {phase} loss {means['train/loss']:.4f} {rate:.1f} img/s")
         if done % cfg.val_interval == 0 or done % cfg.checkpoint_interval == 0 or done == stop:
             metrics = {"step": done, "phase": phase, "loss": float(loss), "images_per_s": seen / (time.perf_counter() - t0)}
             if done % cfg.val_interval == 0 or done == stop:
@@ -206,7 +199,7 @@ def train_loop_per_worker(config: dict) -> None:
                     logger.figure(fig, f"figures/disparity_step{done:07d}.png")
                     plt.close(fig)
                 if worker.is_main and not math.isnan(depth_metrics["abs_rel"]):
-                    _progress(f"[sde] validation at step {done}: AbsRel {depth_metrics['abs_rel']:.3f} "
+                    progress(f"[sde] validation at step {done}: AbsRel {depth_metrics['abs_rel']:.3f} "
                               f"RMSE {depth_metrics['rmse']:.2f} d1 {depth_metrics['a1']:.3f}")
             with tempfile.TemporaryDirectory() as d:
                 ckpt = None

@@ -11,7 +11,6 @@ checkpoint. Training draws are seeded by (seed, rank, step) and checkpointed, so
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from segsde.data.dataset import PSEUDO_DEPTH, Augment, SegSDEDataset
 from segsde.data.labels import IGNORE_INDEX
 from segsde.models.decoder import UNetDecoder
 from segsde.models.encoder import ResNetEncoder
-from segsde.runtime import batch_indices, evaluation_mode, resume_state, save_state, start_worker, step_seed
+from segsde.runtime import batch_indices, evaluation_mode, progress, resume_state, save_state, start_worker, step_seed
 from segsde.selection.config import SelectionConfig
 from segsde.selection.scores import berhu_loss, bottom_rows_mask, difficulty, mean_entropy
 
@@ -90,11 +89,6 @@ def _report(worker, metrics: dict, filename: str | None = None, payload=None, st
         ray.train.report(metrics, checkpoint=ckpt)
 
 
-def _progress(line: str) -> None:
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
-
-
 def feature_loop(config: dict) -> None:
     """``config``: ``select`` (SelectionConfig fields), ``sde_model``, ``data``, ``ids``."""
     from segsde.sde.export import load_sde_model
@@ -113,7 +107,7 @@ def feature_loop(config: dict) -> None:
         values.update({it["id"]: f for it, f in zip(items, feats)})
         if worker.is_main and (i // cfg.feature_batch) % 10 == 0:
             rate = len(values) / (time.perf_counter() - t0)
-            _progress(f"[select] features {len(values) * worker.world}/{len(dataset)} ({rate:.1f} img/s per rank)")
+            progress(f"[select] features {len(values) * worker.world}/{len(dataset)} ({rate:.1f} img/s per rank)")
     values = _gather(worker, values)
     payload = {"ids": config["ids"], "features": torch.stack([values[i] for i in config["ids"]])} if worker.is_main else None
     _report(worker, {"images": len(config["ids"])}, FEATURES_FILE, payload)
@@ -185,7 +179,7 @@ def round_loop(config: dict) -> None:
         running += float(loss.detach())
         done = step + 1
         if worker.is_main and (done % cfg.log_interval == 0 or done == steps):
-            _progress(f"[select] {kind} step {done}/{steps} loss {running / (done - start):.4f} "
+            progress(f"[select] {kind} step {done}/{steps} loss {running / (done - start):.4f} "
                       f"{(done - start) / (time.perf_counter() - t0):.2f} steps/s")
         if done % cfg.checkpoint_interval == 0 and done < steps:
             state = {"model": model.state_dict(), "optimizer": optimiser.state_dict(), "step": done}

@@ -144,11 +144,10 @@ class Selection:
         if not self.records:
             start = int(np.random.default_rng(cfg.seed).integers(len(self.pool)))
             self._add(self.pool[start])
-        rounds = range(1) if self.method == "diversity" else range(len(budgets))
-        target = {0: budgets[-1] if self.method == "diversity" else budgets[0]}
+        # diversity reaches the largest budget in one IFP pass; sde stops at each budget for a new student
+        goals = [budgets[-1]] if self.method == "diversity" else budgets
         nearest = None
-        for r in rounds:
-            goal = target.get(r, budgets[r])
+        for r, goal in enumerate(goals):
             if len(self.records) >= goal:
                 continue
             selected = [self.index[x["id"]] for x in self.records]

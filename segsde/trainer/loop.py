@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 
 from segsde.data.dataset import SegSDEDataset, validation_split
 from segsde.metrics.segmentation import confusion_matrix, iou_table, scores
-from segsde.runtime import evaluation_mode, resume_state, save_state, start_worker, step_seed
+from segsde.runtime import evaluation_mode, progress, resume_state, save_state, start_worker, step_seed
 from segsde.ssl.augment import StrongAugment
 from segsde.ssl.teacher import ema_update, make_teacher
 from segsde.trainer.config import TrainConfig
@@ -68,11 +67,6 @@ def evaluate(model, val_set: SegSDEDataset, worker, full_resolution_root: str | 
         out["full"] = scores(conf[1].cpu())
     out["examples"] = examples
     return out
-
-
-def _progress(line: str) -> None:
-    sys.stderr.write(line + "\n")  # not print(): Ray Train patches print to emit every line twice
-    sys.stderr.flush()
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -158,7 +152,7 @@ def train_loop_per_worker(config: dict) -> None:
             if logger:
                 logger.metrics({**means, "train/labeled_images_per_s": rate, "train/lr_decoder": cfg.lr_decoder * cfg.lr_factor(step)}, step=done)
             if worker.is_main:
-                _progress(f"[train] step {done}/{stop} loss {means['train/loss']:.4f} {rate:.1f} labeled img/s")
+                progress(f"[train] step {done}/{stop} loss {means['train/loss']:.4f} {rate:.1f} labeled img/s")
         if evaluating or done % cfg.checkpoint_interval == 0:
             metrics = {"step": done, "loss": float(loss)}
             if evaluating:
@@ -166,7 +160,7 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics.update(_flat_scores(result))
                 best = metrics["best_miou"] = max(best, metrics["miou"]) if best == best else metrics["miou"]
                 if worker.is_main:
-                    _progress(f"[train] validation at step {done}: mIoU {100 * metrics['miou']:.2f} "
+                    progress(f"[train] validation at step {done}: mIoU {100 * metrics['miou']:.2f} "
                               f"pixel accuracy {100 * metrics['pixel_accuracy']:.2f}")
                 if logger:
                     _log_evaluation(logger, result, metrics, example, cfg, done)
