@@ -64,9 +64,7 @@ def start_run(uri: str, experiment: str, run_name: str, config: dict, tags: dict
 
     try:
         client = _client(uri)
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_root(uri))
-        run = client.create_run(exp_id, run_name=run_name, tags={"segsde.git_commit": git_commit(), **(tags or {})})
+        run = client.create_run(_experiment_id(client, experiment, uri), run_name=run_name, tags={"segsde.git_commit": git_commit(), **(tags or {})})
     except Exception as exc:
         raise SegSDEError(f"cannot reach the MLflow tracking store {uri} ({type(exc).__name__}: {str(exc)[:200]}): "
                           "start the server or pass a reachable --tracking-uri") from exc
@@ -75,6 +73,46 @@ def start_run(uri: str, experiment: str, run_name: str, config: dict, tags: dict
                      tags=[RunTag("mlflow.source.git.commit", git_commit())])
     client.log_dict(run_id, config, "config.json")
     return run_id
+
+
+KEY_TAG = "segsde.key"
+
+
+def _experiment_id(client, experiment: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(experiment)
+    return exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_root(uri))
+
+
+def study_tags(stage: str, parent_run_id: str | None = None, key: str | None = None) -> dict:
+    """Tags of a stage's or trial's run: its stage, and inside a study its parent and stable key."""
+    return {"segsde.stage": stage, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}), **({KEY_TAG: key} if key else {})}
+
+
+def find_run(uri: str, experiment: str, key: str):
+    """The run of ``experiment`` tagged with the stable ``key`` (a stage hash, a trial id), or None."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'", max_results=1)
+    return runs[0] if runs else None
+
+
+def get_or_create_run(uri: str, experiment: str, key: str, run_name: str, config: dict, tags: dict | None = None) -> tuple[str, bool]:
+    """The run found again by ``key`` (set back to RUNNING), else a new one; so a retried or resumed
+    stage, trial or study never duplicates its run. Returns (run id, created)."""
+    try:
+        found = find_run(uri, experiment, key)
+    except Exception as exc:
+        raise SegSDEError(f"cannot reach the MLflow tracking store {uri} ({type(exc).__name__}: {str(exc)[:200]}): "
+                          "start the server or pass a reachable --tracking-uri") from exc
+    if found is not None:
+        client = _client(uri)
+        client.update_run(found.info.run_id, status="RUNNING")
+        for k, v in (tags or {}).items():
+            client.set_tag(found.info.run_id, k, v)
+        return found.info.run_id, False
+    return start_run(uri, experiment, run_name, config, {**(tags or {}), KEY_TAG: key}), True
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:

@@ -11,8 +11,9 @@ import torch
 from segsde.errors import SegSDEError
 
 
-def init_ray(address: str | None, num_cpus: int, num_gpus: int | None = None) -> None:
-    """Join the cluster at ``address`` (``auto``: the one this node belongs to), else start local Ray."""
+def init_ray(address: str | None, num_cpus: int, num_gpus: int | None = None, resources: dict | None = None) -> None:
+    """Join the cluster at ``address`` (``auto``: the one this node belongs to), else start local Ray with
+    ``resources`` (custom ones, e.g. ``train_driver``) advertised."""
     import ray
 
     if ray.is_initialized():
@@ -26,8 +27,8 @@ def init_ray(address: str | None, num_cpus: int, num_gpus: int | None = None) ->
             raise SegSDEError(f"cannot reach the Ray cluster at {address} ({type(exc).__name__}): "
                               "start it with `ray up cluster.yaml` or drop --address to run locally") from exc
         return
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, object_store_memory=300 * 2**20,
-             log_to_driver=True)
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, include_dashboard=resources is not None,
+             object_store_memory=300 * 2**20, log_to_driver=True)
 
 
 def check_resources(workers: int, gpu: bool, address: str | None) -> None:
@@ -37,19 +38,24 @@ def check_resources(workers: int, gpu: bool, address: str | None) -> None:
         raise SegSDEError("--gpu was given but this machine has no CUDA device: drop --gpu or pass --address of a GPU cluster")
 
 
-def fit(loop, loop_config: dict, name: str, storage: Path, workers: int = 1, gpu: bool = False, threads: int = 1,
-        fresh: bool = False, address: str | None = None, max_failures: int = 2):
-    """Fit ``loop`` on ``workers`` Ray Train workers (one GPU each with ``gpu``); checkpoints go to
-    ``storage/name``, where a rerun of the same job resumes (``fresh`` deletes them first)."""
+def make_trainer(loop, loop_config: dict, name: str, storage: Path | str, workers: int = 1, gpu: bool = False,
+                 threads: int = 1, max_failures: int = 2, callbacks: list | None = None):
+    """A TorchTrainer for ``loop`` on ``workers`` Ray Train workers (one GPU each with ``gpu``) whose
+    checkpoints go to ``storage/name``: a later trainer with the same name resumes from them."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if fresh:
-        shutil.rmtree(Path(storage) / name, ignore_errors=True)
-    init_ray(address, num_cpus=max(workers * threads, 1), num_gpus=workers if gpu else 0)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         loop, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker={"CPU": threads, **({"GPU": 1} if gpu else {})}),
         run_config=RunConfig(name=name, storage_path=str(storage), failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
-    return trainer.fit()
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks or None))
+
+
+def fit(loop, loop_config: dict, name: str, storage: Path, workers: int = 1, gpu: bool = False, threads: int = 1,
+        fresh: bool = False, address: str | None = None, max_failures: int = 2):
+    """Fit ``loop`` as a Ray Train job (see ``make_trainer``); ``fresh`` deletes earlier checkpoints first."""
+    if fresh:
+        shutil.rmtree(Path(storage) / name, ignore_errors=True)
+    init_ray(address, num_cpus=max(workers * threads, 1), num_gpus=workers if gpu else 0)
+    return make_trainer(loop, loop_config, name, storage, workers, gpu, threads, max_failures).fit()

@@ -39,10 +39,11 @@ def save_model(path: Path, state: dict) -> None:
 def run_sde(data: Path, out: Path, profile: str = "quick", workers: int = 1, gpu: bool = False,
             overrides: dict | None = None, resume_from: Path | None = None, fresh: bool = False,
             address: str | None = None, tracking_uri: str | None = None, experiment: str = "segsde-sde",
-            stop_after: int | None = None, log=sys.stderr) -> dict:
+            stop_after: int | None = None, parent_run_id: str | None = None, run_key: str | None = None,
+            log=sys.stderr) -> dict:
     """Train the SDE model on ``data``; return the final validation metrics and where the model went."""
     from segsde.orchestration.ray_job import check_resources, fit
-    from segsde.tracking import RunLogger, resolve_tracking_uri, tracked_run
+    from segsde.tracking import RunLogger, resolve_tracking_uri, study_tags, tracked_run
 
     cfg = sde_config(profile, overrides)
     data, out = Path(data).absolute(), Path(out).absolute()
@@ -56,7 +57,7 @@ def run_sde(data: Path, out: Path, profile: str = "quick", workers: int = 1, gpu
     uri = resolve_tracking_uri(out, tracking_uri)
     config = {"sde": asdict(cfg), "data": str(data), "profile": profile, "workers": workers, "gpu": gpu}
     start = time.perf_counter()
-    with tracked_run(uri, experiment, f"sde-{profile}", config, tags={"segsde.stage": "sde"}) as run_id:
+    with tracked_run(uri, experiment, f"sde-{profile}", config, study_tags("sde", parent_run_id, run_key)) as run_id:
         print(f"[sde] MLflow run {run_id} in {uri}", file=log, flush=True)
         loop_config = {"sde": asdict(cfg), "data": str(data), "tracking_uri": uri, "mlflow_run_id": run_id,
                        "resume_from": str(resume_from) if resume_from else None, "stop_after": stop_after}

@@ -216,10 +216,10 @@ def read_selection_meta(path: Path) -> dict | None:
 def run_select(data: Path, method: str, out: Path, sde_checkpoint: Path | None = None, profile: str = "quick",
                overrides: dict | None = None, cache_root: Path = Path("outputs"), workers: int = 1, gpu: bool = False,
                address: str | None = None, tracking_uri: str | None = None, experiment: str = "segsde-select",
-               fresh: bool = False, parent_run_id: str | None = None, log=None) -> dict:
+               fresh: bool = False, parent_run_id: str | None = None, run_key: str | None = None, log=None) -> dict:
     """Select ``cfg.budgets[-1]`` images of ``data``'s training split with ``method``; write ``out``."""
     from segsde.orchestration.ray_job import check_resources
-    from segsde.tracking import RunLogger, resolve_tracking_uri, tracked_run
+    from segsde.tracking import RunLogger, resolve_tracking_uri, study_tags, tracked_run
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     check_method(method)
@@ -258,7 +258,7 @@ def run_select(data: Path, method: str, out: Path, sde_checkpoint: Path | None =
         log(f"[select] continuing the interrupted selection in {work}")
     uri = resolve_tracking_uri(out.parent, tracking_uri)
     job = {"workers": workers, "gpu": gpu, "threads": cfg.threads or 1, "address": address}
-    tags = {"segsde.stage": "select", "segsde.method": method, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+    tags = {**study_tags("select", parent_run_id, run_key), "segsde.method": method}
     start = time.perf_counter()
     with tracked_run(uri, experiment, f"select-{method}-s{cfg.seed}", {**meta, "profile": profile, "workers": workers}, tags) as run_id:
         logger = RunLogger(uri, run_id)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from segsde.data.dataset import SegSDEDataset, validation_split
+from segsde.data.labels import CLASS_NAMES
 from segsde.metrics.segmentation import confusion_matrix, iou_table, scores
 from segsde.runtime import evaluation_mode, progress, resume_state, save_state, start_worker, step_seed
 from segsde.ssl.augment import StrongAugment
@@ -183,7 +184,8 @@ def _check_finite(loss: torch.Tensor, step: int) -> None:
 
 
 def _flat_scores(result: dict) -> dict:
-    out = {"miou": result["legacy"]["miou"], "pixel_accuracy": result["legacy"]["pixel_accuracy"]}
+    out = {"miou": result["legacy"]["miou"], "pixel_accuracy": result["legacy"]["pixel_accuracy"],
+           **{f"iou/{name}": float(v) for name, v in zip(CLASS_NAMES, result["legacy"]["iou"])}}  # NaN (absent) is dropped
     if "full" in result:
         out.update({"full_miou": result["full"]["miou"], "full_pixel_accuracy": result["full"]["pixel_accuracy"]})
     return out
@@ -194,7 +196,7 @@ def _log_evaluation(logger, result: dict, metrics: dict, example: dict | None, c
 
     from segsde.trainer.figures import mixing_figure, prediction_figure
 
-    logger.metrics({f"val/{k}": v for k, v in metrics.items() if k not in ("step", "loss")}, step=step)
+    logger.metrics({f"val/{k}": v for k, v in metrics.items() if k not in ("step", "loss") and v == v}, step=step)
     for protocol in ("legacy", "full"):
         if protocol in result:
             logger.table(iou_table(result[protocol]), f"tables/class_iou_{protocol}_step{step:07d}.json")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from segsde.data.store import atomic_write_bytes, read_manifest
@@ -17,6 +17,7 @@ from segsde.trainer.config import TrainConfig
 
 STUDY_FILE = PROFILES_FILE.parent / "component_study.yaml"
 METRICS_FILE = "metrics.json"
+SCORE_KEYS = ("miou", "best_miou", "pixel_accuracy", "full_miou", "full_pixel_accuracy")
 
 
 def study_rows(path: Path = STUDY_FILE) -> dict[str, dict]:
@@ -55,21 +56,37 @@ def selection_overrides(selection: Path | str | None) -> tuple[dict, Path | None
                       f"pass an ordered id list (.txt/.parquet) or one of {list(METHODS)}")
 
 
-def run_train(data: Path, out: Path, row: str = "baseline", profile: str = "quick", overrides: dict | None = None,
-              sde_model: Path | None = None, selection: Path | str | None = None, workers: int = 1, gpu: bool = False,
-              address: str | None = None, tracking_uri: str | None = None, experiment: str = "segsde-train",
-              parent_run_id: str | None = None, fresh: bool = False, resume_from: Path | None = None,
-              stop_after: int | None = None, cache_root: Path = Path("outputs"), log=sys.stderr) -> dict:
-    """Run one trial on ``data``; return its final (and best) validation scores. ``selection``: an ordered
-    id list file or a selection method (computed, or reused from ``cache_root``'s stage cache)."""
-    from segsde.orchestration.ray_job import check_resources, fit
+@dataclass
+class PreparedTrial:
+    """A trial resolved on the driver: its config, labeled set and the worker loop's config (less the run id)."""
+    cfg: TrainConfig
+    row: str
+    labeled: list[str]
+    params: dict          # what MLflow records as the run's params / config.json
+    loop_config: dict     # train_loop_per_worker's config, without ``mlflow_run_id``
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.row}-b{self.cfg.budget}-s{self.cfg.seed}"
+
+    @property
+    def tags(self) -> dict:
+        return {"segsde.stage": "train", "segsde.row": self.row, "segsde.budget": str(self.cfg.budget),
+                "segsde.seed": str(self.cfg.seed)}
+
+
+def prepare_trial(data: Path, row: str = "baseline", profile: str = "quick", overrides: dict | None = None,
+                  sde_model: Path | None = None, selection: Path | str | None = None, workers: int = 1, gpu: bool = False,
+                  address: str | None = None, tracking_uri: str | None = None, resume_from: Path | None = None,
+                  stop_after: int | None = None, cache_root: Path = Path("outputs"), log=sys.stderr) -> PreparedTrial:
+    """Check everything a trial needs before anything runs (one-line errors) and resolve its labeled set."""
+    from segsde.orchestration.ray_job import check_resources
     from segsde.orchestration.stages import selection_stage
-    from segsde.tracking import RunLogger, resolve_tracking_uri, tracked_run
     from segsde.trainer.data import labeled_ids, mix_pool
 
     chosen, selection = selection_overrides(selection)
     cfg = train_config(profile, row, {**(overrides or {}), **chosen})
-    data, out = Path(data).absolute(), Path(out).absolute()
+    data = Path(data).absolute()
     manifest = read_manifest(data)
     if "train" not in manifest["splits"] or "val" not in manifest["splits"]:
         raise SegSDEError(f"{data} needs 'train' and 'val' splits (it has {sorted(manifest['splits'])}): rebuild it")
@@ -77,38 +94,61 @@ def run_train(data: Path, out: Path, row: str = "baseline", profile: str = "quic
         raise SegSDEError(f"row '{row}' starts from the SDE model: pass --sde-model MODEL.pt (written by `segsde sde`), "
                           f"{'which does not exist at ' + str(sde_model) if sde_model else 'none was given'}")
     if resume_from is not None and not (Path(resume_from) / CHECKPOINT_FILE).is_file():
-        raise SegSDEError(f"--resume-from {resume_from} is not a checkpoint directory (no {CHECKPOINT_FILE}): pass one under {out}/ray")
+        raise SegSDEError(f"--resume-from {resume_from} is not a checkpoint directory (no {CHECKPOINT_FILE}): pass one from a run's ray/ folder")
     if cfg.teacher and cfg.mix == "depth":
         _check_depth_source(cfg, data, manifest)
     check_resources(workers, gpu, address)
-    out.mkdir(parents=True, exist_ok=True)
-    uri = resolve_tracking_uri(out, tracking_uri)
     if cfg.labeled == "selection" and selection is None and cfg.selection is not None:
         selection = selection_stage(cfg.selection, profile, data, cache_root, seed=cfg.seed, budget=cfg.budget,
-                                    sde_model=sde_model, tracking_uri=uri, log=lambda line: print(line, file=log, flush=True))
+                                    sde_model=sde_model, tracking_uri=tracking_uri, log=lambda line: print(line, file=log, flush=True))
     labeled = labeled_ids(data, cfg, selection)
     pool = mix_pool(data, cfg, labeled) if cfg.uses_unlabeled else None
     full_root = manifest.get("root") if cfg.eval_full_resolution and manifest["source"] == "cityscapes" else None
-    config = {"train": asdict(cfg), "row": row, "profile": profile, "data": str(data), "workers": workers, "gpu": gpu,
+    params = {"train": asdict(cfg), "row": row, "profile": profile, "data": str(data), "workers": workers, "gpu": gpu,
               "sde_model": str(sde_model) if sde_model else None, "selection_file": str(selection) if selection else None}
-    tags = {"segsde.stage": "train", "segsde.row": row, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+    loop_config = {"train": asdict(cfg), "data": str(data), "labeled": labeled, "pool": pool,
+                   "sde_model": str(Path(sde_model).absolute()) if sde_model else None, "tracking_uri": tracking_uri,
+                   "full_resolution_root": full_root, "resume_from": str(resume_from) if resume_from else None,
+                   "stop_after": stop_after}
+    return PreparedTrial(cfg, row, labeled, params, loop_config)
+
+
+def summarise(trial: PreparedTrial, result, seconds: float, run_id: str) -> dict:
+    """The trial's final scores (class IoUs included) from Ray Train's result; also logged as final/* metrics."""
+    from segsde.tracking import RunLogger
+
+    final = result.metrics or {}
+    scores = {k: final[k] for k in final if k in SCORE_KEYS or k.startswith("iou/")}
+    summary = {"row": trial.row, "budget": trial.cfg.budget, "seed": trial.cfg.seed, "step": final.get("step"), **scores,
+               "seconds": round(seconds, 1), "checkpoint": result.checkpoint.path if result.checkpoint else None,
+               "mlflow_run_id": run_id}
+    RunLogger(trial.loop_config["tracking_uri"], run_id).metrics({f"final/{k}": v for k, v in scores.items()}, step=final.get("step", 0))
+    return summary
+
+
+def run_train(data: Path, out: Path, row: str = "baseline", profile: str = "quick", overrides: dict | None = None,
+              sde_model: Path | None = None, selection: Path | str | None = None, workers: int = 1, gpu: bool = False,
+              address: str | None = None, tracking_uri: str | None = None, experiment: str = "segsde-train",
+              parent_run_id: str | None = None, fresh: bool = False, resume_from: Path | None = None,
+              stop_after: int | None = None, cache_root: Path = Path("outputs"), log=sys.stderr) -> dict:
+    """Run one trial on ``data``; return its final (and best) validation scores. ``selection``: an ordered
+    id list file or a selection method (computed, or reused from ``cache_root``'s stage cache)."""
+    from segsde.orchestration.ray_job import fit
+    from segsde.tracking import RunLogger, resolve_tracking_uri, tracked_run
+
+    out = Path(out).absolute()
+    uri = resolve_tracking_uri(out, tracking_uri)
+    trial = prepare_trial(data, row, profile, overrides, sde_model, selection, workers, gpu, address, uri, resume_from,
+                          stop_after, cache_root, log)
+    out.mkdir(parents=True, exist_ok=True)
+    tags = {**trial.tags, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
     start = time.perf_counter()
-    with tracked_run(uri, experiment, f"{row}-b{cfg.budget}-s{cfg.seed}", config, tags) as run_id:
-        logger = RunLogger(uri, run_id)
-        logger.client.log_text(run_id, "\n".join(labeled) + "\n", "labeled_ids.txt")
-        print(f"[train] row '{row}', {len(labeled)} labeled images, MLflow run {run_id} in {uri}", file=log, flush=True)
-        loop_config = {"train": asdict(cfg), "data": str(data), "labeled": labeled, "pool": pool,
-                       "sde_model": str(Path(sde_model).absolute()) if sde_model else None, "tracking_uri": uri,
-                       "mlflow_run_id": run_id, "full_resolution_root": full_root,
-                       "resume_from": str(resume_from) if resume_from else None, "stop_after": stop_after}
-        result = fit(_loop, loop_config, "train", out / "ray", workers, gpu, cfg.threads or 1, fresh, address)
-        final = result.metrics
-        summary = {"row": row, "budget": cfg.budget, "seed": cfg.seed, "step": final.get("step"),
-                   **{k: final[k] for k in ("miou", "best_miou", "pixel_accuracy", "full_miou", "full_pixel_accuracy") if k in final},
-                   "seconds": round(time.perf_counter() - start, 1), "checkpoint": result.checkpoint.path if result.checkpoint else None,
-                   "mlflow_run_id": run_id}
-        logger.metrics({"final/miou": final.get("miou", float("nan")), "final/best_miou": final.get("best_miou", float("nan"))},
-                       step=final.get("step", 0))
+    with tracked_run(uri, experiment, trial.run_name, trial.params, tags) as run_id:
+        RunLogger(uri, run_id).client.log_text(run_id, "\n".join(trial.labeled) + "\n", "labeled_ids.txt")
+        print(f"[train] row '{row}', {len(trial.labeled)} labeled images, MLflow run {run_id} in {uri}", file=log, flush=True)
+        result = fit(_loop, {**trial.loop_config, "mlflow_run_id": run_id}, "train", out / "ray", workers, gpu,
+                     trial.cfg.threads or 1, fresh, address)
+        summary = summarise(trial, result, time.perf_counter() - start, run_id)
         atomic_write_bytes(out / METRICS_FILE, json.dumps(summary, indent=1).encode())
         return summary
 
