@@ -1,6 +1,10 @@
+"""The component study end to end on real local Ray, a real MLflow sqlite store and the smoke profile."""
+
 import subprocess
 import sys
 from pathlib import Path
+
+from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -9,22 +13,47 @@ def _run(*args):
     return subprocess.run([sys.executable, str(ROOT / "tune" / "run_ablation.py"), *map(str, args)], capture_output=True, text=True)
 
 
-def test_run_ablation_caches_data_sde_export_selection_and_baseline(tmp_path):
-    first = _run("--profile", "smoke", "--out", tmp_path)
+def _runs(out: Path):
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("segsde-study-smoke")
+    return client.search_runs([exp.experiment_id])
+
+
+def test_study_runs_a_tune_grid_caches_every_stage_and_never_duplicates_runs(tmp_path):
+    dry = _run("--profile", "smoke", "--out", tmp_path, "--rows", "baseline,pseudolabel", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "[trial] baseline-b4-s0: would run" in dry.stdout and "2 trials, 0 cached; nothing was run" in dry.stdout
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "cache").exists()  # a dry run writes nothing
+
+    first = _run("--profile", "smoke", "--out", tmp_path, "--rows", "baseline,pseudolabel")
     assert first.returncode == 0, first.stderr
-    assert "[sde] done in" in first.stdout and "[export] wrote the pseudo-depth of 24 images" in first.stdout
-    sde_dirs = list((tmp_path / "cache").glob("sde-*"))
-    assert len(sde_dirs) == 1 and (sde_dirs[0] / "model.pt").is_file()
-    assert (tmp_path / "mlflow.db").is_file()  # one tracking store for the whole study
-    assert "[select] 'sde' chose 4 of 16 images" in first.stdout
-    assert len(list((tmp_path / "cache").glob("select-sde-s0-*.parquet"))) == 1
+    assert "2 trials (2 run, 0 cached, 0 failed)" in first.stdout
+    assert "| baseline | " in first.stdout and "| pseudolabel | " in first.stdout  # the study table is printed
+    report = next((tmp_path / "study").iterdir())
+    for name in ("study.md", "study.parquet", "trials.parquet", "class_iou.parquet", "study_bars.png", "class_iou_delta_b4.png"):
+        assert (report / name).is_file(), name
 
-    again = _run("--profile", "smoke", "--out", tmp_path)
+    runs = _runs(tmp_path)
+    parents = [r for r in runs if r.data.tags.get("segsde.stage") == "study"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.data.tags["segsde.stage"] for r in children) == ["data", "train", "train"]  # no SDE: neither row needs it
+    for trial in (r for r in children if r.data.tags["segsde.stage"] == "train"):
+        assert trial.info.status == "FINISHED" and trial.data.tags["ray_trial_id"]
+        assert "final/miou" in trial.data.metrics and any(k.startswith("final/iou/") for k in trial.data.metrics)
+    parent_artifacts = {a.path for a in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").list_artifacts(parents[0].info.run_id, "study")}
+    assert "study/study.md" in parent_artifacts and "study/class_iou_delta_b4.png" in parent_artifacts
+
+    again = _run("--profile", "smoke", "--out", tmp_path, "--rows", "baseline,pseudolabel")
     assert again.returncode == 0, again.stderr
-    assert "[train] done in" in first.stdout and "baseline mIoU" in first.stdout
-    for stage in ("[data] cache hit", "[sde] cache hit", "[export] cache hit", "[select] cache hit", "[train] cache hit"):
-        assert stage in again.stdout
-    assert "[sde] training" not in again.stdout
+    assert "[data] cache hit" in again.stdout and "[trial] baseline-b4-s0: cache hit" in again.stdout
+    assert "2 trials (0 run, 2 cached, 0 failed)" in again.stdout
+    assert len(_runs(tmp_path)) == len(runs)  # the parent and every child were found again, none added
 
-    dry = _run("--profile", "smoke", "--out", tmp_path, "--force", "sde", "--dry-run")
-    assert dry.returncode == 0 and "[sde] would train 5 steps" in dry.stdout
+
+def test_bad_study_input_is_a_one_line_error_before_anything_runs(tmp_path):
+    bad_row = _run("--profile", "smoke", "--out", tmp_path, "--rows", "baseline,depthmx")
+    assert bad_row.returncode == 2 and "did you mean 'depthmix'?" in bad_row.stderr
+    too_big = _run("--profile", "smoke", "--out", tmp_path, "--rows", "baseline", "--budgets", "999")
+    assert too_big.returncode == 2 and "budget 999 is larger than the 16 training images" in too_big.stderr
+    assert not (tmp_path / "mlflow.db").exists()

@@ -1,59 +1,63 @@
-"""Run the SegSDE component study (embedded default: the synthetic testbed, `quick` profile, local).
+"""Run the SegSDE component study (embedded default: the synthetic testbed, `quick` profile, local Ray).
 
-Today this runs the stages that exist (dataset, SDE pre-training, pseudo-depth export, the SDE-based data
-selection and one baseline trial; each cached by its configuration) and says which ones do not exist yet.
+The study is a DAG of cached stages: dataset -> SDE pre-training -> pseudo-depth export -> data
+selection(s) -> component trials (rows x budgets x seeds as a Ray Tune grid of Ray Train jobs) -> the
+study table, class-wise IoU table and figures (terminal, MLflow parent run, Markdown + Parquet files).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from segsde.errors import SegSDEError  # noqa: E402
 
-NOT_YET = [
-    ("Ray Tune study, Optuna sweeps and MLflow tracking", "issue #6"),
-]
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of integers, e.g. 16,32") from None
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 def main(argv=None) -> int:
+    from segsde.orchestration.study import STAGES
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="quick", help="smoke | quick | synthetic | cityscapes (ablations/profiles.yaml)")
-    parser.add_argument("--out", type=Path, default=Path("outputs"), help="output directory (default ./outputs)")
+    parser.add_argument("--rows", type=_names, default=None, help="comma-separated rows of ablations/component_study.yaml (default: all)")
+    parser.add_argument("--budgets", type=_ints, default=None, help="labeled budgets, e.g. 16,32 (default: the profile's)")
+    parser.add_argument("--seeds", type=_ints, default=None, help="trial seeds, e.g. 0,1,2 (default: the profile's)")
+    parser.add_argument("--concurrency", type=int, default=None, help="trials at once (default: the profile's)")
+    parser.add_argument("--workers", type=int, default=None, help="Ray Train workers per trial (DDP; default: the profile's)")
+    parser.add_argument("--gpu", action="store_true", default=None, help="one GPU per Train worker")
     parser.add_argument("--data-root", type=Path, default=None, help="an existing segsde dataset instead of the testbed")
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed")
-    parser.add_argument("--force", action="append", default=[], choices=["data", "sde", "export", "select", "train"],
-                        help="recompute a stage (repeatable)")
+    parser.add_argument("--data-seed", type=int, default=None, help="seed of the testbed dataset (default 0)")
+    parser.add_argument("--out", type=Path, default=Path("outputs"), help="output directory (default ./outputs)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (`auto` on a `ray up` cluster; default: local Ray)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or OUT/mlflow.db)")
-    parser.add_argument("--dry-run", action="store_true", help="print the stages and cache hits, run nothing")
+    parser.add_argument("--experiment", default=None, help="MLflow experiment (default segsde-study-PROFILE)")
+    parser.add_argument("--force", action="append", default=[], choices=STAGES, help="recompute a stage (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted Tune experiment of this study")
+    parser.add_argument("--dry-run", action="store_true", help="print the stages and trials with their cache hits, run nothing")
     args = parser.parse_args(argv)
-    start = time.perf_counter()
     try:
-        from segsde.orchestration.stages import baseline_stage, dataset_stage, export_stage, sde_stage, selection_stage
-        from segsde.profiles import data_profile
-        from segsde.sde.run import MODEL_FILE
-        from segsde.tracking import resolve_tracking_uri
+        from segsde.orchestration.study import run_study, study_config
 
-        profile = data_profile(args.profile)
-        path = dataset_stage(profile, args.out, args.seed, data_root=args.data_root,
-                             force="data" in args.force, dry_run=args.dry_run)
-        print(f"[data] ready: {path}")
-        uri = None if args.dry_run else resolve_tracking_uri(args.out, args.tracking_uri)
-        sde_dir = sde_stage(args.profile, path, args.out, tracking_uri=uri, force="sde" in args.force, dry_run=args.dry_run)
-        export_stage(sde_dir, path, force="export" in args.force or "sde" in args.force, dry_run=args.dry_run)
-        selection_stage("sde", args.profile, path, args.out, sde_model=sde_dir / MODEL_FILE, tracking_uri=uri,
-                        force=bool({"select", "sde"} & set(args.force)), dry_run=args.dry_run)
-        baseline_stage(args.profile, path, args.out, tracking_uri=uri, force="train" in args.force, dry_run=args.dry_run)
+        cfg = study_config(args.profile, rows=args.rows, budgets=args.budgets, seeds=args.seeds, concurrency=args.concurrency,
+                           workers=args.workers, gpu=args.gpu, data_seed=args.data_seed)
+        run_study(cfg, args.out, data_root=args.data_root, force=tuple(args.force), address=args.address,
+                  tracking_uri=args.tracking_uri, experiment=args.experiment, resume=args.resume, dry_run=args.dry_run)
     except SegSDEError as exc:
         print(f"run_ablation: error: {exc}", file=sys.stderr)
         return 2
-    for stage, issue in NOT_YET:
-        print(f"[todo] {stage}: not implemented yet ({issue}); skipped")
-    print(f"finished the stages that exist in {time.perf_counter() - start:.1f} s; no study table yet")
     return 0
 
 

@@ -1,0 +1,239 @@
+"""The component study as a DAG of cached stages: dataset -> SDE pre-training -> pseudo-depth export ->
+data selection(s) -> component trials (rows x budgets x seeds, a Ray Tune grid of Ray Train jobs) -> the
+report. Every stage's output lives under ``<out>/cache`` keyed by a hash of its configuration and inputs,
+so a finished stage or trial is reused, never recomputed; MLflow holds one parent run per study with a
+child run for every stage and trial, all found again by stable keys."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from segsde.configs import check
+from segsde.errors import SegSDEError
+from segsde.orchestration.stages import StageTracking, cache_key, dataset_stage, export_stage, sde_stage, selection_stage
+from segsde.profiles import data_profile, load_profile
+from segsde.trainer.run import METRICS_FILE, study_rows, train_config
+
+STAGES = ("data", "sde", "export", "select", "train")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A profile's ``study`` section (rows, budgets, seeds, how trials run, train overrides), then flags."""
+    profile: str = "quick"
+    rows: tuple[str, ...] = ()                # empty: every row of ablations/component_study.yaml
+    budgets: tuple[int, ...] = (32,)
+    seeds: tuple[int, ...] = (0,)
+    concurrency: int = 1                      # trials at once (each: a 0-CPU driver + its Train workers)
+    workers: int = 1                          # Ray Train workers per trial
+    gpu: bool = False
+    train: dict = field(default_factory=dict)  # overrides of the profile's train section for study trials
+    data_seed: int = 0
+
+    def validate(self) -> None:
+        check([(len(self.budgets) > 0 and min(self.budgets) >= 1, "budgets must be positive"),
+               (len(self.seeds) > 0, "seeds must not be empty"),
+               (self.concurrency >= 1 and self.workers >= 1, "concurrency and workers must be >= 1")],
+              f"the study of profile '{self.profile}'")
+
+
+def study_config(profile: str, **flags) -> StudyConfig:
+    """The profile's ``study`` section with the flags that were given (None = keep the profile's)."""
+    section = dict(load_profile(profile).get("study") or {})
+    unknown = set(section) - set(StudyConfig.__dataclass_fields__)
+    if unknown:
+        raise SegSDEError(f"unknown key(s) {sorted(unknown)} in the study section of profile '{profile}': "
+                          f"use {sorted(StudyConfig.__dataclass_fields__)}")
+    values = {**section, **{k: v for k, v in flags.items() if v is not None}, "profile": profile}
+    for key in ("rows", "budgets", "seeds"):
+        values[key] = tuple(values.get(key) or ())
+    cfg = StudyConfig(**values)
+    cfg = cfg if cfg.rows else StudyConfig(**{**asdict(cfg), "rows": tuple(study_rows())})
+    cfg.validate()
+    testbed = data_profile(profile)
+    if testbed.source == "synthetic" and max(cfg.budgets) > testbed.train:
+        raise SegSDEError(f"budget {max(cfg.budgets)} is larger than the {testbed.train} training images of the "
+                          f"'{profile}' testbed: lower --budgets")
+    for row in cfg.rows:  # an unknown row or a bad override is a one-line error before anything runs
+        train_config(profile, row, {**cfg.train, "budget": cfg.budgets[0], "seed": cfg.seeds[0]})
+    return cfg
+
+
+@dataclass
+class Trial:
+    row: str
+    budget: int
+    seed: int
+    key: str
+    result_dir: Path
+    selection: Path | None
+
+    @property
+    def name(self) -> str:
+        return f"{self.row}-b{self.budget}-s{self.seed}"
+
+    @property
+    def done(self) -> bool:
+        return (self.result_dir / METRICS_FILE).is_file()
+
+
+def plan_trials(cfg: StudyConfig, data: Path, out: Path, sde_model: Path | None, selections: dict) -> list[Trial]:
+    """Every (row, budget, seed) with its cache key: the trial's full config and inputs."""
+    trials = []
+    for row in cfg.rows:
+        for budget in cfg.budgets:
+            for seed in cfg.seeds:
+                tc = train_config(cfg.profile, row, {**cfg.train, "budget": budget, "seed": seed})
+                selection = selections.get((tc.selection, seed)) if tc.labeled == "selection" else None
+                key = cache_key({"stage": "train", "row": row, "config": asdict(tc), "data": str(data), "workers": cfg.workers,
+                                 "sde_model": str(sde_model) if tc.needs_sde else None, "selection": str(selection) if selection else None})
+                trials.append(Trial(row, budget, seed, key, out / "cache" / f"train-{row}-b{budget}-s{seed}-{key}", selection))
+    return trials
+
+
+def run_study(cfg: StudyConfig, out: Path, data_root: Path | None = None, force: tuple[str, ...] = (),
+              address: str | None = None, tracking_uri: str | None = None, experiment: str | None = None,
+              resume: bool = False, dry_run: bool = False, log=print) -> dict:
+    """Run (or, with ``dry_run``, print) the study; return the trial records and where the report went."""
+    from segsde.tracking import end_run, get_or_create_run, resolve_tracking_uri
+
+    out = Path(out).absolute()
+    start = time.perf_counter()
+    experiment = experiment or f"segsde-study-{cfg.profile}"
+    train_configs = [train_config(cfg.profile, r, {**cfg.train, "budget": max(cfg.budgets), "seed": cfg.seeds[0]}) for r in cfg.rows]
+    tracking = None
+    if not dry_run:
+        if address:  # an unreachable cluster fails here, before any run exists; local Ray starts when needed
+            start_ray(cfg.profile, cfg.rows[0], cfg.train, cfg.concurrency, cfg.workers, cfg.gpu, address)
+        uri = resolve_tracking_uri(out, tracking_uri)
+        study = {"study": asdict(cfg), "data_root": str(data_root) if data_root else None}
+        parent, created = get_or_create_run(uri, experiment, f"study:{cache_key(study)}", f"study-{cfg.profile}", study,
+                                            {"segsde.stage": "study", "segsde.profile": cfg.profile})
+        tracking = StageTracking(uri, experiment, parent)
+        log(f"[study] MLflow parent run {parent}{'' if created else ' (found again)'} in experiment '{experiment}' of {uri}")
+    status = "FAILED"
+    try:
+        data, sde_model, selections = input_stages(cfg.profile, train_configs, cfg.seeds, out, data_root, cfg.data_seed,
+                                                   force, dry_run, log, tracking)
+        trials = plan_trials(cfg, data, out, sde_model, selections)
+        todo = [t for t in trials if "train" in force or not t.done]
+        for t in trials:
+            state = "would run" if t in todo else "cache hit"
+            log(f"[trial] {t.name}: {state} ({t.result_dir})" if dry_run or t not in todo else f"[trial] {t.name}: cache hit, reusing {t.result_dir}")
+        if dry_run:
+            log(f"[study] dry run: {len(trials)} trials, {len(trials) - len(todo)} cached; nothing was run")
+            return {"trials": [t.name for t in trials], "todo": [t.name for t in todo]}
+        if todo:
+            _tune_grid(cfg, todo, data, out, sde_model, tracking, address, resume, log)
+        records = [_record(t) for t in trials]
+        report = _report(cfg, records, out, tracking, log)
+        status = "FINISHED"
+        seconds = time.perf_counter() - start
+        log(f"[study] {len(trials)} trials ({len(todo)} run, {len(trials) - len(todo)} cached, "
+            f"{sum(r.get('miou') is None for r in records)} failed) in {seconds:.0f} s; report in {report}")
+        return {"records": records, "report": str(report), "parent_run_id": tracking.parent_run_id, "seconds": seconds,
+                "tracking_uri": tracking.uri, "experiment": experiment}
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if tracking is not None:
+            end_run(tracking.uri, tracking.parent_run_id, status)
+
+
+def input_stages(profile: str, train_configs: list, seeds, out: Path, data_root: Path | None, data_seed: int,
+                 force=(), dry_run: bool = False, log=print, tracking: StageTracking | None = None) -> tuple[Path, Path | None, dict]:
+    """The stages every trial of ``train_configs`` needs, computed or reused: the dataset, the SDE model
+    and its pseudo-depth (when a row uses them) and each seed's selection list of every selection method
+    (long enough for the largest budget). Returns (data, sde model or None, {(method, seed): list file})."""
+    from segsde.data.store import read_manifest
+
+    data = dataset_stage(data_profile(profile), out, data_seed, data_root, "data" in force, dry_run, log, tracking)
+    largest = max(tc.budget for tc in train_configs)
+    if (Path(data) / "manifest.json").is_file() and largest > read_manifest(data)["splits"].get("train", 0):
+        raise SegSDEError(f"budget {largest} is larger than the {read_manifest(data)['splits'].get('train', 0)} "
+                          f"training images of {data}: lower --budgets")
+    sde_model = None
+    if any(tc.needs_sde or tc.labeled == "selection" and tc.selection not in ("random", "entropy") for tc in train_configs):
+        from segsde.sde.run import MODEL_FILE
+
+        sde_dir = sde_stage(profile, data, out, None, "sde" in force, dry_run, log, tracking)
+        sde_model = sde_dir / MODEL_FILE
+        export_stage(sde_dir, data, bool({"export", "sde"} & set(force)), dry_run, log, tracking)
+    selections = {}
+    for method in sorted({tc.selection for tc in train_configs if tc.labeled == "selection" and tc.selection}):
+        for seed in seeds:
+            selections[(method, seed)] = selection_stage(
+                method, profile, data, out, seed=seed, budget=largest, sde_model=sde_model,
+                force=bool({"select", "sde"} & set(force)), dry_run=dry_run, log=log, tracking=tracking)
+    return data, sde_model, selections
+
+
+def start_ray(profile: str, row: str, train: dict, concurrency: int, workers: int, gpu: bool, address: str | None) -> None:
+    """One Ray for every stage and trial: locally, CPUs for ``concurrency`` trials (and at least the
+    machine's cores, which the stage jobs use) plus the driver resource that caps concurrent trials."""
+    import os
+
+    import ray
+
+    from segsde.orchestration.ray_job import init_ray
+    from segsde.orchestration.trials import DRIVER_RESOURCE
+
+    if ray.is_initialized() and not address and DRIVER_RESOURCE not in ray.cluster_resources():
+        ray.shutdown()  # a stage job started local Ray without the driver resource the trials need
+    threads = train_config(profile, row, train).threads or 1
+    init_ray(address, num_cpus=max(concurrency * workers * threads, os.cpu_count() or 1),
+             num_gpus=concurrency * workers if gpu else None, resources={DRIVER_RESOURCE: concurrency})
+
+
+def _tune_grid(cfg: StudyConfig, todo: list[Trial], data: Path, out: Path, sde_model: Path | None,
+               tracking: StageTracking, address: str | None, resume: bool, log) -> None:
+    """The trials that are not cached, as one Tune grid (the default variant generator)."""
+    import ray.tune
+
+    from segsde.orchestration.trials import MlflowStatusCallback, TrialSettings, TrialSpec, tune_trainable
+
+    start_ray(cfg.profile, cfg.rows[0], cfg.train, cfg.concurrency, cfg.workers, cfg.gpu, address)
+    settings = TrialSettings(cfg.profile, str(data), str(out), tracking.uri, tracking.experiment, tracking.parent_run_id,
+                             str(sde_model) if sde_model else None, cfg.workers, cfg.gpu, address, dict(cfg.train))
+    specs = [asdict(TrialSpec(t.row, t.budget, t.seed, t.key, str(t.result_dir), str(t.selection) if t.selection else None)) for t in todo]
+    name = f"study-{cache_key({'keys': sorted(t.key for t in todo)})}"
+    storage = out / "tune"
+    trainable = tune_trainable(settings)
+    if resume and ray.tune.Tuner.can_restore(str(storage / name)):
+        log(f"[study] resuming the Tune experiment {storage / name}")
+        tuner = ray.tune.Tuner.restore(str(storage / name), trainable=trainable, resume_errored=True)
+    else:
+        shutil.rmtree(storage / name, ignore_errors=True)  # finished trials are cached; running ones resume from Train checkpoints
+        log(f"[study] running {len(todo)} trials, {cfg.concurrency} at a time ({storage / name})")
+        tuner = ray.tune.Tuner(
+            trainable, param_space={"trial": ray.tune.grid_search(specs)},
+            tune_config=ray.tune.TuneConfig(max_concurrent_trials=cfg.concurrency),
+            run_config=ray.tune.RunConfig(name=name, storage_path=str(storage), verbose=1,
+                                          failure_config=ray.tune.FailureConfig(max_failures=1),
+                                          callbacks=[MlflowStatusCallback(tracking.uri, tracking.experiment)]))
+    tuner.fit()
+
+
+def _record(trial: Trial) -> dict:
+    base = {"row": trial.row, "budget": trial.budget, "seed": trial.seed}
+    if not trial.done:
+        return {**base, "miou": None}
+    return {**json.loads((trial.result_dir / METRICS_FILE).read_text()), **base}
+
+
+def _report(cfg: StudyConfig, records: list[dict], out: Path, tracking: StageTracking, log) -> Path:
+    from segsde.orchestration.report import write_report
+    from segsde.tracking import RunLogger
+
+    logger = RunLogger(tracking.uri, tracking.parent_run_id)
+    where = out / "study" / f"{cfg.profile}-{cache_key({'study': asdict(cfg)})}"
+    text = write_report(records, list(cfg.rows), list(cfg.budgets), where, logger)
+    log(text)
+    done = [r for r in records if r.get("miou") is not None]
+    logger.metrics({f"study/{r['row']}/b{r['budget']}/s{r['seed']}/miou": 100 * r["miou"] for r in done}, step=0)
+    return where

@@ -1,0 +1,220 @@
+"""Optuna sweeps on Ray Tune: per labeled budget (an outer loop: the optimiser must never pick the budget)
+one Tuner, one persisted Optuna study and one MLflow parent run. TPE proposes trainer settings from
+``ablations/sweep_space.yaml``; ASHA stops weak trials on validation mIoU, and those are told to Optuna as
+PRUNED, not COMPLETE. The row's own values are the first trial."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import optuna
+from ray.tune.search.optuna import OptunaSearch
+
+from segsde.configs import check
+from segsde.errors import SegSDEError
+from segsde.orchestration.stages import StageTracking, cache_key
+from segsde.profiles import PROFILES_FILE, load_profile, load_yaml
+from segsde.trainer.run import study_rows, train_config
+
+SPACE_FILE = PROFILES_FILE.parent / "sweep_space.yaml"
+WHEN = {"always": lambda c: True, "teacher": lambda c: c.teacher, "multitask": lambda c: c.multitask,
+        "depthmix": lambda c: c.teacher and c.mix == "depth"}
+METRIC = "miou"
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A profile's ``sweep`` section, then flags."""
+    profile: str = "quick"
+    row: str = "depthmix"
+    budgets: tuple[int, ...] = (32,)
+    samples: int = 8                  # trials per budget
+    seed: int = 0                     # trial seed and TPE sampler seed
+    params: tuple[str, ...] = ()      # a subset of the space; empty: every entry that matters for the row
+    concurrency: int = 1
+    workers: int = 1
+    gpu: bool = False
+    reduction_factor: int = 2         # ASHA keeps the top 1/reduction_factor at each rung
+    train: dict = field(default_factory=dict)
+    data_seed: int = 0
+
+
+def sweep_config(profile: str, **flags) -> SweepConfig:
+    section = dict(load_profile(profile).get("sweep") or {})
+    values = {**section, **{k: v for k, v in flags.items() if v is not None}, "profile": profile}
+    unknown = set(values) - set(SweepConfig.__dataclass_fields__)
+    if unknown:
+        raise SegSDEError(f"unknown key(s) {sorted(unknown)} in the sweep section of profile '{profile}': "
+                          f"use {sorted(SweepConfig.__dataclass_fields__)}")
+    for key in ("budgets", "params"):
+        values[key] = tuple(values.get(key) or ())
+    cfg = SweepConfig(**values)
+    check([(cfg.samples >= 1 and cfg.concurrency >= 1 and cfg.workers >= 1, "samples, concurrency and workers must be >= 1"),
+           (len(cfg.budgets) > 0 and min(cfg.budgets) >= 1, "budgets must be positive"),
+           (cfg.reduction_factor >= 2, "reduction_factor must be >= 2")], f"the sweep of profile '{profile}'")
+    if cfg.row not in study_rows():
+        train_config(profile, cfg.row)  # the one-line unknown-row error with the closest name
+    search_space(cfg)  # unknown parameters fail here
+    return cfg
+
+
+def search_space(cfg: SweepConfig, path: Path = SPACE_FILE) -> dict[str, optuna.distributions.BaseDistribution]:
+    """Optuna distributions of the swept TrainConfig keys, named ``params/<key>`` (Tune un-flattens them)."""
+    space = load_yaml(path)
+    row = train_config(cfg.profile, cfg.row, cfg.train)
+    names = list(cfg.params) or [k for k, v in space.items() if WHEN[v.get("when", "always")](row)]
+    out = {}
+    for name in names:
+        if name not in space:
+            import difflib
+
+            close = difflib.get_close_matches(name, space, n=1)
+            raise SegSDEError(f"parameter '{name}' is not in {path}: " + (f"did you mean '{close[0]}'?" if close else f"choose from {sorted(space)}"))
+        entry = space[name]
+        if not hasattr(row, name) or not entry["low"] < entry["high"]:
+            raise SegSDEError(f"{path}: '{name}' must be a trainer setting with low < high: fix the entry")
+        out[f"params/{name}"] = optuna.distributions.FloatDistribution(float(entry["low"]), float(entry["high"]), log=bool(entry.get("log")))
+    if not out:
+        raise SegSDEError(f"no parameter of {path} matters for row '{cfg.row}': pass --params")
+    return out
+
+
+def defaults(cfg: SweepConfig, space: dict) -> dict:
+    """The row's own values of the swept keys (clipped into the space): the first trial."""
+    row = train_config(cfg.profile, cfg.row, cfg.train)
+    return {k: min(max(float(getattr(row, k.removeprefix("params/"))), d.low), d.high) for k, d in space.items()}
+
+
+class AshaAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna PRUNED, not COMPLETE, for a trial a scheduler stopped before
+    ``full_steps`` (Ray's searcher reports an ASHA stop as a finished trial, so TPE would take a
+    2-evaluation mIoU for a final one). Relies on OptunaSearch's private state: Ray is pinned to 2.60."""
+
+    def __init__(self, *args, full_steps: int, step_key: str = "step", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._full_steps, self._step_key = full_steps, step_key
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        stopped = result and not error and result.get(self._step_key, self._full_steps) < self._full_steps
+        if stopped and trial_id in self._ot_trials and trial_id not in self._completed_trials:
+            self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+            self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def optuna_storage(out: Path) -> optuna.storages.RDBStorage:
+    return optuna.storages.RDBStorage(f"sqlite:///{Path(out).absolute() / 'optuna.db'}")
+
+
+def run_sweep(cfg: SweepConfig, out: Path, data_root: Path | None = None, address: str | None = None,
+              tracking_uri: str | None = None, experiment: str | None = None, resume: bool = False, log=print) -> dict:
+    """One sweep per budget; returns, per budget, the best settings and where the study lives."""
+    from segsde.orchestration.study import input_stages, start_ray
+    from segsde.tracking import end_run, get_or_create_run, resolve_tracking_uri
+
+    out = Path(out).absolute()
+    experiment = experiment or f"segsde-sweep-{cfg.profile}"
+    space = search_space(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    storage = optuna_storage(out)
+    names = {b: f"{experiment}-{cfg.row}-b{b}" for b in cfg.budgets}
+    existing = {s.study_name for s in optuna.study.get_all_study_summaries(storage)}
+    if not resume and existing & set(names.values()):
+        raise SegSDEError(f"the Optuna study {sorted(existing & set(names.values()))[0]} already exists in {out / 'optuna.db'}: "
+                          "pass --resume to continue it, or --experiment NAME for a new sweep")
+    uri = resolve_tracking_uri(out, tracking_uri)
+    configs = [train_config(cfg.profile, cfg.row, {**cfg.train, "budget": b, "seed": cfg.seed}) for b in cfg.budgets]
+    data, sde_model, selections = input_stages(cfg.profile, configs, (cfg.seed,), out, data_root, cfg.data_seed, log=log)
+    start_ray(cfg.profile, cfg.row, cfg.train, cfg.concurrency, cfg.workers, cfg.gpu, address)
+    results = {}
+    for budget, tc in zip(cfg.budgets, configs):
+        name = names[budget]
+        parent, created = get_or_create_run(uri, experiment, f"sweep:{name}:{cache_key(asdict(cfg))}", name,
+                                            {"sweep": asdict(cfg), "budget": budget, "space": {k: repr(v) for k, v in space.items()}},
+                                            {"segsde.stage": "sweep", "segsde.budget": str(budget), "segsde.row": cfg.row})
+        log(f"[sweep] budget {budget}: Optuna study '{name}', MLflow parent run {parent}{'' if created else ' (found again)'}")
+        status = "FAILED"
+        try:
+            selection = selections.get((tc.selection, cfg.seed)) if tc.labeled == "selection" else None
+            tracking = StageTracking(uri, experiment, parent)
+            _tune_budget(cfg, name, space, tc, data, out, sde_model, selection, tracking, storage, address, resume, log)
+            results[budget] = _summarise_budget(cfg, name, storage, tracking, out, log)
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            end_run(uri, parent, status)
+    return {"budgets": results, "tracking_uri": uri, "experiment": experiment, "optuna_storage": str(out / "optuna.db")}
+
+
+def _tune_budget(cfg, name, space, tc, data, out, sde_model, selection, tracking, storage, address, resume, log) -> None:
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from segsde.orchestration.trials import MlflowStatusCallback, TrialSettings, TrialSpec, tune_trainable
+
+    settings = TrialSettings(cfg.profile, str(data), str(out), tracking.uri, tracking.experiment, tracking.parent_run_id,
+                             str(sde_model) if sde_model else None, cfg.workers, cfg.gpu, address, dict(cfg.train))
+    trainable = tune_trainable(settings)
+    path = out / "tune" / name
+    if resume and ray.tune.Tuner.can_restore(str(path)):
+        log(f"[sweep] resuming {path}")
+        ray.tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True).fit()
+        return
+    searcher = AshaAwareOptunaSearch(space=space, metric=METRIC, mode="max", points_to_evaluate=[defaults(cfg, space)],
+                                     sampler=optuna.samplers.TPESampler(seed=cfg.seed), study_name=name, storage=storage,
+                                     full_steps=tc.steps)
+    scheduler = ASHAScheduler(time_attr="step", metric=METRIC, mode="max", max_t=tc.steps, grace_period=tc.eval_interval,
+                              reduction_factor=cfg.reduction_factor)
+    spec = asdict(TrialSpec(cfg.row, tc.budget, cfg.seed, selection=str(selection) if selection else None))
+    log(f"[sweep] {cfg.samples} trials of row '{cfg.row}' over {sorted(k.removeprefix('params/') for k in space)}, "
+        f"ASHA on {METRIC} every {tc.eval_interval} of {tc.steps} steps, {cfg.concurrency} at a time")
+    ray.tune.Tuner(trainable, param_space={"trial": spec},
+                   tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.samples,
+                                                   max_concurrent_trials=cfg.concurrency),
+                   run_config=ray.tune.RunConfig(name=name, storage_path=str(out / "tune"), verbose=1,
+                                                 failure_config=ray.tune.FailureConfig(max_failures=1),
+                                                 callbacks=[MlflowStatusCallback(tracking.uri, tracking.experiment, tc.steps)])).fit()
+
+
+def _summarise_budget(cfg: SweepConfig, name: str, storage, tracking: StageTracking, out: Path, log) -> dict:
+    """Best settings, parameter importances and the optimisation-history figure, from the Optuna study."""
+    import matplotlib.pyplot as plt
+
+    from segsde.data.store import atomic_write_bytes
+    from segsde.tracking import RunLogger
+
+    study = optuna.load_study(study_name=name, storage=storage)
+    states = {s.name: sum(t.state == s for t in study.trials) for s in optuna.trial.TrialState}
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
+    summary = {"study": name, "trials": len(study.trials), "states": {k: v for k, v in states.items() if v}}
+    if complete:
+        best = max(complete, key=lambda t: t.value)
+        summary.update(best_miou=best.value, best_params={k.removeprefix("params/"): v for k, v in best.params.items()},
+                       best_trial=best.number)
+    try:
+        summary["importances"] = {k.removeprefix("params/"): v for k, v in optuna.importance.get_param_importances(study).items()}
+    except (RuntimeError, ValueError) as exc:  # too few complete trials
+        summary["importances"] = None
+        summary["importances_note"] = str(exc)[:200]
+    logger = RunLogger(tracking.uri, tracking.parent_run_id)
+    logger.client.log_dict(tracking.parent_run_id, summary, "sweep/summary.json")
+    if complete:
+        logger.metrics({"sweep/best_miou": 100 * summary["best_miou"]}, step=0)
+        figures = [(optuna.visualization.matplotlib.plot_optimization_history(study).figure, "optimisation_history.png")]
+        if summary["importances"]:
+            figures.append((optuna.visualization.matplotlib.plot_param_importances(study).figure, "param_importances.png"))
+        for fig, file in figures:
+            fig.tight_layout()
+            logger.figure(fig, f"sweep/{file}")
+            plt.close(fig)
+    where = out / "sweep" / name
+    where.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(where / "summary.json", json.dumps(summary, indent=1).encode())
+    log(f"[sweep] {name}: {summary['states']}; best mIoU "
+        + (f"{100 * summary['best_miou']:.2f} with {summary['best_params']}" if complete else "none (no complete trial)"))
+    return summary

@@ -1,0 +1,125 @@
+"""Trials on Ray Tune: one Tune trial = one driver function that fits the trainer as a Ray Train job
+(Train V2 is not a Tune trainable), with a child MLflow run found again by a stable key, and a Tune
+callback that closes those runs whatever the trial's fate (finished, stopped early by ASHA, failed)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray.tune
+
+from segsde.data.store import atomic_write_bytes
+
+DRIVER_RESOURCE = "train_driver"  # custom resource: caps concurrent trial drivers without taking CPUs from workers
+TRIAL_ID_TAG = "ray_trial_id"
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """What every trial of one Tuner shares."""
+    profile: str
+    data: str
+    out: str                        # cache and checkpoints of the study live under here
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    sde_model: str | None = None
+    workers: int = 1
+    gpu: bool = False
+    address: str | None = None
+    overrides: dict = field(default_factory=dict)   # the study's or sweep's train overrides (steps, ...)
+    max_failures: int = 1           # Ray Train restarts of a trial's worker group
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One trial: ``key`` is stable (the trial's cache key); None in a sweep, where the Tune trial id
+    (kept across restores) makes it."""
+    row: str
+    budget: int
+    seed: int
+    key: str | None = None
+    result_dir: str | None = None   # metrics.json goes here (the trial's cache entry)
+    selection: str | None = None    # an ordered id list (the DAG's selection stage)
+
+
+def trial_driver(config: dict, settings: TrialSettings) -> None:
+    """The Tune trainable: ``config["trial"]`` is a TrialSpec as a dict, ``config.get("params")`` the
+    values a searcher proposed (train config keys)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from segsde.orchestration.ray_job import make_trainer
+    from segsde.runtime import progress
+    from segsde.tracking import RunLogger, get_or_create_run
+    from segsde.trainer.run import METRICS_FILE, _loop, prepare_trial, summarise
+
+    spec = TrialSpec(**config["trial"])
+    trial_id = ray.tune.get_context().get_trial_id()
+    key = spec.key or f"{settings.experiment}-{trial_id}"
+    overrides = {**settings.overrides, **config.get("params", {}), "budget": spec.budget, "seed": spec.seed}
+    trial = prepare_trial(settings.data, spec.row, settings.profile, overrides, settings.sde_model, spec.selection,
+                          settings.workers, settings.gpu, settings.address, settings.tracking_uri,
+                          cache_root=Path(settings.out), log=None)
+    tags = {**trial.tags, "mlflow.parentRunId": settings.parent_run_id, TRIAL_ID_TAG: trial_id}
+    run_id, created = get_or_create_run(settings.tracking_uri, settings.experiment, key, trial.run_name,
+                                        {**trial.params, "params": config.get("params", {})}, tags)
+    if created:
+        RunLogger(settings.tracking_uri, run_id).client.log_text(run_id, "\n".join(trial.labeled) + "\n", "labeled_ids.txt")
+    progress(f"[trial] {trial.run_name}: MLflow run {run_id}{'' if created else ' (found again)'}")
+    start = time.perf_counter()
+    trainer = make_trainer(_loop, {**trial.loop_config, "mlflow_run_id": run_id}, f"train-{key}",
+                           Path(settings.out) / "ray", settings.workers, settings.gpu, trial.cfg.threads or 1,
+                           settings.max_failures, callbacks=[TuneReportCallback()])
+    result = trainer.fit()
+    summary = summarise(trial, result, time.perf_counter() - start, run_id)
+    if spec.result_dir:
+        atomic_write_bytes(Path(spec.result_dir) / METRICS_FILE, json.dumps(summary, indent=1).encode())
+
+
+def tune_trainable(settings: TrialSettings):
+    """``trial_driver`` bound to ``settings``, scheduled on the driver resource (0 CPU)."""
+    return ray.tune.with_resources(ray.tune.with_parameters(trial_driver, settings=settings), {"CPU": 0, DRIVER_RESOURCE: 1})
+
+
+class MlflowStatusCallback(ray.tune.Callback):
+    """Closes each trial's child run from the Tune driver: FINISHED (tagged ``stopped_early`` when a
+    scheduler stopped it before ``full_steps``) or FAILED with the reason. Needed because ASHA kills a
+    trial before its own code could close the run. Stateless: runs are found by the Ray trial id tag,
+    so it works unchanged after ``Tuner.restore``."""
+
+    def __init__(self, uri: str, experiment: str, full_steps: int | None = None):
+        self.uri, self.experiment, self.full_steps = uri, experiment, full_steps
+
+    def _run_id(self, trial) -> str | None:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.uri)
+        exp = client.get_experiment_by_name(self.experiment)
+        runs = client.search_runs([exp.experiment_id], f"tags.{TRIAL_ID_TAG} = '{trial.trial_id}'", max_results=1) if exp else []
+        return runs[0].info.run_id if runs else None
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        from mlflow.tracking import MlflowClient
+
+        run_id = self._run_id(trial)
+        if run_id is None:
+            return
+        client = MlflowClient(self.uri)
+        step = (trial.last_result or {}).get("step")
+        stopped = self.full_steps is not None and step is not None and step < self.full_steps
+        client.set_tag(run_id, "stopped_early", str(stopped).lower())
+        client.set_terminated(run_id, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        from mlflow.tracking import MlflowClient
+
+        run_id = self._run_id(trial)
+        if run_id is None:
+            return
+        client = MlflowClient(self.uri)
+        reason = Path(trial.error_file).read_text().strip().splitlines()[-1] if trial.error_file and Path(trial.error_file).is_file() else "unknown"
+        client.set_tag(run_id, "segsde.failure", reason[:5000])
+        client.set_terminated(run_id, "FAILED")
