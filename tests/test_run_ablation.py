@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +44,12 @@ def test_study_runs_a_tune_grid_caches_every_stage_and_never_duplicates_runs(tmp
         assert "final/miou" in trial.data.metrics and any(k.startswith("final/iou/") for k in trial.data.metrics)
     parent_artifacts = {a.path for a in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").list_artifacts(parents[0].info.run_id, "study")}
     assert "study/study.md" in parent_artifacts and "study/class_iou_delta_b4.png" in parent_artifacts
+
+    rebuilt = subprocess.run([sys.executable, str(ROOT / "mlflow" / "report.py"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                              "--experiment", "segsde-study-smoke", "--out", str(tmp_path / "rebuilt")], capture_output=True, text=True)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    for name in ("study.parquet", "class_iou.parquet"):  # MLflow alone gives the same tables as the study
+        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "rebuilt" / name), pd.read_parquet(report / name), check_exact=False)
 
     again = _run("--profile", "smoke", "--out", tmp_path, "--rows", "baseline,pseudolabel")
     assert again.returncode == 0, again.stderr

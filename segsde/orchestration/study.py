@@ -127,6 +127,9 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Path | None = None, force:
         if dry_run:
             log(f"[study] dry run: {len(trials)} trials, {len(trials) - len(todo)} cached; nothing was run")
             return {"trials": [t.name for t in trials], "todo": [t.name for t in todo]}
+        if "train" in force:
+            for t in todo:  # recompute, not resume from the finished Train run
+                shutil.rmtree(out / "ray" / f"train-{t.key}", ignore_errors=True)
         if todo:
             _tune_grid(cfg, todo, data, out, sde_model, tracking, address, resume, log)
         records = [_record(t) for t in trials]

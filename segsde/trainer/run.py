@@ -120,6 +120,7 @@ def summarise(trial: PreparedTrial, result, seconds: float, run_id: str) -> dict
     final = result.metrics or {}
     scores = {k: final[k] for k in final if k in SCORE_KEYS or k.startswith("iou/")}
     summary = {"row": trial.row, "budget": trial.cfg.budget, "seed": trial.cfg.seed, "step": final.get("step"), **scores,
+               "train_seconds": final.get("train_seconds"),
                "seconds": round(seconds, 1), "checkpoint": result.checkpoint.path if result.checkpoint else None,
                "mlflow_run_id": run_id}
     RunLogger(trial.loop_config["tracking_uri"], run_id).metrics({f"final/{k}": v for k, v in scores.items()}, step=final.get("step", 0))

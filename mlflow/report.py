@@ -1,0 +1,70 @@
+"""Rebuild a component study's tables and figures from MLflow alone (no Ray, no cache directory).
+
+    python mlflow/report.py --tracking-uri sqlite:////abs/outputs/mlflow.db --experiment segsde-study-quick --out report/
+
+Takes the newest study parent run of the experiment (or --parent RUN_ID), its child trial runs (tags
+segsde.row / segsde.budget / segsde.seed, metrics final/miou and final/iou/<class>), and writes what the
+study writes: study.md, study.parquet, trials.parquet, class_iou.parquet, the bar chart and the heatmaps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout without installing (mlflow/ has no
+# __init__.py, so the installed mlflow package still wins the import)
+
+from segsde.errors import SegSDEError  # noqa: E402
+
+
+def study_records(uri: str, experiment: str, parent: str | None = None) -> tuple[list[dict], list[str], list[int], str]:
+    """(trial records, rows, budgets, parent run id) of a study, read from the tracking store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise SegSDEError(f"experiment '{experiment}' is not in {uri}: pass the --experiment a study logged to")
+    if parent is None:
+        parents = client.search_runs([exp.experiment_id], "tags.`segsde.stage` = 'study'", order_by=["attributes.start_time DESC"], max_results=1)
+        if not parents:
+            raise SegSDEError(f"experiment '{experiment}' holds no study parent run: run tune/run_ablation.py first")
+        parent = parents[0].info.run_id
+    params = client.get_run(parent).data.params
+    rows = list(ast.literal_eval(params["study.rows"]))
+    budgets = [int(b) for b in ast.literal_eval(params["study.budgets"])]
+    records = []
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}' and tags.`segsde.stage` = 'train'")
+    for run in children:
+        tags, metrics = run.data.tags, run.data.metrics
+        record = {"row": tags["segsde.row"], "budget": int(tags["segsde.budget"]), "seed": int(tags["segsde.seed"]),
+                  "miou": metrics.get("final/miou") if run.info.status == "FINISHED" else None}
+        record.update({k.removeprefix("final/"): v for k, v in metrics.items() if k.startswith("final/iou/")})
+        records.append(record)
+    return records, rows, budgets, parent
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tracking-uri", required=True, help="the study's tracking URI (sqlite:////abs/mlflow.db or http://...)")
+    parser.add_argument("--experiment", required=True, help="the study's experiment, e.g. segsde-study-quick")
+    parser.add_argument("--parent", default=None, help="a study parent run id (default: the newest)")
+    parser.add_argument("--out", type=Path, required=True, help="directory for the rebuilt report")
+    args = parser.parse_args(argv)
+    try:
+        from segsde.orchestration.report import write_report
+
+        records, rows, budgets, parent = study_records(args.tracking_uri, args.experiment, args.parent)
+        print(write_report(records, rows, budgets, args.out))
+        print(f"report of parent run {parent} ({len(records)} trials) in {args.out}")
+    except SegSDEError as exc:
+        print(f"report: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
