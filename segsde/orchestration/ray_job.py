@@ -49,7 +49,7 @@ def make_trainer(loop, loop_config: dict, name: str, storage: Path | str, worker
         loop, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker={"CPU": threads, **({"GPU": 1} if gpu else {})}),
         run_config=RunConfig(name=name, storage_path=str(storage), failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks or None))
+                             checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=callbacks or None))
 
 
 def fit(loop, loop_config: dict, name: str, storage: Path, workers: int = 1, gpu: bool = False, threads: int = 1,

@@ -142,8 +142,8 @@ def export_stage(sde: Path, data: Path, force: bool = False, dry_run: bool = Fal
 def selection_stage(method: str, profile: str, data: Path, out: Path, seed: int = 0, budget: int | None = None,
                     sde_model: Path | None = None, tracking_uri: str | None = None, force: bool = False,
                     dry_run: bool = False, log=print, tracking: StageTracking | None = None) -> Path:
-    """The ordered selection list of ``method`` with the profile's schedule (extended to ``budget`` if that
-    is larger), cached by configuration; returns the Parquet file. Without ``sde_model`` the profile's
+    """The ordered selection list of ``method`` with the profile's schedule up to ``budget`` (see
+    ``SelectionConfig.with_budget``), cached by configuration; returns the Parquet file. Without ``sde_model`` the profile's
     cached SDE stage provides the depth teacher."""
     from segsde.selection.config import NEEDS_FEATURES, NEEDS_STUDENT
     from segsde.selection.run import check_method, read_selection_meta, run_select, selection_config

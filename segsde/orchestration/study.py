@@ -107,7 +107,9 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Path | None = None, force:
     train_configs = [train_config(cfg.profile, r, {**cfg.train, "budget": max(cfg.budgets), "seed": cfg.seeds[0]}) for r in cfg.rows]
     tracking = None
     if not dry_run:
-        if address:  # an unreachable cluster fails here, before any run exists; local Ray starts when needed
+        # before any run exists, so an unreachable cluster leaves nothing behind; and before the stage jobs,
+        # so they share the study's Ray (with the driver resource and the State API Train needs)
+        if address or _needs_ray(cfg, train_configs, out, data_root, force):
             start_ray(cfg.profile, cfg.rows[0], cfg.train, cfg.concurrency, cfg.workers, cfg.gpu, address)
         uri = resolve_tracking_uri(out, tracking_uri)
         study = {"study": asdict(cfg), "data_root": str(data_root) if data_root else None}
@@ -146,6 +148,15 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Path | None = None, force:
     finally:
         if tracking is not None:
             end_run(tracking.uri, tracking.parent_run_id, status)
+
+
+def _needs_ray(cfg: StudyConfig, train_configs: list, out: Path, data_root: Path | None, force) -> bool:
+    """Whether a stage job or a trial would run: a quiet dry run of the DAG (rendering needs no Ray)."""
+    said = []
+    data, sde_model, selections = input_stages(cfg.profile, train_configs, cfg.seeds, out, data_root, cfg.data_seed,
+                                               force, True, said.append)
+    stage_work = any(" would " in line for line in said if not line.startswith("[data]"))
+    return stage_work or "train" in force or not all(t.done for t in plan_trials(cfg, data, out, sde_model, selections))
 
 
 def input_stages(profile: str, train_configs: list, seeds, out: Path, data_root: Path | None, data_seed: int,

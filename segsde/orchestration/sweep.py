@@ -127,8 +127,8 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Path | None = None, addres
                           "pass --resume to continue it, or --experiment NAME for a new sweep")
     uri = resolve_tracking_uri(out, tracking_uri)
     configs = [train_config(cfg.profile, cfg.row, {**cfg.train, "budget": b, "seed": cfg.seed}) for b in cfg.budgets]
+    start_ray(cfg.profile, cfg.row, cfg.train, cfg.concurrency, cfg.workers, cfg.gpu, address)  # stage jobs share it
     data, sde_model, selections = input_stages(cfg.profile, configs, (cfg.seed,), out, data_root, cfg.data_seed, log=log)
-    start_ray(cfg.profile, cfg.row, cfg.train, cfg.concurrency, cfg.workers, cfg.gpu, address)
     results = {}
     for budget, tc in zip(cfg.budgets, configs):
         name = names[budget]

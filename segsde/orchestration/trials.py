@@ -85,8 +85,8 @@ def tune_trainable(settings: TrialSettings):
 
 
 class MlflowStatusCallback(ray.tune.Callback):
-    """Closes each trial's child run from the Tune driver: FINISHED (tagged ``stopped_early`` when a
-    scheduler stopped it before ``full_steps``) or FAILED with the reason. Needed because ASHA kills a
+    """Closes each trial's child run from the Tune driver: FINISHED, KILLED (tagged ``stopped_early``) when
+    a scheduler stopped it before ``full_steps``, or FAILED with the reason. Needed because ASHA kills a
     trial before its own code could close the run. Stateless: runs are found by the Ray trial id tag,
     so it works unchanged after ``Tuner.restore``."""
 
@@ -111,7 +111,7 @@ class MlflowStatusCallback(ray.tune.Callback):
         step = (trial.last_result or {}).get("step")
         stopped = self.full_steps is not None and step is not None and step < self.full_steps
         client.set_tag(run_id, "stopped_early", str(stopped).lower())
-        client.set_terminated(run_id, "FINISHED")
+        client.set_terminated(run_id, "KILLED" if stopped else "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         from mlflow.tracking import MlflowClient

@@ -50,10 +50,12 @@ class SelectionConfig:
         return round_index * self.student_steps
 
     def with_budget(self, budget: int) -> SelectionConfig:
-        """This schedule, extended by one round when ``budget`` exceeds its largest budget."""
+        """This schedule up to ``budget``: its smaller budgets, then ``budget`` as the last round. Rounds
+        never depend on later ones, so the list is the prefix of any longer schedule's, without paying
+        for the rounds beyond ``budget``."""
         from dataclasses import replace
 
-        return self if budget <= self.budgets[-1] else replace(self, budgets=(*self.budgets, budget))
+        return replace(self, budgets=(*(b for b in self.budgets if b < budget), budget))
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "the select config") -> SelectionConfig:
