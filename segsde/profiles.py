@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +10,10 @@ import yaml
 
 from segsde.errors import SegSDEError
 
-PROFILES_FILE = Path(__file__).resolve().parent.parent / "ablations" / "profiles.yaml"
+# profiles.yaml, component_study.yaml and sweep_space.yaml: the repository's, or a copy of the folder
+# with your own rows and profiles named by $SEGSDE_ABLATIONS (read at import, inherited by Ray workers)
+ABLATIONS_DIR = Path(os.environ.get("SEGSDE_ABLATIONS") or Path(__file__).resolve().parent.parent / "ablations").absolute()
+PROFILES_FILE = ABLATIONS_DIR / "profiles.yaml"
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,35 @@ def resolve_tracking_uri(out: Path, uri: str | None = None) -> str:
     refuses the file store, and a relative sqlite path would follow Ray's working-directory changes)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
+        check_tracking_uri(uri)
         return uri
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{out / 'mlflow.db'}"
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Fail before any run or training starts when ``uri`` cannot be used: a server that does not answer
+    its /health endpoint, or a sqlite file in a directory that does not exist."""
+    import urllib.error
+    import urllib.request
+
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+                return
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):  # a server with authentication answered: it is up
+                return
+            reason = f"HTTP {exc.code}"
+        except (OSError, ValueError) as exc:
+            reason = str(getattr(exc, "reason", exc))
+        raise SegSDEError(f"the MLflow tracking server at {uri} is unreachable ({reason}): start it (mlflow/serve.sh) "
+                          "or drop --tracking-uri to track into OUT/mlflow.db")
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir():
+            raise SegSDEError(f"the MLflow store {uri} is in a directory that does not exist: create {folder} or fix --tracking-uri")
 
 
 def _client(uri: str):

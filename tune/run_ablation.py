@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from segsde.cli import _key_value  # noqa: E402
 from segsde.errors import SegSDEError  # noqa: E402
 
 
@@ -27,6 +28,13 @@ def _names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
+def train_overrides(profile: str, section: str, sets: list[tuple[str, object]]) -> dict | None:
+    """The profile section's trainer overrides with ``--set`` pairs on top (None: keep the section's)."""
+    from segsde.profiles import load_profile
+
+    return {**(load_profile(profile).get(section) or {}).get("train", {}), **dict(sets)} if sets else None
+
+
 def main(argv=None) -> int:
     from segsde.orchestration.study import STAGES
 
@@ -38,6 +46,8 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", type=int, default=None, help="trials at once (default: the profile's)")
     parser.add_argument("--workers", type=int, default=None, help="Ray Train workers per trial (DDP; default: the profile's)")
     parser.add_argument("--gpu", action="store_true", default=None, help="one GPU per Train worker")
+    parser.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                        help="override a trainer setting of every trial, e.g. --set epsilon=0.05 (repeatable)")
     parser.add_argument("--data-root", type=Path, default=None, help="an existing segsde dataset instead of the testbed")
     parser.add_argument("--data-seed", type=int, default=None, help="seed of the testbed dataset (default 0)")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="output directory (default ./outputs)")
@@ -52,7 +62,7 @@ def main(argv=None) -> int:
         from segsde.orchestration.study import run_study, study_config
 
         cfg = study_config(args.profile, rows=args.rows, budgets=args.budgets, seeds=args.seeds, concurrency=args.concurrency,
-                           workers=args.workers, gpu=args.gpu, data_seed=args.data_seed)
+                           workers=args.workers, gpu=args.gpu, data_seed=args.data_seed, train=train_overrides(args.profile, "study", args.set))
         run_study(cfg, args.out, data_root=args.data_root, force=tuple(args.force), address=args.address,
                   tracking_uri=args.tracking_uri, experiment=args.experiment, resume=args.resume, dry_run=args.dry_run)
     except SegSDEError as exc:

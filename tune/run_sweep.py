@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from segsde.errors import SegSDEError  # noqa: E402
-from tune.run_ablation import _ints, _names  # noqa: E402
+from tune.run_ablation import _ints, _key_value, _names, train_overrides  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", type=int, default=None, help="trials at once")
     parser.add_argument("--workers", type=int, default=None, help="Ray Train workers per trial")
     parser.add_argument("--gpu", action="store_true", default=None, help="one GPU per Train worker")
+    parser.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                        help="override a trainer setting that is not swept, e.g. --set steps=300 (repeatable)")
     parser.add_argument("--data-root", type=Path, default=None, help="an existing segsde dataset instead of the testbed")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="output directory (default ./outputs)")
     parser.add_argument("--address", default=None, help="Ray cluster address (`auto` on a `ray up` cluster)")
@@ -40,7 +42,8 @@ def main(argv=None) -> int:
         from segsde.orchestration.sweep import run_sweep, sweep_config
 
         cfg = sweep_config(args.profile, row=args.row, budgets=args.budgets, samples=args.samples, params=args.params,
-                           seed=args.seed, concurrency=args.concurrency, workers=args.workers, gpu=args.gpu)
+                           seed=args.seed, concurrency=args.concurrency, workers=args.workers, gpu=args.gpu,
+                           train=train_overrides(args.profile, "sweep", args.set))
         run_sweep(cfg, args.out, data_root=args.data_root, address=args.address, tracking_uri=args.tracking_uri,
                   experiment=args.experiment, resume=args.resume)
     except SegSDEError as exc:

@@ -21,6 +21,7 @@ def init_ray(address: str | None, num_cpus: int, num_gpus: int | None = None, re
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     if address:
+        check_ray_address(address)
         try:
             ray.init(address=address, log_to_driver=True)
         except Exception as exc:
@@ -29,6 +30,27 @@ def init_ray(address: str | None, num_cpus: int, num_gpus: int | None = None, re
         return
     ray.init(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, include_dashboard=resources is not None,
              object_store_memory=300 * 2**20, log_to_driver=True)
+
+
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not after Ray's minutes of GCS retries, when nothing listens at ``address``
+    (host:port, ray://host:port, or `auto` = the cluster this node belongs to)."""
+    import socket
+
+    hint = "start it with `ray up cluster.yaml` (or `ray start --head`) or drop --address to run locally"
+    if address == "auto":
+        from ray._private.services import find_bootstrap_address  # what ray.init(address="auto") reads
+
+        found = os.environ.get("RAY_ADDRESS") or find_bootstrap_address(None)
+        if not found or found == "auto":
+            raise SegSDEError(f"--address auto found no Ray cluster on this node: {hint}")
+        address = found
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return
+    except (OSError, ValueError) as exc:
+        raise SegSDEError(f"cannot reach the Ray cluster at {address} ({exc}): {hint}") from None
 
 
 def check_resources(workers: int, gpu: bool, address: str | None) -> None:

@@ -107,11 +107,11 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Path | None = None, force:
     train_configs = [train_config(cfg.profile, r, {**cfg.train, "budget": max(cfg.budgets), "seed": cfg.seeds[0]}) for r in cfg.rows]
     tracking = None
     if not dry_run:
+        uri = resolve_tracking_uri(out, tracking_uri)  # an unusable store fails here, before anything starts
         # before any run exists, so an unreachable cluster leaves nothing behind; and before the stage jobs,
         # so they share the study's Ray (with the driver resource and the State API Train needs)
         if address or _needs_ray(cfg, train_configs, out, data_root, force):
             start_ray(cfg.profile, cfg.rows[0], cfg.train, cfg.concurrency, cfg.workers, cfg.gpu, address)
-        uri = resolve_tracking_uri(out, tracking_uri)
         study = {"study": asdict(cfg), "data_root": str(data_root) if data_root else None}
         parent, created = get_or_create_run(uri, experiment, f"study:{cache_key(study)}", f"study-{cfg.profile}", study,
                                             {"segsde.stage": "study", "segsde.profile": cfg.profile})

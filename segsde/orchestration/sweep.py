@@ -118,6 +118,7 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Path | None = None, addres
     out = Path(out).absolute()
     experiment = experiment or f"segsde-sweep-{cfg.profile}"
     space = search_space(cfg)
+    uri = resolve_tracking_uri(out, tracking_uri)  # an unusable store fails here, before the Optuna store exists
     out.mkdir(parents=True, exist_ok=True)
     storage = optuna_storage(out)
     names = {b: f"{experiment}-{cfg.row}-b{b}" for b in cfg.budgets}
@@ -125,7 +126,6 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Path | None = None, addres
     if not resume and existing & set(names.values()):
         raise SegSDEError(f"the Optuna study {sorted(existing & set(names.values()))[0]} already exists in {out / 'optuna.db'}: "
                           "pass --resume to continue it, or --experiment NAME for a new sweep")
-    uri = resolve_tracking_uri(out, tracking_uri)
     configs = [train_config(cfg.profile, cfg.row, {**cfg.train, "budget": b, "seed": cfg.seed}) for b in cfg.budgets]
     start_ray(cfg.profile, cfg.row, cfg.train, cfg.concurrency, cfg.workers, cfg.gpu, address)  # stage jobs share it
     data, sde_model, selections = input_stages(cfg.profile, configs, (cfg.seed,), out, data_root, cfg.data_seed, log=log)

@@ -102,10 +102,9 @@ def build_network(cfg: TrainConfig) -> nn.Module:
     return MultiTaskNet(cfg) if cfg.multitask else SegmentationNet(cfg)
 
 
-def load_transfer(net: nn.Module, sde_model: Path, cfg: TrainConfig) -> SDEConfig:
-    """Initialise ``net`` from the SDE stage's ``model.pt``: encoder and decoder (ASPP included) for the
-    segmentation decoder, and for :class:`MultiTaskNet` also the depth decoder with its heads and the pose
-    net. Returns the SDE config (the multi-task SDE loss uses its settings)."""
+def transfer_source(sde_model: Path, cfg: TrainConfig):
+    """The SDE model a transfer trial starts from, or a one-line error when it is not one or its
+    architecture differs from the trial's (checked on the driver, before any worker starts)."""
     from segsde.sde.export import load_sde_model
 
     sde = load_sde_model(sde_model)
@@ -114,6 +113,14 @@ def load_transfer(net: nn.Module, sde_model: Path, cfg: TrainConfig) -> SDEConfi
     if mine != theirs:
         raise SegSDEError(f"the SDE model {sde_model} has (encoder, output_stride, decoder_channels) = {theirs} but the "
                           f"trial uses {mine}: use the same architecture in the profile's train and sde sections")
+    return sde
+
+
+def load_transfer(net: nn.Module, sde_model: Path, cfg: TrainConfig) -> SDEConfig:
+    """Initialise ``net`` from the SDE stage's ``model.pt``: encoder and decoder (ASPP included) for the
+    segmentation decoder, and for :class:`MultiTaskNet` also the depth decoder with its heads and the pose
+    net. Returns the SDE config (the multi-task SDE loss uses its settings)."""
+    sde = transfer_source(sde_model, cfg)
     net.encoder.load_state_dict(sde.encoder.state_dict())
     decoder = {k: v for k, v in sde.decoder.state_dict().items() if not k.startswith("heads.")}
     seg_decoder = net.seg if isinstance(net, MultiTaskNet) else net.decoder

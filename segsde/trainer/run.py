@@ -93,6 +93,10 @@ def prepare_trial(data: Path, row: str = "baseline", profile: str = "quick", ove
     if cfg.transfer and (sde_model is None or not Path(sde_model).is_file()):
         raise SegSDEError(f"row '{row}' starts from the SDE model: pass --sde-model MODEL.pt (written by `segsde sde`), "
                           f"{'which does not exist at ' + str(sde_model) if sde_model else 'none was given'}")
+    if cfg.transfer:
+        from segsde.trainer.model import transfer_source
+
+        transfer_source(Path(sde_model), cfg)
     if resume_from is not None and not (Path(resume_from) / CHECKPOINT_FILE).is_file():
         raise SegSDEError(f"--resume-from {resume_from} is not a checkpoint directory (no {CHECKPOINT_FILE}): pass one from a run's ray/ folder")
     if cfg.teacher and cfg.mix == "depth":
@@ -114,16 +118,14 @@ def prepare_trial(data: Path, row: str = "baseline", profile: str = "quick", ove
 
 
 def summarise(trial: PreparedTrial, result, seconds: float, run_id: str) -> dict:
-    """The trial's final scores (class IoUs included) from Ray Train's result; also logged as final/* metrics."""
-    from segsde.tracking import RunLogger
-
+    """The trial's final scores (class IoUs included) from Ray Train's result (the loop itself logged them
+    to MLflow as final/* metrics)."""
     final = result.metrics or {}
     scores = {k: final[k] for k in final if k in SCORE_KEYS or k.startswith("iou/")}
     summary = {"row": trial.row, "budget": trial.cfg.budget, "seed": trial.cfg.seed, "step": final.get("step"), **scores,
                "train_seconds": final.get("train_seconds"),
                "seconds": round(seconds, 1), "checkpoint": result.checkpoint.path if result.checkpoint else None,
                "mlflow_run_id": run_id}
-    RunLogger(trial.loop_config["tracking_uri"], run_id).metrics({f"final/{k}": v for k, v in scores.items()}, step=final.get("step", 0))
     return summary
 
 
