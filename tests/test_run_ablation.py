@@ -57,10 +57,3 @@ def test_study_runs_a_tune_grid_caches_every_stage_and_never_duplicates_runs(tmp
     assert "2 trials (0 run, 2 cached, 0 failed)" in again.stdout
     assert len(_runs(tmp_path)) == len(runs)  # the parent and every child were found again, none added
 
-
-def test_bad_study_input_is_a_one_line_error_before_anything_runs(tmp_path):
-    bad_row = _run("--profile", "smoke", "--out", tmp_path, "--rows", "baseline,depthmx")
-    assert bad_row.returncode == 2 and "did you mean 'depthmix'?" in bad_row.stderr
-    too_big = _run("--profile", "smoke", "--out", tmp_path, "--rows", "baseline", "--budgets", "999")
-    assert too_big.returncode == 2 and "budget 999 is larger than the 16 training images" in too_big.stderr
-    assert not (tmp_path / "mlflow.db").exists()
