@@ -147,8 +147,19 @@ def test_two_ddp_workers_all_reduce_the_confusion_matrix(study, tmp_path):
     (["--row", "classmix", "--budget", "16"], "no unlabeled image is left"),
     (["--row", "depthmix", "--set", "depth_source=student"], "needs the multi-task decoder"),
     (["--row", "autoselect", "--selection", "{tmp}/missing.txt"], "missing.txt is neither an existing file"),
+    (["--row", "autoselect", "--selection", "{tmp}/foreign.txt"], "2 ids not in the dataset"),
+    (["--row", "transfer", "--sde-model", "{tmp}/sde34.pt"], r"has \(encoder, output_stride, decoder_channels\) = \(34, .*use the same architecture"),
 ])
 def test_bad_train_input_is_one_line_and_starts_nothing(args, message, study, tmp_path):
+    from dataclasses import asdict
+
+    from segsde.sde.model import SDEModel
+    from segsde.sde.run import save_model, sde_config
+
+    (tmp_path / "foreign.txt").write_text("not_an_id_1\nnot_an_id_2\n")  # a selection list from another dataset
+    if "{tmp}/sde34.pt" in args:  # an SDE model of another architecture
+        cfg = sde_config("smoke", {"encoder": 34})
+        save_model(tmp_path / "sde34.pt", {"model": SDEModel(cfg).state_dict(), "config": asdict(cfg), "step": 0})
     proc = run_cli("train", "--data", study["data"], "--out", tmp_path / "o", "--profile", "smoke",
                    *[a.format(tmp=tmp_path) for a in args], check=False)
     assert proc.returncode == 2 and proc.stdout == ""

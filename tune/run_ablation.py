@@ -63,12 +63,12 @@ def main(argv=None) -> int:
 
         cfg = study_config(args.profile, rows=args.rows, budgets=args.budgets, seeds=args.seeds, concurrency=args.concurrency,
                            workers=args.workers, gpu=args.gpu, data_seed=args.data_seed, train=train_overrides(args.profile, "study", args.set))
-        run_study(cfg, args.out, data_root=args.data_root, force=tuple(args.force), address=args.address,
-                  tracking_uri=args.tracking_uri, experiment=args.experiment, resume=args.resume, dry_run=args.dry_run)
+        result = run_study(cfg, args.out, data_root=args.data_root, force=tuple(args.force), address=args.address,
+                           tracking_uri=args.tracking_uri, experiment=args.experiment, resume=args.resume, dry_run=args.dry_run)
     except SegSDEError as exc:
         print(f"run_ablation: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return 1 if result.get("failed") else 0  # the table is printed either way, failed cells marked
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ def save_preview(root: Path, out: Path, n: int = 3) -> Path:
     fig = preview_figure(root, n)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    from segsde.data.store import atomic_savefig
+
+    atomic_savefig(fig, out, dpi=100)
     plt.close(fig)
     return out

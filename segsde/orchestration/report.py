@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from segsde.data.labels import CLASS_NAMES
-from segsde.data.store import atomic_write_bytes
+from segsde.data.store import atomic_savefig, atomic_write_bytes
 
 BASELINE = "baseline"
 MISSING = "failed/missing"
@@ -141,7 +141,7 @@ def write_report(records: list[dict], rows: list[str], budgets: list[int], out: 
         frame.to_parquet(tmp, index=False)
         tmp.replace(out / name)
     for fig, name in figures:
-        fig.savefig(out / name, dpi=110)
+        atomic_savefig(fig, out / name)
         if logger is not None:
             logger.figure(fig, f"study/{name}")
         plt.close(fig)

@@ -99,7 +99,7 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Path | None = None, force:
               address: str | None = None, tracking_uri: str | None = None, experiment: str | None = None,
               resume: bool = False, dry_run: bool = False, log=print) -> dict:
     """Run (or, with ``dry_run``, print) the study; return the trial records and where the report went."""
-    from segsde.tracking import end_run, get_or_create_run, resolve_tracking_uri
+    from segsde.tracking import RunLogger, end_run, get_or_create_run, resolve_tracking_uri
 
     out = Path(out).absolute()
     start = time.perf_counter()
@@ -132,16 +132,20 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Path | None = None, force:
         if "train" in force:
             for t in todo:  # recompute, not resume from the finished Train run
                 shutil.rmtree(out / "ray" / f"train-{t.key}", ignore_errors=True)
-        if todo:
-            _tune_grid(cfg, todo, data, out, sde_model, tracking, address, resume, log)
+        errors = _tune_grid(cfg, todo, data, out, sde_model, tracking, address, resume, log) if todo else {}
+        for t in todo:
+            if t.key in errors:
+                log(f"[trial] {t.name}: FAILED ({errors[t.key]}); the study goes on, its cell is marked")
         records = [_record(t) for t in trials]
         report = _report(cfg, records, out, tracking, log)
+        failed = sum(r.get("miou") is None for r in records)
+        RunLogger(tracking.uri, tracking.parent_run_id).client.set_tag(tracking.parent_run_id, "segsde.failed_trials", str(failed))
         status = "FINISHED"
         seconds = time.perf_counter() - start
-        log(f"[study] {len(trials)} trials ({len(todo)} run, {len(trials) - len(todo)} cached, "
-            f"{sum(r.get('miou') is None for r in records)} failed) in {seconds:.0f} s; report in {report}")
+        log(f"[study] {len(trials)} trials ({len(todo)} run, {len(trials) - len(todo)} cached, {failed} failed) in "
+            f"{seconds:.0f} s; report in {report}" + (" (rerun with --resume to retry the failed trials)" if failed else ""))
         return {"records": records, "report": str(report), "parent_run_id": tracking.parent_run_id, "seconds": seconds,
-                "tracking_uri": tracking.uri, "experiment": experiment}
+                "tracking_uri": tracking.uri, "experiment": experiment, "failed": failed}
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -205,8 +209,9 @@ def start_ray(profile: str, row: str, train: dict, concurrency: int, workers: in
 
 
 def _tune_grid(cfg: StudyConfig, todo: list[Trial], data: Path, out: Path, sde_model: Path | None,
-               tracking: StageTracking, address: str | None, resume: bool, log) -> None:
-    """The trials that are not cached, as one Tune grid (the default variant generator)."""
+               tracking: StageTracking, address: str | None, resume: bool, log) -> dict[str, str]:
+    """The trials that are not cached, as one Tune grid (the default variant generator); returns the
+    last line of each failed trial's error by trial key."""
     import ray.tune
 
     from segsde.orchestration.trials import MlflowStatusCallback, TrialSettings, TrialSpec, tune_trainable
@@ -230,7 +235,12 @@ def _tune_grid(cfg: StudyConfig, todo: list[Trial], data: Path, out: Path, sde_m
             run_config=ray.tune.RunConfig(name=name, storage_path=str(storage), verbose=1,
                                           failure_config=ray.tune.FailureConfig(max_failures=1),
                                           callbacks=[MlflowStatusCallback(tracking.uri, tracking.experiment)]))
-    tuner.fit()
+    errors = {}
+    for result in tuner.fit():
+        if result.error is not None:
+            lines = str(result.error).strip().splitlines() or [type(result.error).__name__]
+            errors[result.config["trial"]["key"]] = lines[-1][:300]
+    return errors
 
 
 def _record(trial: Trial) -> dict:

@@ -1,0 +1,109 @@
+"""Faults during a study, driven with real processes: real local Ray, a real MLflow sqlite store and the
+smoke profile. Each test checks what a user relies on: nothing lost, nothing silently wrong, no duplicate
+MLflow runs, and the same table as a run without the fault."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[2]
+# a row that diverges at its first step (SGD at lr 1e30): the trainer raises on the non-finite loss
+DIVERGING_ROW = "\ndiverging: {lr_decoder: 1.0e+30, lr_encoder: 1.0e+30}\n"
+# long enough to be killed mid-trial: a checkpoint every 5 of 60 steps
+LONGER = ("--set", "steps=60", "--set", "checkpoint_interval=5", "--set", "eval_interval=20")
+
+
+@pytest.fixture(scope="module")
+def ablations(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ablations")
+    shutil.copytree(ROOT / "ablations", folder, dirs_exist_ok=True)
+    with open(folder / "component_study.yaml", "a") as f:
+        f.write(DIVERGING_ROW)
+    return folder
+
+
+def study(out: Path, ablations: Path, *args, background: bool = False):
+    cmd = [sys.executable, str(ROOT / "tune" / "run_ablation.py"), "--profile", "smoke", "--out", str(out), *map(str, args)]
+    env = {**os.environ, "SEGSDE_ABLATIONS": str(ablations)}
+    if background:  # its own session, so the whole process tree (driver, local Ray, workers) can be killed
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True)
+
+
+def trial_runs(out: Path) -> dict:
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("segsde-study-smoke").experiment_id])
+    assert sum(r.data.tags.get("segsde.stage") == "study" for r in runs) == 1
+    trials = [r for r in runs if r.data.tags.get("segsde.stage") == "train"]
+    assert len({r.data.tags["segsde.row"] for r in trials}) == len(trials), "a trial has two MLflow runs"
+    return {r.data.tags["segsde.row"]: r for r in trials}
+
+
+def table(out: Path) -> pd.DataFrame:
+    return pd.read_parquet(next((out / "study").iterdir()) / "trials.parquet").sort_values("row").reset_index(drop=True)
+
+
+def checkpoints(out: Path) -> set[Path]:
+    return set((out / "ray").glob("train-*/checkpoint_*"))
+
+
+def wait_for_new_checkpoint(out: Path, proc, seen: set, seconds: float = 300) -> set:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        now = checkpoints(out)
+        if now - seen:
+            time.sleep(1.0)  # let Ray Train register it
+            return now
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    raise AssertionError("no new trial checkpoint appeared")
+
+
+def train_workers(session: int) -> list[int]:
+    ps = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True).stdout.splitlines()
+    return [int(line.split()[0]) for line in ps if int(line.split()[1]) == session and "RayTrainWorker" in line]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ablations, tmp_path_factory):
+    """baseline beside a diverging row, without any other fault."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    return out, study(out, ablations, "--rows", "baseline,diverging", *LONGER)
+
+
+def test_a_failing_trial_is_failed_everywhere_and_the_study_goes_on(uninterrupted):
+    out, proc = uninterrupted
+    assert proc.returncode == 1, proc.stderr[-3000:]  # the study finished, but not every trial did
+    assert "[trial] diverging-b4-s0: FAILED (" in proc.stdout and "1 failed" in proc.stdout
+    assert "| diverging | failed/missing |" in proc.stdout and "| baseline | " in proc.stdout
+    runs = trial_runs(out)
+    assert runs["baseline"].info.status == "FINISHED" and "final/miou" in runs["baseline"].data.metrics
+    assert runs["diverging"].info.status == "FAILED" and "loss" in runs["diverging"].data.tags["segsde.failure"]
+    assert not list(out.glob("cache/train-diverging-*/metrics.json"))  # nothing cached for it: --resume retries it
+    assert table(out).set_index("row")["miou"].isna().to_dict() == {"baseline": False, "diverging": True}
+
+
+def test_a_killed_worker_and_a_killed_study_lose_nothing_and_duplicate_nothing(ablations, uninterrupted, tmp_path):
+    proc = study(tmp_path, ablations, "--rows", "baseline", *LONGER, background=True)
+    seen = wait_for_new_checkpoint(tmp_path, proc, set())
+    workers = train_workers(proc.pid)
+    assert len(workers) == 1
+    os.kill(workers[0], signal.SIGKILL)  # Ray Train restarts the worker group from the checkpoint
+    wait_for_new_checkpoint(tmp_path, proc, seen)  # and it trains on
+    assert train_workers(proc.pid) and train_workers(proc.pid) != workers
+    os.killpg(proc.pid, signal.SIGKILL)  # then a preempted machine: driver, Ray and workers gone at once
+    proc.wait()
+    assert trial_runs(tmp_path)["baseline"].info.status == "RUNNING"
+    resumed = study(tmp_path, ablations, "--rows", "baseline", *LONGER, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert trial_runs(tmp_path)["baseline"].info.status == "FINISHED"  # the same run, closed
+    reference = table(uninterrupted[0]).set_index("row")["miou"].loc[["baseline"]]
+    pd.testing.assert_series_equal(table(tmp_path).set_index("row")["miou"], reference)  # as if nothing happened
