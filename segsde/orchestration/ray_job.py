@@ -28,8 +28,27 @@ def init_ray(address: str | None, num_cpus: int, num_gpus: int | None = None, re
             raise SegSDEError(f"cannot reach the Ray cluster at {address} ({type(exc).__name__}): "
                               "start it with `ray up cluster.yaml` or drop --address to run locally") from exc
         return
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, include_dashboard=resources is not None,
-             object_store_memory=300 * 2**20, log_to_driver=True)
+    # Ray Train's placement-group cleaner finds its cluster through the State API, which gives up when two
+    # local Ray instances run on one machine (two studies, or parallel tests) and the trial then never
+    # gets its CPUs back. So this instance's GCS port is chosen here and handed to every worker.
+    from ray._private.services import get_node_ip_address
+
+    port = int(os.environ.get("RAY_GCS_SERVER_PORT") or _free_port())
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, include_dashboard=resources is not None,
+                 object_store_memory=300 * 2**20, log_to_driver=True,
+                 runtime_env={"env_vars": {"RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}})
+    finally:
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def check_ray_address(address: str, timeout: float = 5.0) -> None:

@@ -17,8 +17,8 @@ from mlflow.tracking import MlflowClient
 ROOT = Path(__file__).resolve().parents[2]
 # a row that diverges at its first step (SGD at lr 1e30): the trainer raises on the non-finite loss
 DIVERGING_ROW = "\ndiverging: {lr_decoder: 1.0e+30, lr_encoder: 1.0e+30}\n"
-# long enough to be killed mid-trial: a checkpoint every 5 of 60 steps
-LONGER = ("--set", "steps=60", "--set", "checkpoint_interval=5", "--set", "eval_interval=20")
+# long enough to be killed twice mid-trial: a checkpoint every 5 of 200 steps
+LONGER = ("--set", "steps=200", "--set", "checkpoint_interval=5", "--set", "eval_interval=50")
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +97,7 @@ def test_a_killed_worker_and_a_killed_study_lose_nothing_and_duplicate_nothing(a
     workers = train_workers(proc.pid)
     assert len(workers) == 1
     os.kill(workers[0], signal.SIGKILL)  # Ray Train restarts the worker group from the checkpoint
-    wait_for_new_checkpoint(tmp_path, proc, seen)  # and it trains on
-    assert train_workers(proc.pid) and train_workers(proc.pid) != workers
+    wait_for_new_checkpoint(tmp_path, proc, seen)  # and the new worker group trains on from it
     os.killpg(proc.pid, signal.SIGKILL)  # then a preempted machine: driver, Ray and workers gone at once
     proc.wait()
     assert trial_runs(tmp_path)["baseline"].info.status == "RUNNING"
