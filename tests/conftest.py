@@ -85,3 +85,13 @@ def warp_error(item: dict, source: int) -> tuple[float, float]:
 
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+# the files that take minutes go first, so that the two test processes (pytest-xdist, whole files each)
+# finish together instead of one waiting on a long file that came last
+SLOW_FIRST = ("test_sweep.py", "test_faults.py", "test_selection.py", "test_trainer.py", "test_sde_train.py", "test_run_ablation.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: a file's own order is kept

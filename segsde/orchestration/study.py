@@ -124,8 +124,10 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Path | None = None, force:
         trials = plan_trials(cfg, data, out, sde_model, selections)
         todo = [t for t in trials if "train" in force or not t.done]
         for t in trials:
-            state = "would run" if t in todo else "cache hit"
-            log(f"[trial] {t.name}: {state} ({t.result_dir})" if dry_run or t not in todo else f"[trial] {t.name}: cache hit, reusing {t.result_dir}")
+            if t in todo:
+                log(f"[trial] {t.name}: {'would run' if dry_run else 'to run'} ({t.result_dir})")
+            else:
+                log(f"[trial] {t.name}: cache hit, reusing {t.result_dir}")
         if dry_run:
             log(f"[study] dry run: {len(trials)} trials, {len(trials) - len(todo)} cached; nothing was run")
             return {"trials": [t.name for t in trials], "todo": [t.name for t in todo]}
@@ -233,7 +235,7 @@ def _tune_grid(cfg: StudyConfig, todo: list[Trial], data: Path, out: Path, sde_m
             trainable, param_space={"trial": ray.tune.grid_search(specs)},
             tune_config=ray.tune.TuneConfig(max_concurrent_trials=cfg.concurrency),
             run_config=ray.tune.RunConfig(name=name, storage_path=str(storage), verbose=1,
-                                          failure_config=ray.tune.FailureConfig(max_failures=1),
+                                          failure_config=ray.tune.FailureConfig(max_failures=0),  # Train restarts workers (TrialSettings)
                                           callbacks=[MlflowStatusCallback(tracking.uri, tracking.experiment)]))
     errors = {}
     for result in tuner.fit():

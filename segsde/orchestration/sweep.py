@@ -177,7 +177,7 @@ def _tune_budget(cfg, name, space, tc, data, out, sde_model, selection, tracking
                    tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.samples,
                                                    max_concurrent_trials=cfg.concurrency),
                    run_config=ray.tune.RunConfig(name=name, storage_path=str(out / "tune"), verbose=1,
-                                                 failure_config=ray.tune.FailureConfig(max_failures=1),
+                                                 failure_config=ray.tune.FailureConfig(max_failures=0),  # Train restarts workers (TrialSettings)
                                                  callbacks=[MlflowStatusCallback(tracking.uri, tracking.experiment, tc.steps)])).fit()
 
 

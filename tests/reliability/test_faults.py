@@ -17,8 +17,8 @@ from mlflow.tracking import MlflowClient
 ROOT = Path(__file__).resolve().parents[2]
 # a row that diverges at its first step (SGD at lr 1e30): the trainer raises on the non-finite loss
 DIVERGING_ROW = "\ndiverging: {lr_decoder: 1.0e+30, lr_encoder: 1.0e+30}\n"
-# long enough to be killed twice mid-trial: a checkpoint every 5 of 200 steps
-LONGER = ("--set", "steps=200", "--set", "checkpoint_interval=5", "--set", "eval_interval=50")
+# long enough to be killed twice mid-trial (near steps 5 and 10): a checkpoint every 5 of 60 steps
+LONGER = ("--set", "steps=60", "--set", "checkpoint_interval=5", "--set", "eval_interval=20")
 
 
 @pytest.fixture(scope="module")
