@@ -32,9 +32,9 @@ def main() -> None:
     args = parser.parse_args()
     import os
 
-    from segsde.profiles import load_profile
+    from tune.run_ablation import train_overrides
 
-    train = {**(load_profile(args.profile).get("study") or {}).get("train", {}), "threads": max(1, (os.cpu_count() or 1) // args.concurrency)}
+    train = train_overrides(args.profile, "study", [("threads", max(1, (os.cpu_count() or 1) // args.concurrency))])
     cfg = study_config(args.profile, rows=args.rows.split(",") if args.rows else None, concurrency=args.concurrency, train=train)
     configs = [train_config(cfg.profile, r, {**cfg.train, "budget": max(cfg.budgets), "seed": cfg.seeds[0]}) for r in cfg.rows]
     input_stages(cfg.profile, configs, cfg.seeds, Path(args.out).absolute(), None, cfg.data_seed)  # computed or reused, untimed

@@ -15,10 +15,10 @@ from ray.tune.search.optuna import OptunaSearch
 from segsde.configs import check
 from segsde.errors import SegSDEError
 from segsde.orchestration.stages import StageTracking, cache_key
-from segsde.profiles import PROFILES_FILE, load_profile, load_yaml
+from segsde.profiles import ABLATIONS_DIR, load_profile, load_yaml
 from segsde.trainer.run import study_rows, train_config
 
-SPACE_FILE = PROFILES_FILE.parent / "sweep_space.yaml"
+SPACE_FILE = ABLATIONS_DIR / "sweep_space.yaml"
 WHEN = {"always": lambda c: True, "teacher": lambda c: c.teacher, "multitask": lambda c: c.multitask,
         "depthmix": lambda c: c.teacher and c.mix == "depth"}
 METRIC = "miou"

@@ -29,7 +29,7 @@ from segsde.ssl.teacher import ema_update, make_teacher
 from segsde.trainer.config import TrainConfig
 from segsde.trainer.data import TrialBatches
 from segsde.trainer.model import build_network, load_transfer, parameter_groups
-from segsde.trainer.run import SCORE_KEYS
+from segsde.trainer.run import final_scores
 from segsde.trainer.step import pseudo_label_loss, supervised_loss
 
 
@@ -167,7 +167,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if logger:
                     _log_evaluation(logger, result, metrics, example, cfg, done)
                 if logger and done == cfg.steps:  # before the report: a Tune scheduler may stop the trial at it
-                    logger.metrics({f"final/{k}": v for k, v in metrics.items() if (k in SCORE_KEYS or k.startswith("iou/")) and v == v}, step=done)
+                    logger.metrics({f"final/{k}": v for k, v in final_scores(metrics).items() if v == v}, step=done)
             with tempfile.TemporaryDirectory() as d:
                 ckpt = None
                 if worker.is_main:

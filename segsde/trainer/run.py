@@ -11,13 +11,18 @@ from pathlib import Path
 
 from segsde.data.store import atomic_write_bytes, read_manifest
 from segsde.errors import SegSDEError
-from segsde.profiles import PROFILES_FILE, load_profile, load_yaml
+from segsde.profiles import ABLATIONS_DIR, load_profile, load_yaml
 from segsde.runtime import CHECKPOINT_FILE
 from segsde.trainer.config import TrainConfig
 
-STUDY_FILE = PROFILES_FILE.parent / "component_study.yaml"
+STUDY_FILE = ABLATIONS_DIR / "component_study.yaml"
 METRICS_FILE = "metrics.json"
 SCORE_KEYS = ("miou", "best_miou", "pixel_accuracy", "full_miou", "full_pixel_accuracy")
+
+
+def final_scores(metrics: dict) -> dict:
+    """The scores of a trial's report that make its result: SCORE_KEYS and the class IoUs."""
+    return {k: v for k, v in metrics.items() if k in SCORE_KEYS or k.startswith("iou/")}
 
 
 def study_rows(path: Path = STUDY_FILE) -> dict[str, dict]:
@@ -90,13 +95,13 @@ def prepare_trial(data: Path, row: str = "baseline", profile: str = "quick", ove
     manifest = read_manifest(data)
     if "train" not in manifest["splits"] or "val" not in manifest["splits"]:
         raise SegSDEError(f"{data} needs 'train' and 'val' splits (it has {sorted(manifest['splits'])}): rebuild it")
-    if cfg.transfer and (sde_model is None or not Path(sde_model).is_file()):
-        raise SegSDEError(f"row '{row}' starts from the SDE model: pass --sde-model MODEL.pt (written by `segsde sde`), "
-                          f"{'which does not exist at ' + str(sde_model) if sde_model else 'none was given'}")
     if cfg.transfer:
         from segsde.trainer.model import transfer_source
 
-        transfer_source(Path(sde_model), cfg)
+        if sde_model is None or not Path(sde_model).is_file():
+            raise SegSDEError(f"row '{row}' starts from the SDE model: pass --sde-model MODEL.pt (written by `segsde sde`), "
+                              f"{'which does not exist at ' + str(sde_model) if sde_model else 'none was given'}")
+        transfer_source(Path(sde_model), cfg)  # the architecture matches, before any worker starts
     if resume_from is not None and not (Path(resume_from) / CHECKPOINT_FILE).is_file():
         raise SegSDEError(f"--resume-from {resume_from} is not a checkpoint directory (no {CHECKPOINT_FILE}): pass one from a run's ray/ folder")
     if cfg.teacher and cfg.mix == "depth":
@@ -121,7 +126,7 @@ def summarise(trial: PreparedTrial, result, seconds: float, run_id: str) -> dict
     """The trial's final scores (class IoUs included) from Ray Train's result (the loop itself logged them
     to MLflow as final/* metrics)."""
     final = result.metrics or {}
-    scores = {k: final[k] for k in final if k in SCORE_KEYS or k.startswith("iou/")}
+    scores = final_scores(final)
     summary = {"row": trial.row, "budget": trial.cfg.budget, "seed": trial.cfg.seed, "step": final.get("step"), **scores,
                "train_seconds": final.get("train_seconds"),
                "seconds": round(seconds, 1), "checkpoint": result.checkpoint.path if result.checkpoint else None,
