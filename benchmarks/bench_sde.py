@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--profile", default="quick")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--data", default=None, help="a testbed dataset (default: render a small one)")
+    parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all", help="where to measure (default: the CPU, and CUDA when present)")
     args = parser.parse_args()
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,6 +73,9 @@ def main() -> None:
         results = {"benchmark": "sde_training", "profile": args.profile, "steps": args.steps, "host": platform.node(),
                    "cpu_threads": threads}
         devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+        devices = [d for d in devices if args.device in ("all", d.type)]
+        if not devices:
+            parser.error("--device cuda: no CUDA device here; use --device cpu")
         for device in devices:
             name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
             ours = images_per_s(data, args.profile, {}, args.steps, device)

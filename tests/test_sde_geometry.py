@@ -78,6 +78,26 @@ def test_automask_prefers_identity_on_static_pixels():
     assert warped_won.all()
 
 
+@pytest.mark.parametrize("automask", [True, False])
+def test_view_synthesis_loss_honours_the_automask_switch(automask):
+    """A static scene (all three frames equal) with a moving camera: with auto-masking every pixel takes
+    the zero identity error; without it the loss is the (positive) error of the wrong warp."""
+    from segsde.sde.config import SDEConfig
+    from segsde.sde.model import view_synthesis_loss
+
+    torch.manual_seed(0)
+    frame = torch.rand(1, 3, 32, 48)
+    frames = torch.stack([frame, frame, frame], 1)
+    K = torch.tensor([[[40.0, 0, 23.5], [0, 40.0, 15.5], [0, 0, 1]]])
+    T = [pose_from_params(torch.zeros(1, 3), torch.tensor([[0.0, 0, -s]])) for s in (0.5, -0.5)]
+    disps = [torch.full((1, 1, 32 // 2**s, 48 // 2**s), 0.5) for s in range(2)]
+    out = view_synthesis_loss(frames, K, disps, T, SDEConfig(automask=automask, scales=2))
+    if automask:
+        assert out["photometric"] < 1e-3 and out["automask_ratio"] == 0
+    else:
+        assert out["photometric"] > 0.01 and out["automask_ratio"] == 1
+
+
 @pytest.mark.parametrize("value", [0.2, 3.0])
 def test_smoothness_is_zero_for_constant_disparity_and_scale_free(value):
     image = torch.rand(1, 3, 8, 8)

@@ -67,7 +67,7 @@ def view_synthesis_loss(frames: torch.Tensor, K: torch.Tensor, disps: list[torch
         if cfg.normalise_disparity:  # removes the depth/translation scale drift (Wang et al., CVPR 2018)
             depth = scaled.mean((2, 3), keepdim=True) * depth
         warped = [warp(src, depth, K, Ts) for src, Ts in zip(sources, T)]
-        loss_map, warped_won = min_reprojection(target, warped, sources, identity=identity)
+        loss_map, warped_won = min_reprojection(target, warped, sources, automask=cfg.automask, identity=identity)
         photometric = photometric + loss_map.mean()
         image_s = F.interpolate(target, size=disp.shape[-2:], mode="area") if s else target
         smooth = smooth + smoothness(disp, image_s) / 2**s
