@@ -159,25 +159,104 @@ def tracked_run(uri: str, experiment: str, run_name: str, config: dict, tags: di
         end_run(uri, run_id, status)
 
 
-class RunLogger:
-    """Logs into an existing run from any process (Train workers log on rank 0 only)."""
+#: how long a worker waits for a lost tracking server at the end of its run before failing (resumably)
+OUTAGE_GRACE_S = float(os.environ.get("SEGSDE_TRACKING_GRACE_S", "120"))
 
-    def __init__(self, uri: str, run_id: str):
-        self.client, self.run_id = _client(uri), run_id
+
+def _is_outage(exc: Exception) -> bool:
+    """A tracking server that cannot be reached or answers 5xx, as opposed to a request it refused."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, (requests.exceptions.RequestException, ConnectionError, TimeoutError)):
+        return True
+    return isinstance(exc, MlflowException) and exc.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE") and "API request to" in str(exc)
+
+
+class RunLogger:
+    """Logs into an existing run from any process (Train workers log on rank 0 only).
+
+    With ``keep_through_outages`` (the training loops), a call that finds the tracking server unreachable
+    does not stop training: the call is queued and retried, in order, before the next one; ``flush``
+    at the end of the run waits up to ``OUTAGE_GRACE_S`` and then raises, before the last checkpoint is
+    reported, so that a restarted run repeats the unlogged part instead of skipping it."""
+
+    def __init__(self, uri: str, run_id: str, keep_through_outages: bool = False):
+        if keep_through_outages:  # fail fast per call: the queue retries at every later call anyway
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        self.client, self.run_id, self.keep_through_outages = _client(uri), run_id, keep_through_outages
+        self.queued: list = []
+        self._spool = None
+
+    def _call(self, call) -> None:
+        if self.queued:
+            self._retry_queued()
+        if self.queued:
+            self.queued.append(call)
+            return
+        try:
+            call()
+        except Exception as exc:
+            if not (self.keep_through_outages and _is_outage(exc)):
+                raise
+            from segsde.runtime import progress
+
+            progress(f"[mlflow] tracking server unreachable, queueing this run's logs and training on ({str(exc)[:120]})")
+            self.queued.append(call)
+
+    def _retry_queued(self) -> None:
+        sent = 0
+        while self.queued:
+            try:
+                self.queued[0]()
+            except Exception as exc:
+                if not _is_outage(exc):
+                    raise
+                return
+            self.queued.pop(0)
+            sent += 1
+        if sent:
+            from segsde.runtime import progress
+
+            progress(f"[mlflow] tracking server back: {sent} queued logging call(s) sent")
+
+    def flush(self, grace_s: float = OUTAGE_GRACE_S) -> None:
+        """Send what is queued, retrying for up to ``grace_s``; raise if the server stays unreachable."""
+        import time
+
+        deadline = time.monotonic() + grace_s
+        self._retry_queued()
+        while self.queued and time.monotonic() < deadline:
+            time.sleep(2.0)
+            self._retry_queued()
+        if self.queued:
+            raise SegSDEError(f"the MLflow tracking server stayed unreachable for {grace_s:.0f} s with {len(self.queued)} "
+                              "logging call(s) queued: restart it, then rerun with --resume (training goes on from the last checkpoint)")
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         import time
 
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+        batch = [Metric(k, float(v), int(time.time() * 1000), step) for k, v in values.items()]
+        self._call(lambda: self.client.log_batch(self.run_id, metrics=batch))
 
     def figure(self, fig, path: str) -> None:
-        self.client.log_figure(self.run_id, fig, path)
+        if not self.keep_through_outages:
+            self.client.log_figure(self.run_id, fig, path)
+            return
+        # rendered now: the caller closes the figure, and a queued call must not need it
+        import tempfile
+
+        self._spool = self._spool or Path(tempfile.mkdtemp(prefix="segsde-mlflow-"))
+        file = self._spool / Path(path).name
+        fig.savefig(file)
+        directory = str(Path(path).parent) if Path(path).parent != Path(".") else None
+        self._call(lambda: self.client.log_artifact(self.run_id, str(file), directory))
 
     def artifact(self, path: Path, directory: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), directory)
+        self._call(lambda: self.client.log_artifact(self.run_id, str(path), directory))
 
     def table(self, data: dict[str, list], path: str) -> None:
-        self.client.log_table(self.run_id, data=data, artifact_file=path)
+        self._call(lambda: self.client.log_table(self.run_id, data=data, artifact_file=path))

@@ -49,8 +49,6 @@ class TrialSpec:
 def trial_driver(config: dict, settings: TrialSettings) -> None:
     """The Tune trainable: ``config["trial"]`` is a TrialSpec as a dict, ``config.get("params")`` the
     values a searcher proposed (train config keys)."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     from segsde.orchestration.ray_job import make_trainer
     from segsde.runtime import progress
     from segsde.tracking import RunLogger, get_or_create_run
@@ -72,11 +70,24 @@ def trial_driver(config: dict, settings: TrialSettings) -> None:
     start = time.perf_counter()
     trainer = make_trainer(_loop, {**trial.loop_config, "mlflow_run_id": run_id}, f"train-{key}",
                            Path(settings.out) / "ray", settings.workers, settings.gpu, trial.cfg.threads or 1,
-                           settings.max_failures, callbacks=[TuneReportCallback()])
+                           settings.max_failures, callbacks=[evaluations_to_tune()])
     result = trainer.fit()
     summary = summarise(trial, result, time.perf_counter() - start, run_id)
     if spec.result_dir:
         atomic_write_bytes(Path(spec.result_dir) / METRICS_FILE, json.dumps(summary, indent=1).encode())
+
+
+def evaluations_to_tune():
+    """A Train callback that passes to Tune only the reports that carry a validation score: a checkpoint
+    between two evaluations has none, and a scheduler (ASHA) rejects a result without its metric."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EvaluationsToTune(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if "miou" in metrics[0]:
+                super().after_report(run_context, metrics, checkpoint)
+
+    return EvaluationsToTune()
 
 
 def tune_trainable(settings: TrialSettings):

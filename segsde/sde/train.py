@@ -143,7 +143,7 @@ def train_loop_per_worker(config: dict) -> None:
     if worker.is_main and config.get("mlflow_run_id"):
         from segsde.tracking import RunLogger
 
-        logger = RunLogger(config["tracking_uri"], config["mlflow_run_id"])
+        logger = RunLogger(config["tracking_uri"], config["mlflow_run_id"], keep_through_outages=True)
     val_set = validation_set(config["data"], cfg)
     batches = torch.utils.data.DataLoader(StepBatches(config["data"], cfg, start, worker.rank, worker.world), batch_size=None,
                                           num_workers=cfg.loader_workers, pin_memory=gpu, persistent_workers=False)
@@ -201,6 +201,8 @@ def train_loop_per_worker(config: dict) -> None:
                 if worker.is_main and not math.isnan(depth_metrics["abs_rel"]):
                     progress(f"[sde] validation at step {done}: AbsRel {depth_metrics['abs_rel']:.3f} "
                               f"RMSE {depth_metrics['rmse']:.2f} d1 {depth_metrics['a1']:.3f}")
+            if logger and done == stop:  # a restart after this checkpoint would not log again
+                logger.flush()
             with tempfile.TemporaryDirectory() as d:
                 ckpt = None
                 if worker.is_main:

@@ -105,7 +105,7 @@ def train_loop_per_worker(config: dict) -> None:
     if worker.is_main and config.get("mlflow_run_id"):
         from segsde.tracking import RunLogger
 
-        logger = RunLogger(config["tracking_uri"], config["mlflow_run_id"])
+        logger = RunLogger(config["tracking_uri"], config["mlflow_run_id"], keep_through_outages=True)
     augment = StrongAugment(cfg.crop or cfg.resize or val_shape(config["data"]), cfg.jitter_p, cfg.jitter_strength, cfg.blur_p, cfg.blur_sigma)
     val_set = validation_set(config["data"], cfg)
     batches = torch.utils.data.DataLoader(
@@ -168,6 +168,8 @@ def train_loop_per_worker(config: dict) -> None:
                     _log_evaluation(logger, result, metrics, example, cfg, done)
                 if logger and done == cfg.steps:  # before the report: a Tune scheduler may stop the trial at it
                     logger.metrics({f"final/{k}": v for k, v in final_scores(metrics).items() if v == v}, step=done)
+            if logger and done == stop:  # a restart after this checkpoint would not log again
+                logger.flush()
             with tempfile.TemporaryDirectory() as d:
                 ckpt = None
                 if worker.is_main:

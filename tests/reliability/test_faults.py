@@ -7,12 +7,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+from processes import train_workers, wait_for_new_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 # a row that diverges at its first step (SGD at lr 1e30): the trainer raises on the non-finite loss
@@ -49,27 +49,6 @@ def trial_runs(out: Path) -> dict:
 
 def table(out: Path) -> pd.DataFrame:
     return pd.read_parquet(next((out / "study").iterdir()) / "trials.parquet").sort_values("row").reset_index(drop=True)
-
-
-def checkpoints(out: Path) -> set[Path]:
-    return set((out / "ray").glob("train-*/checkpoint_*"))
-
-
-def wait_for_new_checkpoint(out: Path, proc, seen: set, seconds: float = 300) -> set:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        now = checkpoints(out)
-        if now - seen:
-            time.sleep(1.0)  # let Ray Train register it
-            return now
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        time.sleep(0.2)
-    raise AssertionError("no new trial checkpoint appeared")
-
-
-def train_workers(session: int) -> list[int]:
-    ps = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True).stdout.splitlines()
-    return [int(line.split()[0]) for line in ps if int(line.split()[1]) == session and "RayTrainWorker" in line]
 
 
 @pytest.fixture(scope="module")

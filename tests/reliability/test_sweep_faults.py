@@ -1,0 +1,65 @@
+"""A 2-budget Optuna + ASHA sweep on real local Ray, a real Optuna sqlite study and a real MLflow sqlite store,
+killed mid-trial (driver, Ray and workers at once) and resumed: the Optuna studies continue with no trial
+left RUNNING, MLflow holds one parent per budget and one child per trial, and a further --resume adds nothing."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+from mlflow.tracking import MlflowClient
+from processes import wait_for_new_checkpoint
+
+from segsde.orchestration.sweep import defaults, search_space, sweep_config
+
+ROOT = Path(__file__).resolve().parents[2]
+# 12 steps with a checkpoint every 3, so that the kill lands inside a trial; ASHA rungs at steps 6 and 12
+SHORT = ["--set", "steps=12", "--set", "checkpoint_interval=3", "--set", "eval_interval=6"]
+
+
+def test_a_killed_sweep_resumes_its_optuna_studies_without_duplicates(tmp_path):
+    args = [sys.executable, str(ROOT / "tune" / "run_sweep.py"), "--profile", "smoke", "--budgets", "2,4", "--samples", "3",
+            "--out", str(tmp_path), *SHORT]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    wait_for_new_checkpoint(tmp_path, first, set())
+    os.killpg(first.pid, signal.SIGKILL)  # a preempted head node: nothing gets to clean up
+    first.wait()
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    interrupted = optuna.load_study(study_name="segsde-sweep-smoke-pseudolabel-b2", storage=storage)
+    assert optuna.trial.TrialState.RUNNING in [t.state for t in interrupted.trials]  # the kill did land mid-trial
+
+    again = subprocess.run(args, capture_output=True, text=True)
+    assert again.returncode == 2 and "pass --resume" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "[sweep] resuming" in resumed.stdout + resumed.stderr
+
+    studies = {s.study_name: optuna.load_study(study_name=s.study_name, storage=storage)
+               for s in optuna.study.get_all_study_summaries(storage)}
+    assert sorted(studies) == ["segsde-sweep-smoke-pseudolabel-b2", "segsde-sweep-smoke-pseudolabel-b4"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("segsde-sweep-smoke")
+    runs = client.search_runs([exp.experiment_id])
+    parents = {r.data.tags["mlflow.runName"]: r for r in runs if r.data.tags.get("segsde.stage") == "sweep"}
+    assert sorted(parents) == sorted(studies) and all(p.info.status == "FINISHED" for p in parents.values())
+    space = search_space(sweep_config("smoke"))
+    for name, study in studies.items():
+        states = [t.state for t in study.trials]
+        assert len(states) == 3 and set(states) <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}, states
+        assert study.trials[0].params == defaults(sweep_config("smoke"), space)  # the row's values first
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[name].info.run_id]
+        assert len(children) == 3 and len({r.data.tags["ray_trial_id"] for r in children}) == 3  # one run per trial
+        killed = [r for r in children if r.info.status == "KILLED"]  # ASHA stops, not the kill
+        assert all(r.data.tags["stopped_early"] == "true" for r in killed)
+        assert len(killed) == states.count(optuna.trial.TrialState.PRUNED)
+        assert all(r.info.status == "FINISHED" and "final/miou" in r.data.metrics for r in children if r not in killed)
+        artifacts = {a.path for a in client.list_artifacts(parents[name].info.run_id, "sweep")}
+        assert {"sweep/summary.json", "sweep/optimisation_history.png"} <= artifacts
+        assert (tmp_path / "sweep" / name / "summary.json").is_file()
+
+    twice = subprocess.run([*args, "--resume"], capture_output=True, text=True)
+    assert twice.returncode == 0, twice.stderr[-3000:]
+    assert len(client.search_runs([exp.experiment_id])) == len(runs)  # parents found again, no trial rerun
+    assert all(len(optuna.load_study(study_name=n, storage=storage).trials) == 3 for n in studies)
