@@ -75,20 +75,28 @@ def test_step_batches_do_not_depend_on_the_start_step(smoke_data):
     assert torch.equal(a[3]["net_frames"], b[1]["net_frames"]) and torch.equal(a[3]["K"], b[1]["K"])
 
 
-def test_cli_trains_logs_to_mlflow_and_exports_pseudo_depth(smoke_data, tmp_path):
+@pytest.fixture(scope="module")
+def ddp_run(smoke_data, tmp_path_factory):
+    """`segsde sde` on two DDP workers: the command's own checks below, and the reference an interrupted
+    and resumed run must match exactly."""
+    out = tmp_path_factory.mktemp("sde_ddp") / "sde"
+    proc = run_cli("sde", "--data", smoke_data, "--profile", "smoke", "--out", out, "--workers", 2)
+    return out, proc, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_cli_trains_on_two_ddp_workers_logs_to_mlflow_and_exports_pseudo_depth(ddp_run, smoke_data):
     from mlflow.tracking import MlflowClient
 
-    out = tmp_path / "sde"
-    proc = run_cli("sde", "--data", smoke_data, "--profile", "smoke", "--out", out)
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    out, proc, result = ddp_run
+    # 8 validation images, 4 scored by each rank, the error sums all-reduced
     assert result["step"] == 5 and 0 < result["abs_rel"] < 5 and 0 <= result["a1"] <= 1
     assert (out / "model.pt").is_file() and json.loads((out / "metrics.json").read_text())["abs_rel"] == result["abs_rel"]
     assert "[sde] step 5/5" in proc.stderr  # progress goes to stderr
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     run = client.get_run(result["mlflow_run_id"])
-    assert run.info.status == "FINISHED" and run.data.params["sde.encoder"] == "18"
+    assert run.info.status == "FINISHED" and run.data.params["sde.encoder"] == "18" and run.data.params["workers"] == "2"
     assert run.data.tags["segsde.git_commit"] and "val/abs_rel" in run.data.metrics
-    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 5  # log_interval 1
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 5  # log_interval 1, rank 0 only
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
         a.path for d in ("figures", "model") for a in client.list_artifacts(run.info.run_id, d)}
     assert {"config.json", "model/model.pt", "figures/disparity_step0000005.png"} <= artifacts
@@ -100,30 +108,26 @@ def test_cli_trains_logs_to_mlflow_and_exports_pseudo_depth(smoke_data, tmp_path
     assert pseudo.shape == (64, 128) and pseudo.min() == 0 and pseudo.max() == 1
 
 
-def test_resume_from_a_checkpoint_continues_exactly(smoke_data, tmp_path):
+def test_a_resumed_ddp_run_continues_exactly(ddp_run, smoke_data, tmp_path):
+    """Stopped at step 3 (inside phase 2) and resumed from that checkpoint, two DDP workers end with the
+    weights and optimiser state of the uninterrupted command above."""
     import ray
 
     from segsde.sde.run import run_sde
 
+    ray.shutdown()  # a local Ray another module left running may have too few CPUs for two workers
     try:
-        first = run_sde(smoke_data, tmp_path / "a", profile="smoke", stop_after=3)
+        first = run_sde(smoke_data, tmp_path / "a", profile="smoke", workers=2, stop_after=3)
         assert first["step"] == 3
-        resumed = run_sde(smoke_data, tmp_path / "b", profile="smoke", resume_from=first["checkpoint"])
-        straight = run_sde(smoke_data, tmp_path / "c", profile="smoke")
+        resumed = run_sde(smoke_data, tmp_path / "b", profile="smoke", workers=2, resume_from=first["checkpoint"])
     finally:
         ray.shutdown()
-    a, b = load_state(resumed["checkpoint"]), load_state(straight["checkpoint"])
+    a, b = load_state(resumed["checkpoint"]), load_state(ddp_run[2]["checkpoint"])
     assert a["step"] == b["step"] == 5 and a["phase"] == b["phase"] == 2
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sb for k in sb[i])
     assert load_state(first["checkpoint"])["step"] == 3
-
-
-def test_two_ddp_workers_train_and_all_reduce_validation(smoke_data, tmp_path):
-    proc = run_cli("sde", "--data", smoke_data, "--profile", "smoke", "--out", tmp_path, "--workers", 2)
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["step"] == 5 and 0 < result["abs_rel"] < 5  # 8 val images: 4 per rank, summed over both
 
 
 @pytest.mark.parametrize("args,message", [

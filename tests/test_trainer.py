@@ -16,10 +16,10 @@ from segsde.trainer.data import train_ids
 from segsde.trainer.model import MultiTaskNet, SegmentationNet, build_network, load_transfer
 from segsde.trainer.run import study_rows, train_config
 
-# al_entropy runs the trainer exactly as autoselect does (only their selection lists differ: test_selection.py)
-# al_entropy shares autoselect's path, transfer is mtl's without the depth decoder (its weight loading is tested
-# below), and baseline + pseudolabel run end to end as Tune trials in test_run_ablation.py (CI time)
-ROWS = sorted(r for r in study_rows() if r not in ("al_entropy", "transfer", "baseline", "pseudolabel"))
+# al_entropy shares autoselect's path (only their selection lists differ: test_selection.py), transfer is mtl's
+# without the depth decoder (its weight loading is tested below), baseline + pseudolabel run end to end as Tune
+# trials in test_run_ablation.py and combination on two DDP workers below (CI time)
+ROWS = sorted(r for r in study_rows() if r not in ("al_entropy", "transfer", "baseline", "pseudolabel", "combination"))
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,23 @@ def ray_session():
 
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def row_runs(study, ray_session, tmp_path_factory):
+    """``run(row)``: the row's smoke trial (in-process, one worker), each run once per module."""
+    from segsde.trainer.run import run_train
+
+    done = {}
+
+    def run(row):
+        if row not in done:
+            out = tmp_path_factory.mktemp(row)
+            selection = study["selection"] if train_config("smoke", row).labeled == "selection" else None  # selection stage: test_selection.py
+            done[row] = out, run_train(study["data"], out, row=row, profile="smoke", sde_model=study["sde"], selection=selection)
+        return done[row]
+
+    return run
 
 
 def test_networks_shapes_and_gates():
@@ -71,19 +88,15 @@ def test_transfer_copies_encoder_decoder_and_pose(study):
                       train_config("smoke", "transfer", {"encoder": 34}))
 
 
-@pytest.mark.parametrize("row", ROWS)
-def test_every_row_runs_end_to_end(row, study, ray_session, tmp_path):
+def check_row_run(row: str, result: dict, out, study) -> None:
+    """What every study row's trial leaves: scores, metrics.json and its MLflow run with the row's logs."""
     from mlflow.tracking import MlflowClient
 
-    from segsde.trainer.run import run_train
-
     cfg = train_config("smoke", row)
-    selection = study["selection"] if cfg.labeled == "selection" else None  # the selection stage itself: test_selection.py
-    result = run_train(study["data"], tmp_path, row=row, profile="smoke", sde_model=study["sde"], selection=selection)
     assert result["step"] == 4 and 0 < result["miou"] <= 1 and 0 < result["pixel_accuracy"] <= 1
     assert result["best_miou"] >= result["miou"]
-    assert json.loads((tmp_path / "metrics.json").read_text())["miou"] == result["miou"]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert json.loads((out / "metrics.json").read_text())["miou"] == result["miou"]
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     run = client.get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["segsde.row"] == row
     assert run.data.params["train.budget"] == "8"
@@ -96,19 +109,25 @@ def test_every_row_runs_end_to_end(row, study, ray_session, tmp_path):
         assert client.get_metric_history(run.info.run_id, "train/confident_fraction")
     if cfg.multitask:
         assert client.get_metric_history(run.info.run_id, "train/sde")
-    labeled = client.download_artifacts(run.info.run_id, "labeled_ids.txt", str(tmp_path))
+    labeled = client.download_artifacts(run.info.run_id, "labeled_ids.txt", str(out))
     ids = open(labeled).read().split()
     order = open(study["selection"]).read().split() if cfg.labeled == "selection" else random_order(train_ids(study["data"]), 0)
     assert ids == order[:8]
 
 
-def test_resume_with_teacher_continues_exactly(study, ray_session, tmp_path):
+@pytest.mark.parametrize("row", ROWS)
+def test_every_row_runs_end_to_end(row, study, row_runs):
+    out, result = row_runs(row)
+    check_row_run(row, result, out, study)
+
+
+def test_resume_with_teacher_continues_exactly(study, row_runs, tmp_path):
     from segsde.trainer.run import run_train
 
-    kw = dict(row="depthmix", profile="smoke", overrides={"depth_source": "ground_truth"})
+    kw = dict(row="depthmix", profile="smoke", sde_model=study["sde"])
     first = run_train(study["data"], tmp_path / "a", stop_after=2, **kw)
     resumed = run_train(study["data"], tmp_path / "b", resume_from=first["checkpoint"], **kw)
-    straight = run_train(study["data"], tmp_path / "c", **kw)
+    straight = row_runs("depthmix")[1]  # the uninterrupted run
     a, b = load_state(resumed["checkpoint"]), load_state(straight["checkpoint"])
     assert load_state(first["checkpoint"])["step"] == 2 and a["step"] == b["step"] == 4
     for part in ("model", "teacher"):
@@ -119,14 +138,16 @@ def test_resume_with_teacher_continues_exactly(study, ray_session, tmp_path):
     assert resumed["miou"] == straight["miou"]
 
 
-def test_two_ddp_workers_all_reduce_the_confusion_matrix(study, tmp_path):
-    """The combination row exercises every DDP path: multi-task SDE loss, teacher, two backwards."""
+def test_the_combination_row_on_two_ddp_workers_all_reduces_the_confusion_matrix(study, tmp_path):
+    """The combination row exercises every DDP path: multi-task SDE loss, teacher, two backwards; run by
+    `segsde train`, it also leaves everything a study row's trial must."""
     from segsde.trainer.loop import evaluate, validation_set
 
     row = "combination"
     proc = run_cli("train", "--data", study["data"], "--out", tmp_path, "--profile", "smoke", "--row", row,
                    "--workers", 2, "--sde-model", study["sde"], "--selection", study["selection"])
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    check_row_run(row, result, tmp_path, study)
     cfg = train_config("smoke", row)
     net = build_network(cfg)
     net.load_state_dict(load_state(result["checkpoint"])["model"])

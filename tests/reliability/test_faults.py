@@ -17,8 +17,8 @@ from processes import train_workers, wait_for_new_checkpoint
 ROOT = Path(__file__).resolve().parents[2]
 # a row that diverges at its first step (SGD at lr 1e30): the trainer raises on the non-finite loss
 DIVERGING_ROW = "\ndiverging: {lr_decoder: 1.0e+30, lr_encoder: 1.0e+30}\n"
-# long enough to be killed twice mid-trial (near steps 5 and 10): a checkpoint every 5 of 60 steps
-LONGER = ("--set", "steps=60", "--set", "checkpoint_interval=5", "--set", "eval_interval=20")
+# long enough to be killed twice mid-trial (near steps 4 and 8): a checkpoint every 4 of 24 steps
+LONGER = ("--set", "steps=24", "--set", "checkpoint_interval=4", "--set", "eval_interval=12")
 
 
 @pytest.fixture(scope="module")
