@@ -57,7 +57,16 @@ def view_synthesis_loss(frames: torch.Tensor, K: torch.Tensor, disps: list[torch
                         cfg: SDEConfig) -> dict[str, torch.Tensor]:
     """The monodepth2 objective of one batch: frames [B, 3, 3, H, W] (t-1, t, t+1) in [0, 1], K [B, 3, 3]
     for (H, W), sigmoid disparities [B, 1, H/2^s, W/2^s] of frame t, T = [T(t->t-1), T(t->t+1)] [B, 4, 4].
-    Returns ``loss`` (photometric + weighted smoothness), its parts and the auto-mask ratio."""
+    Returns ``loss`` (photometric + weighted smoothness), its parts and the auto-mask ratio.
+
+    Always computed in float32, also inside a bf16 autocast region: in bf16, pixel coordinates above 256
+    are rounded to steps of 2 px (above 512 to 4 px), which destroys the sub-pixel flow the depth is
+    learned from (on GPU, the depth collapsed to a constant)."""
+    with torch.autocast(frames.device.type, enabled=False):
+        return _view_synthesis_loss(frames.float(), K.float(), [d.float() for d in disps], [t.float() for t in T], cfg)
+
+
+def _view_synthesis_loss(frames, K, disps, T, cfg: SDEConfig) -> dict[str, torch.Tensor]:
     target, sources = frames[:, 1], [frames[:, 0], frames[:, 2]]
     identity = [photometric_error(s, target) for s in sources] if cfg.automask else None
     photometric = smooth = 0.0
@@ -89,4 +98,6 @@ def frame_poses(pose_net: PoseNet, net_frames: torch.Tensor, cfg: SDEConfig) -> 
         axis, trans = (axis[:2 * B] + m_axis) / 2, (trans[:2 * B] + m_trans) / 2
     else:
         axis, trans = pose_net(pairs)
-    return [pose_from_params(axis[:B], trans[:B], invert=True), pose_from_params(axis[B:], trans[B:])]
+    with torch.autocast(pairs.device.type, enabled=False):  # float32 rotations: cos(0.01) is 1.0 in bf16
+        axis, trans = axis.float(), trans.float()
+        return [pose_from_params(axis[:B], trans[:B], invert=True), pose_from_params(axis[B:], trans[B:])]
