@@ -59,9 +59,9 @@ def view_synthesis_loss(frames: torch.Tensor, K: torch.Tensor, disps: list[torch
     for (H, W), sigmoid disparities [B, 1, H/2^s, W/2^s] of frame t, T = [T(t->t-1), T(t->t+1)] [B, 4, 4].
     Returns ``loss`` (photometric + weighted smoothness), its parts and the auto-mask ratio.
 
-    Always computed in float32, also inside a bf16 autocast region: in bf16, pixel coordinates above 256
-    are rounded to steps of 2 px (above 512 to 4 px), which destroys the sub-pixel flow the depth is
-    learned from (on GPU, the depth collapsed to a constant)."""
+    Always computed in float32 (it casts its inputs), also inside a bf16 autocast region: in bf16, pixel
+    coordinates above 128 are rounded to whole pixels and above 256 to 2 px, which destroys the sub-pixel
+    flow the depth is learned from (on GPU, the depth collapsed to a constant)."""
     with torch.autocast(frames.device.type, enabled=False):
         return _view_synthesis_loss(frames.float(), K.float(), [d.float() for d in disps], [t.float() for t in T], cfg)
 

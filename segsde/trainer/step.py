@@ -33,7 +33,7 @@ def supervised_loss(net, labeled: dict, pool: dict | None, cfg: TrainConfig, sde
     ce = (F.cross_entropy(out["logits"][:n].float(), labeled["label"], ignore_index=IGNORE_INDEX)
           + F.cross_entropy(out["side"][:n].float(), labeled["label"], ignore_index=IGNORE_INDEX)) / 2
     module = net.module if hasattr(net, "module") else net
-    sde = view_synthesis_loss(frames, K, [d.float() for d in out["disparities"]], frame_poses(module.pose, frames, sde_cfg), sde_cfg)
+    sde = view_synthesis_loss(frames, K, out["disparities"], frame_poses(module.pose, frames, sde_cfg), sde_cfg)
     loss = cfg.seg_weight * ce + cfg.sde_weight * sde["loss"]
     disparity = out["disparities"][0][n:, 0].detach().float() if pool is not None else None
     return loss, {"supervised": ce.detach(), "sde": sde["loss"].detach()}, disparity
