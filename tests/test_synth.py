@@ -120,3 +120,25 @@ def test_compiled_ray_box_kernel_matches_the_numpy_reference(seed, monkeypatch):
     reference = render.render_frame(scene, 1)
     assert np.array_equal(compiled.label, reference.label)
     assert np.allclose(compiled.depth, reference.depth, rtol=1e-6) and np.allclose(compiled.image, reference.image, atol=1e-5)
+
+
+def test_fine_texture_is_there_near_and_fades_where_it_would_alias():
+    from segsde.data.synth.render import detail, pixel_footprint
+
+    u, v = np.random.default_rng(0).uniform(0, 50, (2, 20000))
+    near, far = detail(u, v, np.full_like(u, 0.02)), detail(u, v, np.full_like(u, 0.5))
+    assert abs(near.mean()) < 0.02 and near.std() > 0.05 and np.all(far == 0)
+    # a pixel's footprint grows with distance and with grazing incidence (the road far ahead)
+    dirs = np.array([[0.0, 0.0], [0.0, 0.05], [1.0, 1.0]])  # straight ahead onto a wall; down onto the ground
+    wall = pixel_footprint(np.array([10.0, 10.0]), dirs, 2, focal=100.0)
+    ground = pixel_footprint(np.array([10.0, 10.0]), dirs, 1, focal=100.0)
+    assert wall[0] == pytest.approx(0.1) and ground[1] > 10 * wall[0]
+    # rendered: the road near the camera has fine grain only with texture_detail > 0
+    grads = []
+    for strength in (0.0, 1.0):
+        cfg = SynthConfig(noise_std=0.0, texture_detail=strength)
+        frame = render_frame(make_scene(np.random.default_rng(3), cfg), 1)
+        rows = slice(int(cfg.height * 0.8), int(cfg.height * 0.9))
+        road = frame.label[rows, 1:] == TRAIN_ID["road"]
+        grads.append(np.abs(np.diff(frame.image[rows].mean(2), axis=1))[road].mean())
+    assert grads[1] > 2 * grads[0], grads

@@ -31,6 +31,7 @@ def _make_noise_table(size: int = 256, seed: int = 1234) -> np.ndarray:
 
 
 _NOISE = _make_noise_table()
+_NOISE_MEAN = float(_NOISE.mean())
 
 
 def noise(u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -48,6 +49,31 @@ def noise(u: np.ndarray, v: np.ndarray) -> np.ndarray:
 def fractal(u, v, scale: float) -> np.ndarray:
     """Two octaves of noise; ``scale`` is texels per metre."""
     return 0.65 * noise(u * scale, v * scale) + 0.35 * noise(u * scale * 2.7 + 31.0, v * scale * 2.7 + 17.0)
+
+
+# Fine grain (asphalt, plaster, paint): two octaves of the noise table with wavelengths of about 0.54 and
+# 0.23 m. Photometric self-supervision learns depth from texture; with the smooth noise above alone
+# (wavelengths of metres) roads and walls are nearly flat-shaded, which real street images are not.
+_DETAIL_OCTAVES = ((80.0, 7.0, 43.0 / 80.0), (190.0, 91.0, 43.0 / 190.0))  # texels per metre, offset, wavelength (m)
+
+
+def detail(u: np.ndarray, v: np.ndarray, footprint: np.ndarray) -> np.ndarray:
+    """Zero-mean fine grain in about [-0.25, 0.25] at surface coordinates (u, v) in metres. Each octave fades
+    out as the pixel's footprint on the surface (metres) nears half its wavelength: a cheap mip-map, so
+    that distant texture does not alias into a pattern that shimmers from frame to frame."""
+    out = np.zeros(len(u), np.float32)
+    for scale, offset, wavelength in _DETAIL_OCTAVES:
+        weight = np.clip(2.0 - 4.0 * footprint / wavelength, 0.0, 1.0).astype(np.float32)
+        out += 0.5 * weight * (noise(u * scale + offset, v * scale + offset * 0.6) - _NOISE_MEAN)
+    return out
+
+
+def pixel_footprint(zbuf: np.ndarray, dirs: np.ndarray, normal_axis: np.ndarray | int, focal: float) -> np.ndarray:
+    """Metres of surface one pixel covers: distance / focal, stretched by the viewing obliqueness.
+    ``dirs`` [3, n] are ray directions with camera-space z = 1 (so distance = zbuf * |dir|)."""
+    norm = np.sqrt((dirs * dirs).sum(0))
+    cos = np.abs(np.take_along_axis(dirs, np.broadcast_to(np.asarray(normal_axis), norm.shape)[None], 0)[0]) / norm
+    return zbuf * norm / focal / np.maximum(cos, 0.05)
 
 
 @dataclass
@@ -190,7 +216,8 @@ def _shade(scene, frame, dirs, zbuf, hit, bmin, bmax):
         t = zbuf[ground]
         x, z = c[0] + t * dirs[0, ground], c[2] + t * dirs[2, ground]
         road = np.abs(x) < scene.road_half
-        grain = fractal(x, z, 3.0)[:, None]
+        fine = detail(x, z, pixel_footprint(t, dirs[:, ground], 1, scene.K[0, 0]))
+        grain = (fractal(x, z, 3.0) + 2.0 * scene.config.texture_detail * fine)[:, None]
         col = np.where(road[:, None], scene.road_color * (0.75 + 0.5 * grain), scene.terrain_color * (0.55 + 0.9 * grain))
         if len(scene.lane_lines):
             near_line = np.abs(x[:, None] - scene.lane_lines[None].astype(np.float32)).min(1) < 0.08
@@ -214,7 +241,8 @@ def _shade(scene, frame, dirs, zbuf, hit, bmin, bmax):
         vv = np.where(axis == 1, local[2], local[1]) + off[1]
         lambert = np.clip(scene.light_dir[axis] * sign, 0, None)
         shade = (scene.ambient + (1 - scene.ambient) * lambert).astype(np.float32)
-        color[boxes] = scene.color[ids] * (_pattern(scene.pattern[ids], uu, vv) * shade)[:, None]
+        fine = 1.0 + scene.config.texture_detail * detail(uu, vv, pixel_footprint(zbuf[boxes], dirs[:, boxes], axis, scene.K[0, 0]))
+        color[boxes] = scene.color[ids] * (_pattern(scene.pattern[ids], uu, vv) * fine * shade)[:, None]
         label[boxes] = scene.class_id[ids]
 
     hood = np.flatnonzero(hit == HOOD)

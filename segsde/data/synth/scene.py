@@ -31,6 +31,7 @@ class SynthConfig:
     focal: float = 0.62  # fx = fy = focal * width
     camera_height: float = 1.5
     max_depth: float = 150.0  # ground-truth depth beyond this is marked invalid (0)
+    texture_detail: float = 1.0  # strength of the fine surface grain (0: the smooth surfaces of earlier versions)
 
     def __post_init__(self):
         problems = []
@@ -40,6 +41,8 @@ class SynthConfig:
             problems.append(f"difficulty {self.difficulty} must lie in [0, 1]")
         if not 0.0 <= self.moving_prob <= 1.0:
             problems.append(f"moving_prob {self.moving_prob} must lie in [0, 1]")
+        if not 0.0 <= self.texture_detail <= 2.0:
+            problems.append(f"texture_detail {self.texture_detail} must lie in [0, 2]")
         if not 0.0 <= self.ego_hood < 0.5:
             problems.append(f"ego_hood {self.ego_hood} must lie in [0, 0.5)")
         if problems:
