@@ -46,11 +46,24 @@ def pad_to_multiple(images: torch.Tensor, multiple: int = 32) -> torch.Tensor:
     return F.pad(images, (0, pw, 0, ph), mode="reflect") if ph or pw else images
 
 
+def network_input(model: SDEModel, images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] -> the images at the size the network trained at (its config's ``resize``, if any):
+    a depth network run at another image scale sees every object at another size and misjudges depth."""
+    size = model.cfg.resize
+    if size is None or tuple(images.shape[-2:]) == tuple(size):
+        return images
+    return F.interpolate(images, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+
+
 @torch.no_grad()
 def disparity_map(model: SDEModel, images: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] of any size -> sigmoid disparity [B, H, W] (reflection-padded to a multiple of 32)."""
+    """[B, 3, H, W] of any size -> sigmoid disparity [B, H, W], predicted at the network's training size
+    (reflection-padded to a multiple of 32) and resized back to (H, W)."""
     H, W = images.shape[-2:]
-    return model.disparity(pad_to_multiple(images))[0][:, 0, :H, :W].float()
+    x = network_input(model, images)
+    h, w = x.shape[-2:]
+    disp = model.disparity(pad_to_multiple(x))[0][:, :, :h, :w].float()
+    return (disp if (h, w) == (H, W) else F.interpolate(disp, size=(H, W), mode="bilinear", align_corners=False))[:, 0]
 
 
 def export_pseudo_depth(checkpoint: Path, data: Path, batch: int = 8, device: str | None = None, log=sys.stderr) -> dict:

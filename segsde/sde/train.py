@@ -20,6 +20,7 @@ from segsde.data.dataset import Augment, SegSDEDataset, validation_split
 from segsde.metrics.depth import METRICS, depth_error_sums, summarise
 from segsde.runtime import batch_indices, evaluation_mode, progress, resume_state, save_state, start_worker, step_seed
 from segsde.sde.config import SDEConfig
+from segsde.sde.export import disparity_map
 from segsde.sde.geometry import disp_to_depth
 from segsde.sde.model import SDEModel
 
@@ -49,13 +50,16 @@ class StepBatches(torch.utils.data.Dataset):
 
 
 def validation_set(data: str, cfg: SDEConfig) -> SegSDEDataset:
-    return validation_split(data, cfg.resize, cfg.val_images)
+    """The validation split at its stored resolution: predictions are resized to the ground truth's size,
+    not the ground truth to the network's (monodepth2's protocol)."""
+    return validation_split(data, None, cfg.val_images)
 
 
 @torch.no_grad()
 def predict_depth(model: SDEModel, images: torch.Tensor, cfg: SDEConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, 3, H, W] -> (sigmoid disparity [B, H, W], depth [B, H, W]) at scale 0."""
-    sigmoid = model.disparity(images)[0][:, 0].float()
+    """[B, 3, H, W] -> (sigmoid disparity [B, H, W], depth [B, H, W]) at scale 0, predicted at the
+    network's training size and resized to (H, W)."""
+    sigmoid = disparity_map(model, images)
     return sigmoid, disp_to_depth(sigmoid, cfg.min_depth, cfg.max_depth)[1]
 
 

@@ -55,9 +55,11 @@ def round_network(kind: str, cfg: SelectionConfig) -> nn.Module:
 
 @torch.no_grad()
 def layer6_features(model, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """[B, 3, H, W] -> [B, C, *grid]: the SDE decoder's stage-3 output (1/8 resolution) average-pooled."""
-    from segsde.sde.export import pad_to_multiple
+    """[B, 3, H, W] -> [B, C, *grid]: the SDE decoder's stage-3 output (1/8 of the network's input
+    resolution) average-pooled; the images are resized to the size the SDE network trained at."""
+    from segsde.sde.export import network_input, pad_to_multiple
 
+    images = network_input(model, images)
     H, W = images.shape[-2:]
     maps = model.encoder(pad_to_multiple(images))
     layer6 = model.decoder.run_stages(maps, range(4, 2, -1))[3]
