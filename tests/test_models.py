@@ -108,3 +108,36 @@ def test_sde_objective_terms_and_gradients():
     assert math.isclose(out["loss"].item(), (out["photometric"] + 1e-3 * out["smoothness"]).item(), rel_tol=1e-6)
     out["loss"].backward()
     assert model.pose.decoder[-1].weight.grad.abs().sum() > 0 and model.decoder.heads[0][1].weight.grad.abs().sum() > 0
+
+
+def test_pose_output_scale_travels_with_the_state_dict():
+    torch.manual_seed(0)
+    trained = PoseNet(None, output_scale=0.05).eval()
+    loaded = PoseNet(None).eval()  # monodepth2's 0.01 until the state dict says otherwise
+    loaded.load_state_dict(trained.state_dict())
+    pair = torch.rand(2, 6, 64, 128)
+    with torch.no_grad():
+        assert loaded.output_scale.item() == pytest.approx(0.05)
+        for a, b in zip(trained(pair), loaded(pair)):
+            assert torch.equal(a, b)
+    with torch.no_grad():
+        trained.output_scale.fill_(0.1)
+        assert torch.allclose(trained(pair)[1], 2 * loaded(pair)[1])
+
+
+def test_depth_is_predicted_at_the_training_size_and_returned_at_the_input_size():
+    from segsde.sde.export import disparity_map
+
+    torch.manual_seed(0)
+    model = SDEModel(SDEConfig(decoder_channels=(8, 8, 16, 16, 32), resize=(64, 128))).eval()
+    images = torch.rand(2, 3, 128, 256)
+    disp = disparity_map(model, images)
+    assert disp.shape == (2, 128, 256)
+    with torch.no_grad():
+        small = model.disparity(torch.nn.functional.interpolate(images, size=(64, 128), mode="bilinear", antialias=True))[0]
+    expected = torch.nn.functional.interpolate(small, size=(128, 256), mode="bilinear")[:, 0]
+    assert torch.allclose(disp, expected, atol=1e-6)
+    # without a resize the network sees the images as they come
+    plain = SDEModel(SDEConfig(decoder_channels=(8, 8, 16, 16, 32))).eval()
+    with torch.no_grad():
+        assert torch.allclose(disparity_map(plain, images), plain.disparity(images)[0][:, 0], atol=1e-6)

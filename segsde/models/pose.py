@@ -9,17 +9,19 @@ from torch import nn
 
 from segsde.models.encoder import ResNetEncoder
 
-POSE_OUTPUT_SCALE = 0.01  # keeps the initial motion near zero, as in monodepth2
+POSE_OUTPUT_SCALE = 0.01  # monodepth2's: keeps the initial motion near zero
 
 
 class PoseNet(nn.Module):
     """[B, 6, H, W] (two frames stacked in temporal order) -> ([B, 3] axis-angle, [B, 3] translation).
 
-    Decoder: 1x1 squeeze 512 -> 256, two 3x3 convs (256) with ReLU, a 1x1 conv to 6, spatial mean x 0.01.
+    Decoder: 1x1 squeeze 512 -> 256, two 3x3 convs (256) with ReLU, a 1x1 conv to 6, spatial mean x
+    ``output_scale`` (a buffer, so a network loaded from a state dict keeps the scale it was trained with).
     """
 
-    def __init__(self, weights: str | Path | None = None):
+    def __init__(self, weights: str | Path | None = None, output_scale: float = POSE_OUTPUT_SCALE):
         super().__init__()
+        self.register_buffer("output_scale", torch.tensor(float(output_scale)))
         self.encoder = ResNetEncoder(18, weights, output_stride=32, in_frames=2)
         self.decoder = nn.Sequential(
             nn.Conv2d(512, 256, 1), nn.ReLU(inplace=True),
@@ -28,7 +30,7 @@ class PoseNet(nn.Module):
             nn.Conv2d(256, 6, 1))
 
     def forward(self, pair: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.decoder(self.encoder(pair)[4]).mean((2, 3)) * POSE_OUTPUT_SCALE
+        out = self.decoder(self.encoder(pair)[4]).mean((2, 3)) * self.output_scale
         return out[:, :3], out[:, 3:]
 
 

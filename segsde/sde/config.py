@@ -16,6 +16,7 @@ class SDEConfig:
     weights: str | None = None               # None | "imagenet" | path to a state dict (encoder and pose net)
     pose_input_scale: float = 1.0            # the pose net sees the pair resized by this factor
     pose_flip_average: bool = False          # average each pose with the mirrored pair's, mirrored back
+    pose_output_scale: float = 0.01          # monodepth2's; larger starts from larger motions (faster from scratch)
     # view synthesis (the paper's values)
     min_depth: float = 0.1
     max_depth: float = 100.0
@@ -67,6 +68,7 @@ class SDEConfig:
             (1 <= self.scales <= 4, "scales must be 1-4"),
             (len(self.decoder_channels) == 5 and min(self.decoder_channels) > 0, "decoder_channels needs 5 positive widths (stage 0..4)"),
             (0 < self.pose_input_scale <= 1, "pose_input_scale must be in (0, 1]"),
+            (self.pose_output_scale > 0, "pose_output_scale must be > 0"),
             (self.feature_distance >= 0 and self.smoothness >= 0, "loss weights must be >= 0"),
             (0 <= self.color_jitter <= 1, "color_jitter is a probability in [0, 1]"),
             (self.crop is None or (self.crop[0] % 32 == 0 and self.crop[1] % 32 == 0), "crop sides must be multiples of 32"),

@@ -26,7 +26,7 @@ class SDEModel(nn.Module):
         self.cfg = cfg
         self.encoder = ResNetEncoder(cfg.encoder, cfg.weights, cfg.output_stride)
         self.decoder = UNetDecoder(self.encoder.channels, tuple(cfg.decoder_channels), disparity_scales=cfg.scales)
-        self.pose = PoseNet(cfg.weights)
+        self.pose = PoseNet(cfg.weights, cfg.pose_output_scale)
         # only with real ImageNet features is the distance meaningful; a random copy would anchor noise
         self.reference = FrozenFeatures(self.encoder) if cfg.weights is not None and cfg.feature_distance > 0 else None
 
