@@ -72,7 +72,7 @@ def pixel_footprint(zbuf: np.ndarray, dirs: np.ndarray, normal_axis: np.ndarray 
     """Metres of surface one pixel covers: distance / focal, stretched by the viewing obliqueness.
     ``dirs`` [3, n] are ray directions with camera-space z = 1 (so distance = zbuf * |dir|)."""
     norm = np.sqrt((dirs * dirs).sum(0))
-    cos = np.abs(np.take_along_axis(dirs, np.broadcast_to(np.asarray(normal_axis), norm.shape)[None], 0)[0]) / norm
+    cos = np.abs(dirs[normal_axis, np.arange(dirs.shape[1])]) / norm  # the direction's component along the normal
     return zbuf * norm / focal / np.maximum(cos, 0.05)
 
 
