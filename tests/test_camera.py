@@ -45,3 +45,12 @@ def test_pyramid_scale_equals_resize(scale):
     K = resize_intrinsics(K0, (1024, 2048), (512, 1024))
     expected = resize_intrinsics(K, (512, 1024), (512 >> scale, 1024 >> scale))
     assert np.allclose(scale_intrinsics(K, scale), expected)
+
+
+def test_resize_intrinsics_takes_a_batch_of_torch_matrices():
+    import torch
+
+    Ks = torch.tensor(np.stack([K0, resize_intrinsics(K0, (1024, 2048), (512, 1024))]))
+    batched = resize_intrinsics(Ks, (64, 128), (16, 32))
+    for K, one in zip(Ks, batched):
+        assert torch.allclose(one, torch.tensor(resize_intrinsics(K.numpy(), (64, 128), (16, 32))))

@@ -127,3 +127,29 @@ def test_view_synthesis_is_float32_inside_a_bf16_autocast_region(synth_root):
     # the bf16 input disparity itself differs by up to 0.4 %: far below the effect of rounded coordinates
     assert mixed["photometric"].item() == pytest.approx(exact["photometric"].item(), rel=2e-3)
     assert mixed["automask_ratio"].item() == pytest.approx(exact["automask_ratio"].item(), abs=5e-3)
+
+
+@pytest.mark.parametrize("resolution", ["full", "scale"])
+def test_ground_truth_depth_and_pose_beat_a_flat_depth_at_every_scale(synth_root, resolution):
+    """The testbed's depth and poses as network output at each of four scales: every scale's reprojection
+    error is below a constant depth's. In "scale" mode this checks K at each scale's own resolution (a
+    wrong K would warp the coarse images to the wrong places); there the error maps are coarse too."""
+    from segsde.sde.config import SDEConfig
+    from segsde.sde.model import scale_reprojection
+
+    batch = [SegSDEDataset(synth_root, split="val", sequence=True)[i] for i in range(4)]
+    frames, K4 = torch.stack([b["frames"] for b in batch]), torch.stack([b["K"] for b in batch])
+    depth = torch.stack([b["depth"] for b in batch])[:, None]
+    depth = torch.where(depth > 0, depth, torch.full_like(depth, 100.0)).clamp(min=0.1, max=100.0)  # sky: far
+    cfg, own = SDEConfig(automask=False), resolution == "scale"
+    sigmoid = (1 / depth - 1 / cfg.max_depth) / (1 / cfg.min_depth - 1 / cfg.max_depth)
+    T = [torch.stack([b["poses"][i] for b in batch]) for i in (0, 1)]
+    target, sources = frames[:, 1], [frames[:, 0], frames[:, 2]]
+    for s in range(4):
+        size = (128 >> s, 256 >> s)
+        truth = torch.nn.functional.interpolate(sigmoid, size=size, mode="area")
+        truth_error, _ = scale_reprojection(target, sources, K4, truth, T, cfg, own_resolution=own)
+        flat_error, _ = scale_reprojection(target, sources, K4, torch.full_like(truth, float(truth.median())), T, cfg, own_resolution=own)
+        expected = size if own else (128, 256)
+        assert truth_error.shape[-2:] == expected
+        assert truth_error.mean() < 0.8 * flat_error.mean(), (s, float(truth_error.mean()), float(flat_error.mean()))

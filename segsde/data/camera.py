@@ -16,10 +16,10 @@ def _copy(K):
 def _scale(K, sx: float, sy: float):
     """Scale the image plane about the pixel-centre grid: u' + 0.5 = (u + 0.5) * s."""
     K = _copy(K)
-    K[0, 0] *= sx
-    K[1, 1] *= sy
-    K[0, 2] = (K[0, 2] + 0.5) * sx - 0.5
-    K[1, 2] = (K[1, 2] + 0.5) * sy - 0.5
+    K[..., 0, 0] *= sx
+    K[..., 1, 1] *= sy
+    K[..., 0, 2] = (K[..., 0, 2] + 0.5) * sx - 0.5
+    K[..., 1, 2] = (K[..., 1, 2] + 0.5) * sy - 0.5
     return K
 
 

@@ -24,6 +24,7 @@ class SDEConfig:
     smoothness: float = 1e-3
     automask: bool = True
     normalise_disparity: bool = False        # [ours] divide each image's disparity by its mean before warping
+    photometric_resolution: str = "full"     # "full": monodepth2 (every scale upsampled); "scale": monodepth1 (each at its own)
     # schedule: phase 1 trains decoder + pose with a frozen encoder, phase 2 everything
     phase1_steps: int = 300_000
     phase2_steps: int = 50_000
@@ -69,6 +70,7 @@ class SDEConfig:
             (len(self.decoder_channels) == 5 and min(self.decoder_channels) > 0, "decoder_channels needs 5 positive widths (stage 0..4)"),
             (0 < self.pose_input_scale <= 1, "pose_input_scale must be in (0, 1]"),
             (self.pose_output_scale > 0, "pose_output_scale must be > 0"),
+            (self.photometric_resolution in ("full", "scale"), "photometric_resolution must be 'full' or 'scale'"),
             (self.feature_distance >= 0 and self.smoothness >= 0, "loss weights must be >= 0"),
             (0 <= self.color_jitter <= 1, "color_jitter is a probability in [0, 1]"),
             (self.crop is None or (self.crop[0] % 32 == 0 and self.crop[1] % 32 == 0), "crop sides must be multiples of 32"),

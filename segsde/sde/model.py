@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segsde.data.camera import resize_intrinsics
 from segsde.models.decoder import UNetDecoder
 from segsde.models.encoder import FrozenFeatures, ResNetEncoder, feature_distance
 from segsde.models.pose import PoseNet, mirror_pose_params
@@ -71,19 +72,39 @@ def _view_synthesis_loss(frames, K, disps, T, cfg: SDEConfig) -> dict[str, torch
     identity = [photometric_error(s, target) for s in sources] if cfg.automask else None
     photometric = smooth = 0.0
     for s, disp in enumerate(disps):
-        full = F.interpolate(disp, size=target.shape[-2:], mode="bilinear", align_corners=False)
-        scaled, depth = disp_to_depth(full, cfg.min_depth, cfg.max_depth)
-        if cfg.normalise_disparity:  # removes the depth/translation scale drift (Wang et al., CVPR 2018)
-            depth = scaled.mean((2, 3), keepdim=True) * depth
-        warped = [warp(src, depth, K, Ts) for src, Ts in zip(sources, T)]
-        loss_map, warped_won = min_reprojection(target, warped, sources, automask=cfg.automask, identity=identity)
+        own_resolution = cfg.photometric_resolution == "scale" and s > 0
+        loss_map, warped_won = scale_reprojection(target, sources, K, disp, T, cfg, identity, own_resolution)
         photometric = photometric + loss_map.mean()
-        image_s = F.interpolate(target, size=disp.shape[-2:], mode="area") if s else target
+        image_s = F.interpolate(target, size=disp.shape[-2:], mode="area") if disp.shape[-2:] != target.shape[-2:] else target
         smooth = smooth + smoothness(disp, image_s) / 2**s
-    out = {"photometric": photometric / len(disps), "smoothness": smooth / len(disps),
-           "automask_ratio": warped_won.float().mean().detach()}
+        if s == 0:
+            automask_ratio = warped_won.float().mean().detach()
+    out = {"photometric": photometric / len(disps), "smoothness": smooth / len(disps), "automask_ratio": automask_ratio}
     out["loss"] = out["photometric"] + cfg.smoothness * out["smoothness"]
     return out
+
+
+def scale_reprojection(target: torch.Tensor, sources: list[torch.Tensor], K: torch.Tensor, disp: torch.Tensor,
+                       T: list[torch.Tensor], cfg: SDEConfig, identity: list[torch.Tensor] | None = None,
+                       own_resolution: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The minimum-reprojection error of one scale's sigmoid disparity [B, 1, h, w] for the target [B, 3, H, W]
+    and its sources, K [B, 3, 3] for (H, W) -> (error map, warped-won mask). By default (monodepth2) the
+    disparity is upsampled to (H, W); ``own_resolution`` (monodepth1) compares at (h, w) instead, with
+    area-downsampled images and K resized to match: a flow of n pixels is n h / H there, so the coarse
+    scales find the large flows near the camera that a local image gradient misses.
+    ``identity`` passes the identity errors at (H, W), the same at every upsampled scale."""
+    size, full_size = disp.shape[-2:], target.shape[-2:]
+    if own_resolution and size != full_size:
+        K = resize_intrinsics(K, full_size, size)
+        target, sources = F.interpolate(target, size=size, mode="area"), [F.interpolate(x, size=size, mode="area") for x in sources]
+        identity = None  # min_reprojection recomputes it at this resolution
+    elif size != full_size:
+        disp = F.interpolate(disp, size=full_size, mode="bilinear", align_corners=False)
+    scaled, depth = disp_to_depth(disp, cfg.min_depth, cfg.max_depth)
+    if cfg.normalise_disparity:  # removes the depth/translation scale drift (Wang et al., CVPR 2018)
+        depth = scaled.mean((2, 3), keepdim=True) * depth
+    warped = [warp(src, depth, K, Ts) for src, Ts in zip(sources, T)]
+    return min_reprojection(target, warped, sources, automask=cfg.automask, identity=identity)
 
 
 def frame_poses(pose_net: PoseNet, net_frames: torch.Tensor, cfg: SDEConfig) -> list[torch.Tensor]:
