@@ -3,7 +3,7 @@
 Prints one JSON object. Each configuration runs the real training step (StepBatches data + SDE model
 forward/backward + Adam) on the testbed. The baseline, measured in the same run, is the paper-faithful
 configuration of the same profile: decoder widths (64, 128, 128, 256, 256), the pose net at full input
-resolution and the non-fused Adam; the profile's own settings are what `segsde sde --profile P` trains with.
+resolution, every scale's loss at full resolution (monodepth2) and the non-fused Adam; the profile's own settings are what `segsde sde --profile P` trains with.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from segsde.sde.model import SDEModel
 from segsde.sde.run import sde_config
 from segsde.sde.train import StepBatches, _optimiser, _set_mode
 
-PAPER = {"decoder_channels": (64, 128, 128, 256, 256), "pose_input_scale": 1.0}
+PAPER = {"decoder_channels": (64, 128, 128, 256, 256), "pose_input_scale": 1.0, "photometric_resolution": "full"}
 
 
 def images_per_s(data: str, profile: str, overrides: dict, steps: int, device: torch.device, fused: bool = True) -> float:
