@@ -3,7 +3,8 @@
 Prints one JSON object. Each configuration runs the real training step (StepBatches data + SDE model
 forward/backward + Adam) on the testbed. The baseline, measured in the same run, is the paper-faithful
 configuration of the same profile: decoder widths (64, 128, 128, 256, 256), the pose net at full input
-resolution, every scale's loss at full resolution (monodepth2) and the non-fused Adam; the profile's own settings are what `segsde sde --profile P` trains with.
+resolution, every scale's loss at full resolution (monodepth2) and the non-fused Adam; the profile's own
+settings are what `segsde sde --profile P` trains with.
 """
 
 from __future__ import annotations
