@@ -11,6 +11,11 @@ import torch
 from segsde.errors import SegSDEError
 
 
+# Ray Train's controller polls its workers (start, reports, end) every 2 s by default; locally a poll is
+# cheap, and at 0.5 s a quick trial's start-up fell from 19.8 to 15.9 s (README: overhead)
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
 def init_ray(address: str | None, num_cpus: int, num_gpus: int | None = None, resources: dict | None = None) -> None:
     """Join the cluster at ``address`` (``auto``: the one this node belongs to), else start local Ray with
     ``resources`` (custom ones, e.g. ``train_driver``) advertised."""
@@ -38,7 +43,7 @@ def init_ray(address: str | None, num_cpus: int, num_gpus: int | None = None, re
     try:
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, include_dashboard=resources is not None,
                  object_store_memory=300 * 2**20, log_to_driver=True,
-                 runtime_env={"env_vars": {"RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}})
+                 runtime_env={"env_vars": {"RAY_ADDRESS": f"{get_node_ip_address()}:{port}", **LOCAL_TRAIN_ENV}})
     finally:
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
 
