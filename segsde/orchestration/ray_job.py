@@ -10,7 +10,6 @@ import torch
 
 from segsde.errors import SegSDEError
 
-
 # Ray Train's controller polls its workers (start, reports, end) every 2 s by default; locally a poll is
 # cheap, and at 0.5 s a quick trial's start-up fell from 19.8 to 15.9 s (README: overhead)
 LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
