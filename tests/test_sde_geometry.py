@@ -10,6 +10,20 @@ from segsde.sde.losses import min_reprojection, photometric_error, smoothness, s
 K = torch.tensor([[[100.0, 0, 63.5], [0, 100.0, 31.5], [0, 0, 1]]])
 
 
+def ground_truth_batch(root, n: int) -> dict:
+    """The first ``n`` validation sequences of the testbed, stacked: frames [n, 3, 3, H, W], K [n, 3, 3],
+    depth and dynamic [n, 1, H, W] (depth 0 = invalid), poses [n, 2, 4, 4] (t -> t-1, t -> t+1)."""
+    dataset = SegSDEDataset(root, split="val", sequence=True)
+    items = [dataset[i] for i in range(n)]
+    batch = {k: torch.stack([it[k] for it in items]) for k in ("frames", "K", "depth", "dynamic", "poses")}
+    return {**batch, "depth": batch["depth"][:, None], "dynamic": batch["dynamic"][:, None]}
+
+
+def as_network_output(depth: torch.Tensor, cfg) -> torch.Tensor:
+    """The sigmoid disparity that ``disp_to_depth`` turns into ``depth`` (ground truth posing as a prediction)."""
+    return (1 / depth - 1 / cfg.max_depth) / (1 / cfg.min_depth - 1 / cfg.max_depth)
+
+
 def test_disp_to_depth_range():
     _, depth = disp_to_depth(torch.tensor([0.0, 1.0, 0.5]), 0.1, 100.0)
     assert torch.allclose(depth[:2], torch.tensor([100.0, 0.1]))
@@ -46,11 +60,10 @@ def test_warp_with_identity_pose_is_the_identity():
 
 def test_warp_with_ground_truth_matches_the_testbed(synth_root):
     """The torch warp agrees with the renderer: GT depth, K and pose synthesise frame t from t+1."""
-    batch = [SegSDEDataset(synth_root, split="val", sequence=True)[i] for i in range(4)]
-    frames = torch.stack([b["frames"] for b in batch])
-    depth = torch.stack([b["depth"] for b in batch])[:, None]
-    valid = (depth > 0) & ~torch.stack([b["dynamic"] for b in batch])[:, None]
-    K4, T = torch.stack([b["K"] for b in batch]), torch.stack([b["poses"][1] for b in batch])
+    batch = ground_truth_batch(synth_root, 4)
+    frames, depth = batch["frames"], batch["depth"]
+    valid = (depth > 0) & ~batch["dynamic"]
+    K4, T = batch["K"], batch["poses"][:, 1]
     pix = project(backproject(depth, torch.linalg.inv(K4)), K4, T).reshape(4, 2, 128, 256)
     valid &= ((pix[:, :1] >= 0) & (pix[:, :1] <= 255) & (pix[:, 1:] >= 0) & (pix[:, 1:] <= 127))
     warped = warp(frames[:, 2], depth.clamp(min=0.1), K4, T)
@@ -113,12 +126,11 @@ def test_view_synthesis_is_float32_inside_a_bf16_autocast_region(synth_root):
     from segsde.sde.config import SDEConfig
     from segsde.sde.model import frame_poses, view_synthesis_loss
 
-    batch = [SegSDEDataset(synth_root, split="val", sequence=True)[i] for i in range(2)]
-    frames, K4 = torch.stack([b["frames"] for b in batch]), torch.stack([b["K"] for b in batch])
-    depth = torch.stack([b["depth"] for b in batch])[:, None].clamp(min=0.1, max=100.0)
+    batch = ground_truth_batch(synth_root, 2)
+    frames, K4 = batch["frames"], batch["K"]
     cfg = SDEConfig(scales=1)
-    sigmoid = (1 / depth - 1 / cfg.max_depth) / (1 / cfg.min_depth - 1 / cfg.max_depth)  # the ground truth as network output
-    T = [torch.stack([b["poses"][i] for b in batch]) for i in (0, 1)]
+    sigmoid = as_network_output(batch["depth"].clamp(min=0.1, max=100.0), cfg)
+    T = [batch["poses"][:, i] for i in (0, 1)]
     exact = view_synthesis_loss(frames, K4, [sigmoid], T, cfg)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = view_synthesis_loss(frames, K4, [sigmoid.bfloat16()], T, cfg)
@@ -137,13 +149,12 @@ def test_ground_truth_depth_and_pose_beat_a_flat_depth_at_every_scale(synth_root
     from segsde.sde.config import SDEConfig
     from segsde.sde.model import scale_reprojection
 
-    batch = [SegSDEDataset(synth_root, split="val", sequence=True)[i] for i in range(4)]
-    frames, K4 = torch.stack([b["frames"] for b in batch]), torch.stack([b["K"] for b in batch])
-    depth = torch.stack([b["depth"] for b in batch])[:, None]
+    batch = ground_truth_batch(synth_root, 4)
+    frames, K4, depth = batch["frames"], batch["K"], batch["depth"]
     depth = torch.where(depth > 0, depth, torch.full_like(depth, 100.0)).clamp(min=0.1, max=100.0)  # sky: far
     cfg, own = SDEConfig(automask=False), resolution == "scale"
-    sigmoid = (1 / depth - 1 / cfg.max_depth) / (1 / cfg.min_depth - 1 / cfg.max_depth)
-    T = [torch.stack([b["poses"][i] for b in batch]) for i in (0, 1)]
+    sigmoid = as_network_output(depth, cfg)
+    T = [batch["poses"][:, i] for i in (0, 1)]
     target, sources = frames[:, 1], [frames[:, 0], frames[:, 2]]
     for s in range(4):
         size = (128 >> s, 256 >> s)
