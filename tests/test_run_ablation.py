@@ -39,6 +39,8 @@ def test_study_runs_a_tune_grid_caches_every_stage_and_never_duplicates_runs(tmp
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.data.tags["segsde.stage"] for r in children) == ["data", "train", "train"]  # no SDE: neither row needs it
+    trial_ids = {r.data.tags["segsde.row"]: r.data.tags["ray_trial_id"] for r in children if r.data.tags["segsde.stage"] == "train"}
+    assert trial_ids["pseudolabel"].endswith("_00000") and trial_ids["baseline"].endswith("_00001")  # the longer trial first
     for trial in (r for r in children if r.data.tags["segsde.stage"] == "train"):
         assert trial.info.status == "FINISHED" and trial.data.tags["ray_trial_id"]
         assert "final/miou" in trial.data.metrics and any(k.startswith("final/iou/") for k in trial.data.metrics)
@@ -57,3 +59,14 @@ def test_study_runs_a_tune_grid_caches_every_stage_and_never_duplicates_runs(tmp
     assert "2 trials (0 run, 2 cached, 0 failed)" in again.stdout
     assert len(_runs(tmp_path)) == len(runs)  # the parent and every child were found again, none added
 
+
+
+def test_the_quick_study_plans_its_longest_trials_first(tmp_path):
+    from segsde.orchestration.study import plan_trials, study_config
+
+    cfg = study_config("quick")
+    selections = {("entropy", 0): tmp_path / "entropy.parquet", ("sde", 0): tmp_path / "sde.parquet"}
+    trials = plan_trials(cfg, tmp_path / "data", tmp_path, tmp_path / "sde.pt", selections)
+    cost = {t.row: t.cost for t in trials}
+    assert cost["combination"] > cost["mtl"] > cost["depthmix"] == cost["classmix"] == cost["pseudolabel"] > cost["baseline"]
+    assert cost["baseline"] == cost["transfer"] == cost["al_entropy"] == cost["autoselect"]
