@@ -90,3 +90,29 @@ def test_dataset_pickles_for_worker_processes(synth_root):
     assert not clone._files and torch.equal(clone[0]["image"], first["image"])
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, multiprocessing_context="spawn")
     assert next(iter(loader))["image"].shape == (2, 3, 128, 256)
+
+
+def test_decoded_cache_gives_the_same_samples_and_keeps_to_its_size(synth_root):
+    """A second epoch from the cache equals fresh decoding under the same random crops and flips; a cap
+    below one sample caches nothing, and the cache does not travel to worker processes."""
+    import pickle
+
+    aug = Augment(resize=(48, 96), crop=(32, 64), random=True)
+    cached = SegSDEDataset(synth_root, "train", augment=aug, sequence=True)
+    uncached = SegSDEDataset(synth_root, "train", augment=aug, sequence=True, cache_mb=0)
+    for i in range(len(cached)):
+        cached[i]
+    assert len(cached._decoded) == len(cached) and not uncached._decoded
+    for i in range(len(cached)):
+        torch.manual_seed(i)
+        a = cached[i]
+        torch.manual_seed(i)
+        b = uncached[i]
+        for key in ("frames", "K", "label", "depth", "dynamic", "poses"):
+            assert torch.equal(a[key], b[key]), key
+    assert not uncached._decoded and not pickle.loads(pickle.dumps(cached))._decoded
+    one = cached._decoded_bytes / len(cached) / 2**20
+    capped = SegSDEDataset(synth_root, "train", augment=aug, sequence=True, cache_mb=2.5 * one)
+    for i in range(len(capped)):
+        capped[i]
+    assert len(capped._decoded) == 2
