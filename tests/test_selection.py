@@ -132,27 +132,43 @@ def test_ddp_gathered_features_give_the_single_worker_picks(selections):
 
 
 def test_an_interrupted_selection_continues_from_its_last_round(selections, smoke_study, tmp_path):
-    """Also the prefix property and determinism: the longer schedule (2, 4, 6), its round 1 trained afresh,
-    starts with exactly the fixture's (2, 4) list."""
+    """Ctrl-C in round 2 of a (2, 4, 6) schedule: the rerun continues from the checkpoint the single
+    selection job wrote after round 1 (not training round 1 again) and ends with exactly the list an
+    uninterrupted run gives, whose first set is the fixture's (the prefix property)."""
+    import signal
+    import subprocess
+
+    from conftest import BIN
     from mlflow.tracking import MlflowClient
 
     from segsde.selection.run import run_select
 
-    def stop_at_round_2(line):
-        if line.startswith("[select] round 2"):
-            raise KeyboardInterrupt
-
-    kw = {"sde_checkpoint": smoke_study["sde"], "profile": "smoke", "cache_root": tmp_path, "overrides": {"budgets": [2, 4, 6]}}
+    overrides = {"budgets": [2, 4, 6], "student_steps": 25, "log_interval": 5}
+    reference = run_select(smoke_study["data"], "difficulty", tmp_path / "reference" / "difficulty.parquet",
+                           sde_checkpoint=smoke_study["sde"], profile="smoke", cache_root=tmp_path / "reference",
+                           overrides=overrides, log=lambda line: None)
     out = tmp_path / "difficulty.parquet"
-    with pytest.raises(KeyboardInterrupt):
-        run_select(smoke_study["data"], "difficulty", out, log=stop_at_round_2, **kw)
-    assert not out.exists() and (tmp_path / "difficulty.parquet.work" / "state.json").is_file()
-    lines = []
-    resumed = run_select(smoke_study["data"], "difficulty", out, log=lines.append, **kw)
-    assert any("continuing the interrupted selection" in line for line in lines)
-    assert not any(line.startswith("[select] round 1") for line in lines)  # round 1 is not trained again
-    order = read_order(resumed["out"])
-    assert len(order) == len(set(order)) == 6 and order[:4] == read_order(selections["results"]["difficulty"]["out"])
+    cmd = [str(BIN / "segsde"), "select", "--data", str(smoke_study["data"]), "--method", "difficulty", "--out", str(out),
+           "--sde-checkpoint", str(smoke_study["sde"]), "--profile", "smoke", "--cache", str(tmp_path), "--budgets", "2,4,6",
+           "--set", "student_steps=25", "--set", "log_interval=5"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    in_round_2 = False
+    for line in proc.stderr:  # interrupt once round 2 is training, i.e. after round 1's checkpoint
+        in_round_2 = in_round_2 or "[select] round 2" in line
+        if in_round_2 and "step 10/50" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    proc.communicate(timeout=120)
+    assert in_round_2 and proc.returncode != 0
+    assert not out.exists() and (tmp_path / "difficulty.parquet.work" / "ray").is_dir()
+
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "continuing the interrupted selection" in resumed.stderr
+    assert "[select] round 1" not in resumed.stderr and "[select] round 2" in resumed.stderr  # round 1 is not trained again
+    order = read_order(out)
+    assert len(order) == len(set(order)) == 6 and order == read_order(reference["out"])
+    assert order[:2] == read_order(selections["results"]["difficulty"]["out"])[:2]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("segsde-select").experiment_id])
     assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]

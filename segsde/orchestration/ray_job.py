@@ -103,4 +103,30 @@ def fit(loop, loop_config: dict, name: str, storage: Path, workers: int = 1, gpu
     if fresh:
         shutil.rmtree(Path(storage) / name, ignore_errors=True)
     init_ray(address, num_cpus=max(workers * threads, 1), num_gpus=workers if gpu else 0)
-    return make_trainer(loop, loop_config, name, storage, workers, gpu, threads, max_failures).fit()
+    return fit_interruptibly(make_trainer(loop, loop_config, name, storage, workers, gpu, threads, max_failures))
+
+
+def fit_interruptibly(trainer):
+    """``trainer.fit()`` with Ctrl-C raising KeyboardInterrupt here, so the caller's MLflow run ends KILLED and
+    the command says it was interrupted. Called from the main thread, Ray Train V2 installs its own SIGINT
+    handler, which aborts the run and ends the process with status 1 and no message (the run was left
+    FAILED); it does not do so in other threads, as under Tune. Checkpoints written so far stay for a rerun."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the main thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]

@@ -1,12 +1,12 @@
-"""The Ray Train worker loops of data selection (1 CPU or N GPUs with DDP).
+"""The pieces of data selection that run inside its Ray Train job (1 CPU or N GPUs with DDP).
 
-``feature_loop``: the SDE teacher's layer-6 features of every candidate, pooled to a small grid.
-``round_loop``: one round's model, trained from scratch on the selected images, then the score of every
-remaining candidate: a depth student regressing the teacher's disparity (score: difficulty E) or, for the
-entropy baseline, a supervised segmentation net (score: mean pixel entropy).
+``compute_features``: the SDE teacher's layer-6 features of every candidate, pooled to a small grid.
+``train_round`` and ``score_candidates``: one round's model, trained from scratch on the selected images,
+then the score of every remaining candidate: a depth student regressing the teacher's disparity (score:
+difficulty E) or, for the entropy baseline, a supervised segmentation net (score: mean pixel entropy).
 
-Each rank handles every world-th candidate; results are gathered on rank 0, which reports them in a
-checkpoint. Training draws are seeded by (seed, rank, step) and checkpointed, so a restarted round resumes.
+Each rank handles every world-th candidate and rank 0 gathers the results. Training draws are seeded by
+(seed, rank, step), so a round resumed from a checkpoint trains exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -23,11 +23,9 @@ from segsde.data.dataset import PSEUDO_DEPTH, Augment, SegSDEDataset
 from segsde.data.labels import IGNORE_INDEX
 from segsde.models.decoder import UNetDecoder
 from segsde.models.encoder import ResNetEncoder
-from segsde.runtime import batch_indices, evaluation_mode, progress, resume_state, save_state, start_worker, step_seed
+from segsde.runtime import batch_indices, evaluation_mode, progress, save_state, step_seed
 from segsde.selection.config import SelectionConfig
 from segsde.selection.scores import berhu_loss, bottom_rows_mask, difficulty, mean_entropy
-
-FEATURES_FILE, SCORES_FILE = "features.pt", "scores.pt"
 
 
 class DepthStudent(nn.Module):
@@ -76,7 +74,16 @@ def _gather(worker, values: dict) -> dict:
     return {k: v for part in parts for k, v in part.items()} if worker.is_main else {}
 
 
-def _report(worker, metrics: dict, filename: str | None = None, payload=None, state: dict | None = None) -> None:
+def broadcast(worker, value):
+    """Rank 0's ``value`` on every rank."""
+    if worker.world == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, 0)
+    return box[0]
+
+
+def report(worker, metrics: dict, filename: str | None = None, payload=None, state: dict | None = None) -> None:
     import ray.train
     from ray.train import Checkpoint
 
@@ -91,14 +98,12 @@ def _report(worker, metrics: dict, filename: str | None = None, payload=None, st
         ray.train.report(metrics, checkpoint=ckpt)
 
 
-def feature_loop(config: dict) -> None:
-    """``config``: ``select`` (SelectionConfig fields), ``sde_model``, ``data``, ``ids``."""
+def compute_features(cfg: SelectionConfig, data: str, ids: list[str], sde_model: str, worker) -> torch.Tensor | None:
+    """[N, C * grid] raw layer-6 features of ``ids`` in that order on rank 0 (None on the other ranks)."""
     from segsde.sde.export import load_sde_model
 
-    cfg = SelectionConfig.from_dict(config["select"])
-    worker = start_worker(cfg.threads, cfg.seed)
-    model = load_sde_model(Path(config["sde_model"]), worker.device)
-    dataset = SegSDEDataset(config["data"], "train", ids=config["ids"])
+    model = load_sde_model(Path(sde_model), worker.device)
+    dataset = SegSDEDataset(data, "train", ids=ids, cache_mb=0)
     mine = list(range(worker.rank, len(dataset), worker.world))
     values, t0 = {}, time.perf_counter()
     for i in range(0, len(mine), cfg.feature_batch):
@@ -111,8 +116,7 @@ def feature_loop(config: dict) -> None:
             rate = len(values) / (time.perf_counter() - t0)
             progress(f"[select] features {len(values) * worker.world}/{len(dataset)} ({rate:.1f} img/s per rank)")
     values = _gather(worker, values)
-    payload = {"ids": config["ids"], "features": torch.stack([values[i] for i in config["ids"]])} if worker.is_main else None
-    _report(worker, {"images": len(config["ids"])}, FEATURES_FILE, payload)
+    return torch.stack([values[i] for i in ids]) if worker.is_main else None
 
 
 def _batch(dataset: SegSDEDataset, cfg: SelectionConfig, step: int, worker) -> dict:
@@ -147,24 +151,23 @@ def _score(kind: str, model, dataset: SegSDEDataset, cfg: SelectionConfig, worke
     return values
 
 
-def round_loop(config: dict) -> None:
-    """``config``: ``select`` (SelectionConfig fields, ``seed`` already per round), ``kind`` (student |
-    segmentation), ``data``, ``selected`` and ``candidates`` (id lists), ``steps``."""
-    cfg = SelectionConfig.from_dict(config["select"])
-    kind, steps = config["kind"], config["steps"]
-    worker = start_worker(cfg.threads, cfg.seed)
+def train_round(kind: str, cfg: SelectionConfig, data: str, selected: list[str], steps: int, worker,
+                resume: dict | None = None, checkpoint=None) -> nn.Module:
+    """A round's model (student | segmentation) built from ``cfg.seed`` and trained ``steps`` steps on
+    ``selected``; ``resume`` (model, optimizer, step) continues a round stopped mid-way, and
+    ``checkpoint(state)`` receives that state every ``checkpoint_interval`` steps."""
+    torch.manual_seed(cfg.seed)
     model = round_network(kind, cfg).to(worker.device)
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.student_lr)
     start = 0
-    state = resume_state(None, worker.device)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimiser.load_state_dict(state["optimizer"])
-        start = state["step"]
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimiser.load_state_dict(resume["optimizer"])
+        start = resume["step"]
     net = model
     if worker.world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[worker.device.index] if worker.device.type == "cuda" else None)
-    train_set = SegSDEDataset(config["data"], "train", ids=config["selected"], augment=Augment(cfg.resize, cfg.crop, random=True))
+    train_set = SegSDEDataset(data, "train", ids=selected, augment=Augment(cfg.resize, cfg.crop, random=True))
     model.train()
     t0, running = time.perf_counter(), 0.0
     for step in range(start, steps):
@@ -182,11 +185,13 @@ def round_loop(config: dict) -> None:
         done = step + 1
         if worker.is_main and (done % cfg.log_interval == 0 or done == steps):
             progress(f"[select] {kind} step {done}/{steps} loss {running / (done - start):.4f} "
-                      f"{(done - start) / (time.perf_counter() - t0):.2f} steps/s")
-        if done % cfg.checkpoint_interval == 0 and done < steps:
-            state = {"model": model.state_dict(), "optimizer": optimiser.state_dict(), "step": done}
-            _report(worker, {"step": done, "loss": float(loss.detach())}, state=state)
-    candidates = SegSDEDataset(config["data"], "train", ids=config["candidates"], augment=Augment(cfg.resize, None, random=False))
-    scores = _gather(worker, _score(kind, model, candidates, cfg, worker))
-    _report(worker, {"step": steps, "candidates": len(config["candidates"])}, SCORES_FILE, scores if worker.is_main else None,
-            state={"model": model.state_dict(), "optimizer": optimiser.state_dict(), "step": steps})
+                     f"{(done - start) / (time.perf_counter() - t0):.2f} steps/s")
+        if checkpoint is not None and done % cfg.checkpoint_interval == 0 and done < steps:
+            checkpoint({"model": model.state_dict(), "optimizer": optimiser.state_dict(), "step": done})
+    return model
+
+
+def score_candidates(kind: str, model: nn.Module, cfg: SelectionConfig, data: str, candidates: list[str], worker) -> dict[str, float]:
+    """{id: score} of every candidate on rank 0 ({} on the other ranks)."""
+    dataset = SegSDEDataset(data, "train", ids=candidates, augment=Augment(cfg.resize, None, random=False), cache_mb=0)
+    return _gather(worker, _score(kind, model, dataset, cfg, worker))

@@ -1,9 +1,10 @@
-"""The data-selection driver: compute the diversity features and each round's scores as Ray Train jobs,
-make the picks (IFP or top-k) here, write the ordered list and log it to MLflow.
+"""The data-selection driver: run the selection as one Ray Train job (segsde/selection/rounds.py: features,
+rounds, picks), write the ordered list and log it to MLflow.
 
-Every method returns one ordered id list whose prefixes are the smaller budgets. Progress is saved in
-``<out>.work/`` after the features and after each round, so an interrupted selection continues where it
-stopped; the Parquet file appears only when the whole list is done.
+Every method returns one ordered id list whose prefixes are the smaller budgets. The job's checkpoints
+live in ``<out>.work/`` (after the features, after each round and every ``checkpoint_interval`` steps), so
+an interrupted selection continues where it stopped; the Parquet file appears only when the whole list is
+done, and the work directory is removed then.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,7 @@ from segsde.data.splits import random_order
 from segsde.data.store import atomic_write_bytes, read_manifest, split_ids
 from segsde.errors import SegSDEError
 from segsde.profiles import load_profile
-from segsde.selection.config import METHODS, NEEDS_FEATURES, NEEDS_STUDENT, SelectionConfig
-from segsde.selection.ifp import farthest_points, random_projection, standardise
+from segsde.selection.config import METHODS, NEEDS_STUDENT, SelectionConfig
 
 COLUMNS = ("id", "rank", "round", "score", "distance", "difficulty", "entropy")
 
@@ -37,131 +37,12 @@ def selection_config(profile: str, overrides: dict | None = None) -> SelectionCo
     return SelectionConfig.from_dict({**section, **(overrides or {})}, where=f"profile '{profile}' select section")
 
 
-def round_of(rank: int, budgets: tuple[int, ...]) -> int:
-    """The round whose budget first includes position ``rank`` (0 = the initial set)."""
-    return next(r for r, b in enumerate(budgets) if rank < b)
-
-
 def check_method(method: str) -> None:
     if method not in METHODS:
         import difflib
 
         close = difflib.get_close_matches(method, METHODS, n=1)
         raise SegSDEError(f"unknown selection method '{method}': " + (f"did you mean '{close[0]}'?" if close else f"choose one of {list(METHODS)}"))
-
-
-class Selection:
-    """One selection run: ``method`` over the training split of ``data`` under ``cfg``."""
-
-    def __init__(self, method: str, cfg: SelectionConfig, data: Path, pool: list[str], sde_model: Path | None,
-                 work: Path, job: dict, logger, log):
-        self.method, self.cfg, self.data, self.pool, self.sde_model = method, cfg, data, pool, sde_model
-        self.work, self.job, self.logger, self.log = work, job, logger, log
-        self.index = {sid: k for k, sid in enumerate(pool)}
-        self.state_file = work / "state.json"
-        self.records: list[dict] = json.loads(self.state_file.read_text())["records"] if self.state_file.is_file() else []
-
-    # -- Ray Train jobs --------------------------------------------------------------------------------
-    def _fit(self, loop, name: str, config: dict, payload_file: str):
-        from segsde.orchestration.ray_job import fit
-
-        result = fit(loop, {"select": asdict(self.cfg), "data": str(self.data), **config}, name, self.work / "ray",
-                     fresh=False, **self.job)
-        if result.checkpoint is None:
-            raise SegSDEError(f"the selection job '{name}' reported no result: rerun with --fresh")
-        with result.checkpoint.as_directory() as d:
-            return torch.load(Path(d) / payload_file, map_location="cpu", weights_only=True)
-
-    def features(self) -> torch.Tensor:
-        """[N, D] standardised layer-6 features in pool order (randomly projected for huge pools)."""
-        from segsde.selection.jobs import FEATURES_FILE
-
-        cache = self.work / FEATURES_FILE
-        if cache.is_file():
-            raw = torch.load(cache, weights_only=True)
-        else:
-            self.log(f"[select] layer-6 features of {len(self.pool)} images from {self.sde_model}")
-            raw = self._fit(_features, "features", {"sde_model": str(self.sde_model), "ids": self.pool}, FEATURES_FILE)["features"]
-            torch.save(raw, cache)
-        feats = standardise(raw.float())
-        if feats.numel() > self.cfg.max_exact_values:
-            self.log(f"[select] {feats.shape[0]} x {feats.shape[1]} features exceed max_exact_values: "
-                     f"IFP on a random projection to {self.cfg.projection_dim} dimensions")
-            feats = random_projection(feats, self.cfg.projection_dim, self.cfg.seed)
-        return feats
-
-    def round_scores(self, kind: str, r: int, selected: list[str]) -> dict[str, float]:
-        from segsde.selection.jobs import SCORES_FILE
-
-        chosen = set(selected)
-        candidates = [i for i in self.pool if i not in chosen]
-        steps = self.cfg.round_steps(r)
-        self.log(f"[select] round {r}: {kind} trained {steps} steps on {len(selected)} images, then scores {len(candidates)}")
-        t0 = time.perf_counter()
-        config = {"select": asdict(replace(self.cfg, seed=self.cfg.seed * 1000 + r)), "kind": kind, "selected": selected,
-                  "candidates": candidates, "steps": steps}
-        scores = self._fit(_round, f"round{r}", config, SCORES_FILE)
-        if self.logger:
-            self.logger.metrics({"select/round_seconds": time.perf_counter() - t0,
-                                 f"select/mean_{'difficulty' if kind == 'student' else 'entropy'}": float(np.mean(list(scores.values())))}, step=r)
-        return scores
-
-    # -- picks -----------------------------------------------------------------------------------------
-    def _add(self, sid: str, **parts) -> None:
-        self.records.append({"id": sid, "score": None, "distance": None, "difficulty": None, "entropy": None, **parts})
-
-    def _save(self) -> None:
-        atomic_write_bytes(self.state_file, json.dumps({"records": self.records}).encode())
-
-    def _round_done(self, r: int) -> bool:
-        return len(self.records) >= self.cfg.budgets[r]
-
-    def run(self) -> list[dict]:
-        cfg, budgets = self.cfg, self.cfg.budgets
-        if self.method == "random":
-            for sid in random_order(self.pool, cfg.seed)[: budgets[-1]]:
-                self._add(sid)
-        elif self.method in NEEDS_FEATURES:
-            self._farthest_point_rounds(self.features())
-        else:
-            kind, part = ("student", "difficulty") if self.method in NEEDS_STUDENT else ("segmentation", "entropy")
-            if not self._round_done(0):
-                for sid in random_order(self.pool, cfg.seed)[: budgets[0]]:
-                    self._add(sid)
-                self._save()
-            for r in range(1, len(budgets)):
-                if self._round_done(r):
-                    continue
-                scores = self.round_scores(kind, r, [x["id"] for x in self.records])
-                top = sorted(scores, key=lambda i: (-scores[i], self.index[i]))[: budgets[r] - len(self.records)]
-                for sid in top:
-                    self._add(sid, score=scores[sid], **{part: scores[sid]})
-                self._save()
-        return [{**rec, "rank": k, "round": round_of(k, budgets)} for k, rec in enumerate(self.records)]
-
-    def _farthest_point_rounds(self, feats: torch.Tensor) -> None:
-        cfg, budgets = self.cfg, self.cfg.budgets
-        if not self.records:
-            start = int(np.random.default_rng(cfg.seed).integers(len(self.pool)))
-            self._add(self.pool[start])
-        # diversity reaches the largest budget in one IFP pass; sde stops at each budget for a new student
-        goals = [budgets[-1]] if self.method == "diversity" else budgets
-        nearest = None
-        for r, goal in enumerate(goals):
-            if len(self.records) >= goal:
-                continue
-            selected = [self.index[x["id"]] for x in self.records]
-            bonus, scores = None, {}
-            if r > 0:
-                scores = self.round_scores("student", r, [x["id"] for x in self.records])
-                bonus = torch.zeros(len(self.pool))
-                for sid, e in scores.items():
-                    bonus[self.index[sid]] = e
-            picks, gaps, nearest = farthest_points(feats, selected, goal - len(selected), bonus, cfg.weight if r else 0.0, nearest)
-            for j, gap in zip(picks, gaps.tolist()):
-                e = scores.get(self.pool[j])
-                self._add(self.pool[j], distance=gap, difficulty=e, score=gap + (cfg.weight * e if e is not None else 0.0))
-            self._save()
 
 
 def class_pixels(data: Path, ids: list[str]) -> np.ndarray | None:
@@ -262,7 +143,7 @@ def run_select(data: Path, method: str, out: Path, sde_checkpoint: Path | None =
     start = time.perf_counter()
     with tracked_run(uri, experiment, f"select-{method}-s{cfg.seed}", {**meta, "profile": profile, "workers": workers}, tags) as run_id:
         logger = RunLogger(uri, run_id)
-        records = Selection(method, cfg, data, pool, sde_model, work, job, logger, log).run()
+        records = _select(method, cfg, data, pool, sde_model, work, job, logger)
         coverage = _log_selection(logger, records, cfg, method, pool, counts)
         write_selection(out, records, {**meta, "seed": cfg.seed, "budgets": list(cfg.budgets)})
         logger.artifact(out, "selection")
@@ -271,6 +152,29 @@ def run_select(data: Path, method: str, out: Path, sde_checkpoint: Path | None =
     log(f"[select] '{method}' chose {len(records)} of {len(pool)} images in {seconds:.0f} s -> {out}")
     return {"out": str(out), "method": method, "seed": cfg.seed, "budgets": list(cfg.budgets), "ids": len(records),
             "first": [r["id"] for r in records[:3]], "class_coverage": coverage, "seconds": seconds, "mlflow_run_id": run_id}
+
+
+def _select(method: str, cfg: SelectionConfig, data: Path, pool: list[str], sde_model: Path | None, work: Path,
+            job: dict, logger) -> list[dict]:
+    """The ordered records: a seeded permutation for `random`, else one Ray Train job (segsde/selection/rounds.py)
+    whose checkpoints under ``work`` let a rerun continue an interrupted selection."""
+    from segsde.orchestration.ray_job import fit
+    from segsde.selection.rounds import RESULT_FILE, round_of
+
+    if method == "random":
+        return [{"id": sid, "score": None, "distance": None, "difficulty": None, "entropy": None, "rank": k,
+                 "round": round_of(k, cfg.budgets)} for k, sid in enumerate(random_order(pool, cfg.seed)[: cfg.budgets[-1]])]
+    config = {"select": asdict(cfg), "method": method, "data": str(data), "pool": pool,
+              "sde_model": str(sde_model) if sde_model else None}
+    result = fit(_selection_job, config, "selection", work / "ray", fresh=False, **job)
+    if result.checkpoint is None:
+        raise SegSDEError(f"the selection job in {work} reported no result: rerun with --fresh")
+    with result.checkpoint.as_directory() as d:
+        payload = torch.load(Path(d) / RESULT_FILE, map_location="cpu", weights_only=True)
+    score = "difficulty" if method in NEEDS_STUDENT else "entropy"
+    for stat in payload["rounds"]:
+        logger.metrics({"select/round_seconds": stat["seconds"], f"select/mean_{score}": stat["mean_score"]}, step=stat["round"])
+    return payload["records"]
 
 
 def _sde_model(checkpoint: Path | None, profile: str, data: Path, cache_root: Path, tracking_uri: str | None, log) -> Path:
@@ -308,13 +212,7 @@ def _log_selection(logger, records: list[dict], cfg: SelectionConfig, method: st
     return coverage
 
 
-def _features(config: dict) -> None:
-    from segsde.selection.jobs import feature_loop
+def _selection_job(config: dict) -> None:
+    from segsde.selection.rounds import selection_loop
 
-    feature_loop(config)
-
-
-def _round(config: dict) -> None:
-    from segsde.selection.jobs import round_loop
-
-    round_loop(config)
+    selection_loop(config)
