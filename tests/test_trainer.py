@@ -61,6 +61,12 @@ def test_networks_shapes_and_gates():
     assert [d.shape[-2:] for d in out["disparities"]] == [(64, 128), (32, 64), (16, 32), (8, 16)]
     x = torch.randn(1, cfg.decoder_channels[2], 4, 4)
     assert torch.allclose(net.gate_to_seg(x), net.gate_to_seg.conv(x) * 0.5)  # every gate starts half open
+    torch.nn.init.normal_(net.gate_to_seg.attention.weight, std=0.1)  # the exchange open and trained-looking
+    image = torch.rand(2, 3, 64, 128, requires_grad=True)
+    full, seg_only = net.eval()(image), net(image, depth=False)
+    assert "disparities" not in seg_only and torch.equal(full["logits"], seg_only["logits"])
+    grads = [torch.autograd.grad(o["logits"].square().sum(), image)[0] for o in (full, seg_only)]
+    assert torch.equal(*grads)  # the skipped depth tail plays no part in the logits or their gradient
     single = build_network(train_config("smoke", "baseline"))
     assert isinstance(single, SegmentationNet) and single(torch.rand(2, 3, 64, 128))["logits"].shape == (2, 19, 64, 128)
     assert not hasattr(single.decoder, "heads") or len(single.decoder.heads) == 0

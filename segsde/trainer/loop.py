@@ -52,7 +52,7 @@ def evaluate(model, val_set: SegSDEDataset, worker, full_resolution_root: str | 
             items = [val_set[j] for j in mine[i: i + batch]]
             images = torch.stack([it["image"] for it in items]).to(worker.device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=worker.device.type == "cuda"):
-                logits = model(images)["logits"].float()
+                logits = model(images, depth=False)["logits"].float()
             pred = logits.argmax(1)
             conf[0] += confusion_matrix(pred, torch.stack([it["label"] for it in items]).to(worker.device))
             if full_resolution_root:

@@ -67,8 +67,8 @@ class SegmentationNet(nn.Module):
         self.decoder = UNetDecoder(self.encoder.channels, tuple(cfg.decoder_channels), disparity_scales=0)
         self.head = ClassifierHead(cfg.decoder_channels[0])
 
-    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        """[B, 3, H, W] in [0, 1] -> {"logits": [B, 19, H, W]}."""
+    def forward(self, image: torch.Tensor, depth: bool = False) -> dict[str, torch.Tensor]:
+        """[B, 3, H, W] in [0, 1] -> {"logits": [B, 19, H, W]} (``depth``: accepted as by MultiTaskNet; no depth here)."""
         features = self.decoder.run_stages(self.encoder(image), ALL_STAGES, size=image.shape[-2:])
         return {"logits": self.head(features[0])}
 
@@ -85,17 +85,23 @@ class MultiTaskNet(nn.Module):
         self.side = nn.Conv2d(ch[2], NUM_CLASSES, 1)
         self.pose = PoseNet(None)
 
-    def forward(self, image: torch.Tensor) -> dict:
-        """[B, 3, H, W] -> {"logits", "side": [B, 19, H, W], "disparities": 4 x [B, 1, H/2^s, W/2^s]}."""
+    def forward(self, image: torch.Tensor, depth: bool = True) -> dict:
+        """[B, 3, H, W] -> {"logits", "side": [B, 19, H, W], "disparities": 4 x [B, 1, H/2^s, W/2^s]}.
+        ``depth=False`` leaves out the disparities and the depth decoder's stages after the exchange, which
+        the logits do not depend on (the teacher's and the mixed batch's passes: a third of their cost)."""
         size = image.shape[-2:]
         maps = self.encoder(image)
         d = self.depth.run_stages(maps, UP_TO_QUARTER)
         s = self.seg.run_stages(maps, UP_TO_QUARTER)
-        seg_x, depth_x = s[2] + self.gate_to_seg(d[2]), d[2] + self.gate_to_depth(s[2])
-        d.update({2: depth_x, **self.depth.run_stages(maps, FROM_QUARTER, x=depth_x, size=size)})
+        seg_x = s[2] + self.gate_to_seg(d[2])
         s_final = self.seg.run_stages(maps, FROM_QUARTER, x=seg_x, size=size)[0]
         side = F.interpolate(self.side(s[2]), size=size, mode="bilinear", align_corners=False)
-        return {"logits": self.head(s_final), "side": side, "disparities": self.depth.disparities(d)}
+        out = {"logits": self.head(s_final), "side": side}
+        if depth:
+            depth_x = d[2] + self.gate_to_depth(s[2])
+            d.update({2: depth_x, **self.depth.run_stages(maps, FROM_QUARTER, x=depth_x, size=size)})
+            out["disparities"] = self.depth.disparities(d)
+        return out
 
 
 def build_network(cfg: TrainConfig) -> nn.Module:

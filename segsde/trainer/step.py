@@ -60,7 +60,7 @@ def pseudo_label_loss(net, teacher, pool: dict, cfg: TrainConfig, augment, stude
     """-> (loss, logged terms, an example of the mixing for the figure when ``keep_example``)."""
     x = pool["image"]
     with torch.no_grad():
-        teacher_out = teacher(x)
+        teacher_out = teacher(x, depth=cfg.depth_source == "teacher")
         targets = torch.softmax(teacher_out["logits"].float(), 1)
         if pool["is_labeled"].any():  # labeled pool members (mix_pool all_with_gt) bring their ground truth
             truth = one_hot_targets(pool["label"], NUM_CLASSES)
@@ -70,7 +70,7 @@ def pseudo_label_loss(net, teacher, pool: dict, cfg: TrainConfig, augment, stude
         mask = mixing_mask(cfg, pool, targets, partner, teacher_out, student_disparity, generator)
         mixed = augment(mix(mask, x, partner))
         labels, weight, fraction = pseudo_labels(mix(mask, targets, partner), cfg.confidence_threshold, cfg.confidence)
-    loss = weighted_cross_entropy(net(mixed)["logits"], labels, weight)
+    loss = weighted_cross_entropy(net(mixed, depth=False)["logits"], labels, weight)
     example = None
     if keep_example:
         example = {"image_i": x[0], "image_j": x[partner[0]], "mask": mask[0], "mixed": mixed[0], "label": labels[0]}
