@@ -143,19 +143,21 @@ def test_an_interrupted_selection_continues_from_its_last_round(selections, smok
 
     from segsde.selection.run import run_select
 
-    overrides = {"budgets": [2, 4, 6], "student_steps": 25, "log_interval": 5}
+    # round 2 trains 120 steps (20-40 s on 2 busy cores), so the interrupt lands inside it, well after round
+    # 1's checkpoint, even when the worker's lines reach this process seconds late
+    overrides = {"budgets": [2, 4, 6], "student_steps": 60, "log_interval": 5}
     reference = run_select(smoke_study["data"], "difficulty", tmp_path / "reference" / "difficulty.parquet",
                            sde_checkpoint=smoke_study["sde"], profile="smoke", cache_root=tmp_path / "reference",
                            overrides=overrides, log=lambda line: None)
     out = tmp_path / "difficulty.parquet"
     cmd = [str(BIN / "segsde"), "select", "--data", str(smoke_study["data"]), "--method", "difficulty", "--out", str(out),
            "--sde-checkpoint", str(smoke_study["sde"]), "--profile", "smoke", "--cache", str(tmp_path), "--budgets", "2,4,6",
-           "--set", "student_steps=25", "--set", "log_interval=5"]
+           "--set", "student_steps=60", "--set", "log_interval=5"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     in_round_2 = False
     for line in proc.stderr:  # interrupt once round 2 is training, i.e. after round 1's checkpoint
         in_round_2 = in_round_2 or "[select] round 2" in line
-        if in_round_2 and "step 10/50" in line:
+        if in_round_2 and "step 5/120" in line:
             proc.send_signal(signal.SIGINT)
             break
     proc.communicate(timeout=120)
