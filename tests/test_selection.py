@@ -154,7 +154,9 @@ def test_an_interrupted_selection_continues_from_its_last_round(selections, smok
            "--set", "student_steps=20"]
     checkpoints = tmp_path / "difficulty.parquet.work" / "ray" / "selection"
     with open(tmp_path / "interrupted.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+        # pytest-xdist workers ignore SIGINT and children inherit that, so Ctrl-C's default is restored
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         # the first checkpoint holds round 1's picks (difficulty has no features); the worker's log lines can
         # reach this process many seconds late on busy cores, the checkpoint directory does not
         while proc.poll() is None and not list(checkpoints.glob("checkpoint_*/state.pt")):
