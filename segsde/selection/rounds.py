@@ -30,6 +30,16 @@ def round_of(rank: int, budgets: tuple[int, ...]) -> int:
     return next(r for r, b in enumerate(budgets) if rank < b)
 
 
+def new_record(sid: str, **parts) -> dict:
+    """One pick: its id and the parts of its score (None where the method has none)."""
+    return {"id": sid, "score": None, "distance": None, "difficulty": None, "entropy": None, **parts}
+
+
+def ranked(records: list[dict], budgets: tuple[int, ...]) -> list[dict]:
+    """The picks in order, each with its rank and the round that added it."""
+    return [{**rec, "rank": k, "round": round_of(k, budgets)} for k, rec in enumerate(records)]
+
+
 def selection_loop(config: dict) -> None:
     """``config``: ``select`` (SelectionConfig fields), ``method``, ``data``, ``pool`` (the candidate ids)
     and ``sde_model`` (sde, diversity, difficulty). Reports the ordered records and each round's seconds
@@ -61,7 +71,7 @@ class Rounds:
         report(self.worker, {"picked": len(self.records)}, state=state)
 
     def _add(self, sid: str, **parts) -> None:
-        self.records.append({"id": sid, "score": None, "distance": None, "difficulty": None, "entropy": None, **parts})
+        self.records.append(new_record(sid, **parts))
 
     def _share_picks(self) -> None:
         self.records = broadcast(self.worker, self.records)
@@ -125,7 +135,7 @@ class Rounds:
                     for sid in top:
                         self._add(sid, score=scores[sid], **{part: scores[sid]})
                 self._share_picks()
-        return [{**rec, "rank": k, "round": round_of(k, budgets)} for k, rec in enumerate(self.records)]
+        return ranked(self.records, budgets)
 
     def _farthest_point_rounds(self, feats: torch.Tensor | None) -> None:
         cfg, budgets, main = self.cfg, self.cfg.budgets, self.worker.is_main

@@ -159,11 +159,10 @@ def _select(method: str, cfg: SelectionConfig, data: Path, pool: list[str], sde_
     """The ordered records: a seeded permutation for `random`, else one Ray Train job (segsde/selection/rounds.py)
     whose checkpoints under ``work`` let a rerun continue an interrupted selection."""
     from segsde.orchestration.ray_job import fit
-    from segsde.selection.rounds import RESULT_FILE, round_of
+    from segsde.selection.rounds import RESULT_FILE, new_record, ranked
 
     if method == "random":
-        return [{"id": sid, "score": None, "distance": None, "difficulty": None, "entropy": None, "rank": k,
-                 "round": round_of(k, cfg.budgets)} for k, sid in enumerate(random_order(pool, cfg.seed)[: cfg.budgets[-1]])]
+        return ranked([new_record(sid) for sid in random_order(pool, cfg.seed)[: cfg.budgets[-1]]], cfg.budgets)
     config = {"select": asdict(cfg), "method": method, "data": str(data), "pool": pool,
               "sde_model": str(sde_model) if sde_model else None}
     result = fit(_selection_job, config, "selection", work / "ray", fresh=False, **job)
