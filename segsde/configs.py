@@ -9,6 +9,8 @@ import typing
 
 from segsde.errors import SegSDEError
 
+PRECISIONS = ("auto", "bf16", "fp32")  # of the networks' passes: see segsde.runtime.autocast
+
 
 def closest_hint(name: str, valid) -> str:
     close = difflib.get_close_matches(name, list(valid), n=1)

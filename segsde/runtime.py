@@ -38,6 +38,14 @@ def current_worker() -> Worker:
     return Worker(rank, world, ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu"))
 
 
+def autocast(device: torch.device, precision: str = "auto"):
+    """The autocast region of a network pass. ``auto``: bf16 on a GPU, float32 on a CPU; ``bf16``: bf16 on
+    either (about 1.5x faster on a CPU with AVX512-BF16 or AMX, emulated and slower on one without);
+    ``fp32``: no autocast."""
+    enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def batch_indices(n: int, step: int, batch: int, rank: int, world: int, seed: int) -> list[int]:
     """The sample indices of ``rank``'s batch at ``step``: epochs are seeded permutations of range(n),
     consumed ``batch * world`` at a time, so the order depends only on (seed, step) and a resumed run
@@ -79,13 +87,26 @@ def load_state(directory: Path, map_location="cpu") -> dict:
     return torch.load(Path(directory) / CHECKPOINT_FILE, map_location=map_location, weights_only=True)
 
 
-def start_worker(threads: int | None, seed: int) -> Worker:
+def start_worker(threads: int | None, seed: int, precision: str = "auto") -> Worker:
     """This worker's context, with torch's CPU threads set and the seed that makes every rank build
-    identical initial weights."""
+    identical initial weights; says so once when bf16 on this CPU would be emulated."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    return current_worker()
+    worker = current_worker()
+    if precision == "bf16" and worker.device.type == "cpu" and worker.is_main and cpu_bf16_native() is False:
+        progress("segsde: this CPU has neither AVX512-BF16 nor AMX, so bf16 runs emulated and slower than "
+                 "float32: set precision: fp32 in the profile (or --set precision=fp32)")
+    return worker
+
+
+def cpu_bf16_native() -> bool | None:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX flags); None where /proc/cpuinfo is absent."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resume_state(resume_from: str | None, map_location) -> dict | None:

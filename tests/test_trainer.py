@@ -144,6 +144,31 @@ def test_resume_with_teacher_continues_exactly(study, row_runs, tmp_path):
     assert resumed["miou"] == straight["miou"]
 
 
+def test_bf16_precision_runs_the_networks_in_bf16_on_a_cpu(study, row_runs, tmp_path):
+    """``precision: bf16`` autocasts the trainer's passes on a CPU too (about 1.4x faster where the CPU has
+    AVX512-BF16, see the README), while ``auto`` keeps a CPU in float32; the run is logged with its precision."""
+    from mlflow.tracking import MlflowClient
+
+    from segsde.runtime import autocast
+    from segsde.trainer.run import run_train
+
+    conv, x = torch.nn.Conv2d(3, 4, 3), torch.rand(1, 3, 8, 8)
+
+    def output_dtype(precision):
+        with autocast(torch.device("cpu"), precision):
+            return conv(x).dtype
+
+    assert [output_dtype(p) for p in ("bf16", "auto", "fp32")] == [torch.bfloat16, torch.float32, torch.float32]
+    result = run_train(study["data"], tmp_path, row="depthmix", profile="smoke", overrides={"precision": "bf16"},
+                       sde_model=study["sde"])
+    fp32 = row_runs("depthmix")[1]
+    assert result["step"] == fp32["step"] == 4 and 0 < result["miou"] <= 1
+    a, b = load_state(result["checkpoint"])["model"], load_state(fp32["checkpoint"])["model"]
+    assert not all(torch.equal(a[k], b[k]) for k in b)  # same seed and batches: only the precision differs
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(result["mlflow_run_id"])
+    assert run.data.params["train.precision"] == "bf16"
+
+
 def test_the_combination_row_on_two_ddp_workers_all_reduces_the_confusion_matrix(study, tmp_path):
     """The combination row exercises every DDP path: multi-task SDE loss, teacher, two backwards; run by
     `segsde train`, it also leaves everything a study row's trial must."""
@@ -170,6 +195,7 @@ def test_the_combination_row_on_two_ddp_workers_all_reduces_the_confusion_matrix
     (["--selection", "nonsense"], "neither an existing file nor a selection method"),
     (["--set", "epsilom=0.1"], "unknown key 'epsilom'.*did you mean 'epsilon'"),
     (["--set", "mix=class"], "mixing needs pseudo-labels"),
+    (["--set", "precision=fp16"], r"precision must be one of \('auto', 'bf16', 'fp32'\)"),
     (["--budget", "999"], "budget 999 is larger than the labeled pool of 16"),
     (["--row", "classmix", "--budget", "16"], "no unlabeled image is left"),
     (["--row", "depthmix", "--set", "depth_source=student"], "needs the multi-task decoder"),

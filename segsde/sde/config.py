@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from segsde.configs import check, config_from_dict
+from segsde.configs import PRECISIONS, check, config_from_dict
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class SDEConfig:
     val_images: int | None = None            # None: the whole validation split
     eval_max_depth: float = 80.0             # monodepth2's evaluation cap
     threads: int | None = None               # torch CPU threads per worker (None: leave torch's default)
+    precision: str = "auto"                  # auto: bf16 on GPU, fp32 on CPU | bf16 | fp32 (runtime.autocast)
     loader_workers: int = 0
 
     @property
@@ -74,5 +75,6 @@ class SDEConfig:
             (self.feature_distance >= 0 and self.smoothness >= 0, "loss weights must be >= 0"),
             (0 <= self.color_jitter <= 1, "color_jitter is a probability in [0, 1]"),
             (self.crop is None or (self.crop[0] % 32 == 0 and self.crop[1] % 32 == 0), "crop sides must be multiples of 32"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
         ]
         check(checks, where)

@@ -18,7 +18,7 @@ import torch
 
 from segsde.data.dataset import Augment, SegSDEDataset, validation_split
 from segsde.metrics.depth import METRICS, depth_error_sums, summarise
-from segsde.runtime import batch_indices, evaluation_mode, progress, resume_state, save_state, start_worker, step_seed
+from segsde.runtime import autocast, batch_indices, evaluation_mode, progress, resume_state, save_state, start_worker, step_seed
 from segsde.sde.config import SDEConfig
 from segsde.sde.export import disparity_map
 from segsde.sde.geometry import disp_to_depth
@@ -76,7 +76,7 @@ def validate(model: SDEModel, val_set: SegSDEDataset, cfg: SDEConfig, worker, ba
             images = torch.stack([it["image"] for it in items]).to(worker.device)
             # sources without ground-truth depth (Cityscapes) count no valid pixel: the metrics stay NaN
             gt = torch.stack([it.get("depth", torch.zeros(it["image"].shape[-2:])) for it in items]).to(worker.device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=worker.device.type == "cuda"):
+            with autocast(worker.device, cfg.precision):
                 sigmoid, depth = predict_depth(model, images, cfg)
             sums += depth_error_sums(depth, gt, 1e-3, cfg.eval_max_depth)
             if len(examples) < 3:
@@ -133,7 +133,7 @@ def train_loop_per_worker(config: dict) -> None:
     from ray.train import Checkpoint
 
     cfg = SDEConfig.from_dict(config["sde"])
-    worker = start_worker(cfg.threads, cfg.seed)
+    worker = start_worker(cfg.threads, cfg.seed, cfg.precision)
     gpu = worker.device.type == "cuda"
     model = SDEModel(cfg).to(worker.device)
     if gpu:
@@ -169,7 +169,7 @@ def train_loop_per_worker(config: dict) -> None:
             group["lr"] = cfg.lr(step)
         torch.manual_seed(step_seed(cfg.seed, worker.rank, step) + 1)  # the automask tie-break noise
         frames, net_frames, K = (batch[k].to(worker.device, non_blocking=True) for k in ("frames", "net_frames", "K"))
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
+        with autocast(worker.device, cfg.precision):
             out = net(frames, K, net_frames, cfg.feature_distance if phase == 2 else 0.0)
         loss = out["loss"]
         if not torch.isfinite(loss):

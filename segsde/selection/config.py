@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from segsde.configs import check, config_from_dict
+from segsde.configs import PRECISIONS, check, config_from_dict
 
 # sde: the paper's ds_us (diversity + depth difficulty); diversity: ds; difficulty: us; entropy: active
 # learning with labels in the loop; random: a seeded permutation
@@ -45,6 +45,7 @@ class SelectionConfig:
     log_interval: int = 50
     checkpoint_interval: int = 1000
     threads: int | None = None
+    precision: str = "auto"        # auto: bf16 on GPU, fp32 on CPU | bf16 | fp32 (runtime.autocast)
 
     def round_steps(self, round_index: int) -> int:
         return round_index * self.student_steps
@@ -76,4 +77,5 @@ class SelectionConfig:
             (self.far_dilation % 2 == 1, "far_dilation must be odd"),
             (self.crop is None or (self.crop[0] % 32 == 0 and self.crop[1] % 32 == 0), "crop sides must be multiples of 32"),
             (self.projection_dim >= 1 and self.max_exact_values >= 1, "projection_dim and max_exact_values must be >= 1"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
         ], where)

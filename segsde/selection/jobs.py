@@ -23,7 +23,7 @@ from segsde.data.dataset import PSEUDO_DEPTH, Augment, SegSDEDataset
 from segsde.data.labels import IGNORE_INDEX
 from segsde.models.decoder import UNetDecoder
 from segsde.models.encoder import ResNetEncoder
-from segsde.runtime import batch_indices, evaluation_mode, progress, save_state, step_seed
+from segsde.runtime import autocast, batch_indices, evaluation_mode, progress, save_state, step_seed
 from segsde.selection.config import SelectionConfig
 from segsde.selection.scores import berhu_loss, bottom_rows_mask, difficulty, mean_entropy
 
@@ -109,7 +109,7 @@ def compute_features(cfg: SelectionConfig, data: str, ids: list[str], sde_model:
     for i in range(0, len(mine), cfg.feature_batch):
         items = [dataset[j] for j in mine[i: i + cfg.feature_batch]]
         images = torch.stack([it["image"] for it in items]).to(worker.device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=worker.device.type == "cuda"):
+        with autocast(worker.device, cfg.precision):
             feats = layer6_features(model, images, tuple(cfg.grid)).cpu()
         values.update({it["id"]: f for it, f in zip(items, feats)})
         if worker.is_main and (i // cfg.feature_batch) % 10 == 0:
@@ -174,7 +174,7 @@ def train_round(kind: str, cfg: SelectionConfig, data: str, selected: list[str],
         for group in optimiser.param_groups:
             group["lr"] = cfg.student_lr * (1 - step / steps) ** 0.9
         batch = _batch(train_set, cfg, step, worker)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=worker.device.type == "cuda"):
+        with autocast(worker.device, cfg.precision):
             loss = _loss(kind, net, batch, cfg)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the selection {kind}'s loss is {loss.item()} at step {step}: lower student_lr")

@@ -45,7 +45,7 @@ def selection_loop(config: dict) -> None:
     and ``sde_model`` (sde, diversity, difficulty). Reports the ordered records and each round's seconds
     and mean score in RESULT_FILE."""
     cfg = SelectionConfig.from_dict(config["select"])
-    worker = start_worker(cfg.threads, cfg.seed)
+    worker = start_worker(cfg.threads, cfg.seed, cfg.precision)
     rounds = Rounds(config["method"], cfg, config["data"], config["pool"], config.get("sde_model"), worker,
                     resume_state(None, worker.device) or {})
     records = rounds.run()

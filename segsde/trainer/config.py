@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from segsde.configs import check, config_from_dict
+from segsde.configs import PRECISIONS, check, config_from_dict
 from segsde.selection.config import METHODS as SELECTION_METHODS
 
 MIX_MODES = ("none", "class", "depth")             # none: pseudo-labels on strongly augmented unlabeled images
@@ -71,6 +71,7 @@ class TrainConfig:
     val_images: int | None = None        # None: the whole validation split
     eval_full_resolution: bool = False   # Cityscapes: also score against the native 2048x1024 labels
     threads: int | None = None
+    precision: str = "auto"             # auto: bf16 on GPU, fp32 on CPU | bf16 | fp32 (runtime.autocast)
     loader_workers: int = 0
 
     @property
@@ -125,4 +126,5 @@ class TrainConfig:
             (len(self.decoder_channels) == 5 and min(self.decoder_channels) > 0, "decoder_channels needs 5 positive widths"),
             (self.crop is None or (self.crop[0] % 32 == 0 and self.crop[1] % 32 == 0), "crop sides must be multiples of 32"),
             (self.eval_interval >= 1 and self.checkpoint_interval >= 1 and self.log_interval >= 1, "intervals must be >= 1"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
         ], where)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from segsde.data.dataset import SegSDEDataset, validation_split
 from segsde.data.labels import CLASS_NAMES
 from segsde.metrics.segmentation import confusion_matrix, iou_table, scores
-from segsde.runtime import evaluation_mode, progress, resume_state, save_state, start_worker, step_seed
+from segsde.runtime import autocast, evaluation_mode, progress, resume_state, save_state, start_worker, step_seed
 from segsde.ssl.augment import StrongAugment
 from segsde.ssl.teacher import ema_update, make_teacher
 from segsde.trainer.config import TrainConfig
@@ -38,7 +38,8 @@ def validation_set(data: str, cfg: TrainConfig) -> SegSDEDataset:
 
 
 @torch.no_grad()
-def evaluate(model, val_set: SegSDEDataset, worker, full_resolution_root: str | None = None, batch: int = 8) -> dict:
+def evaluate(model, val_set: SegSDEDataset, worker, full_resolution_root: str | None = None, batch: int = 8,
+             precision: str = "auto") -> dict:
     """Dataset-level scores of the (bare, un-wrapped) student over the whole validation split: each rank
     takes every world-th image, confusion matrices are all-reduced. With ``full_resolution_root`` the
     logits are also upsampled to the native Cityscapes labels (the official protocol, ``full_*`` keys)."""
@@ -51,7 +52,7 @@ def evaluate(model, val_set: SegSDEDataset, worker, full_resolution_root: str | 
         for i in range(0, len(mine), batch):
             items = [val_set[j] for j in mine[i: i + batch]]
             images = torch.stack([it["image"] for it in items]).to(worker.device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=worker.device.type == "cuda"):
+            with autocast(worker.device, precision):
                 logits = model(images, depth=False)["logits"].float()
             pred = logits.argmax(1)
             conf[0] += confusion_matrix(pred, torch.stack([it["label"] for it in items]).to(worker.device))
@@ -79,7 +80,7 @@ def train_loop_per_worker(config: dict) -> None:
     from ray.train import Checkpoint
 
     cfg = TrainConfig.from_dict(config["train"])
-    worker = start_worker(cfg.threads, cfg.seed)
+    worker = start_worker(cfg.threads, cfg.seed, cfg.precision)
     gpu = worker.device.type == "cuda"
     model = build_network(cfg)
     sde_cfg = load_transfer(model, Path(config["sde_model"]), cfg) if cfg.transfer else None
@@ -129,12 +130,12 @@ def train_loop_per_worker(config: dict) -> None:
         # with a second backward to come, DDP syncs gradients once, after it (gradient accumulation)
         first = net.no_sync() if worker.world > 1 and teacher is not None else contextlib.nullcontext()
         with first:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
+            with autocast(worker.device, cfg.precision):
                 loss, logs, student_disparity = supervised_loss(net, labeled, pool, cfg, sde_cfg)
             _check_finite(loss, step)
             loss.backward()
         if teacher is not None:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
+            with autocast(worker.device, cfg.precision):
                 unsup, more, mixed = pseudo_label_loss(net, teacher, pool, cfg, augment, student_disparity, keep_example=evaluating)
             _check_finite(unsup, step)
             unsup.backward()
@@ -158,7 +159,7 @@ def train_loop_per_worker(config: dict) -> None:
         if evaluating or done % cfg.checkpoint_interval == 0:
             metrics = {"step": done, "loss": float(loss), "train_seconds": time.perf_counter() - t0}  # in-loop time
             if evaluating:
-                result = evaluate(model, val_set, worker, config.get("full_resolution_root"))
+                result = evaluate(model, val_set, worker, config.get("full_resolution_root"), precision=cfg.precision)
                 metrics.update(_flat_scores(result))
                 best = metrics["best_miou"] = max(best, metrics["miou"]) if best == best else metrics["miou"]
                 if worker.is_main:
