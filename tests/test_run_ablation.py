@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,3 +71,23 @@ def test_the_quick_study_plans_its_longest_trials_first(tmp_path):
     cost = {t.row: t.cost for t in trials}
     assert cost["combination"] > cost["mtl"] > cost["depthmix"] == cost["classmix"] == cost["pseudolabel"] > cost["baseline"]
     assert cost["baseline"] == cost["transfer"] == cost["al_entropy"] == cost["autoselect"]
+
+
+def test_the_study_and_sweep_sections_override_the_sde_stage_and_share_it(tmp_path):
+    """The quick study trains its SDE stage at batch 8 (to fit its time budget) while `segsde sde --profile
+    quick` uses batch 16; the sweep uses the study's settings, so both find the same cached stage."""
+    from segsde.errors import SegSDEError
+    from segsde.orchestration.stages import sde_stage
+    from segsde.orchestration.study import study_config
+    from segsde.orchestration.sweep import sweep_config
+    from segsde.sde.run import sde_config
+
+    study, sweep = study_config("quick"), sweep_config("quick")
+    assert sde_config("quick").batch_size == 16 and sde_config("quick", study.sde).batch_size == 8
+    said = []
+    paths = [sde_stage("quick", tmp_path / "data", tmp_path, dry_run=True, log=said.append, overrides=o)
+             for o in (study.sde, sweep.sde, None)]
+    assert paths[0] == paths[1] != paths[2] and all("would train 280 steps" in s for s in said)
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(SegSDEError, match="unknown key 'bach_size'.*did you mean 'batch_size'"):
+        study_config("smoke", sde={"bach_size": 4})

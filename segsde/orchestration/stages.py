@@ -89,12 +89,14 @@ def dataset_stage(profile: DataProfile, out: Path, seed: int, data_root: Path | 
 
 
 def sde_stage(profile: str, data: Path, out: Path, tracking_uri: str | None = None, force: bool = False,
-              dry_run: bool = False, log=print, tracking: StageTracking | None = None) -> Path:
-    """SDE pre-training on ``data``, cached by its config and dataset; returns the directory with model.pt.
-    An interrupted run of the same configuration continues from its last Ray Train checkpoint."""
+              dry_run: bool = False, log=print, tracking: StageTracking | None = None,
+              overrides: dict | None = None) -> Path:
+    """SDE pre-training on ``data`` (the profile's sde section with ``overrides``), cached by its config and
+    dataset; returns the directory with model.pt. An interrupted run of the same configuration continues
+    from its last Ray Train checkpoint."""
     from segsde.sde.run import METRICS_FILE, MODEL_FILE, run_sde, sde_config
 
-    cfg = sde_config(profile)
+    cfg = sde_config(profile, overrides)
     config = {"stage": "sde", "config": asdict(cfg), "data": str(Path(data).absolute())}
     path = Path(out).absolute() / "cache" / f"sde-{cache_key(config)}"
     if (path / MODEL_FILE).is_file() and (path / METRICS_FILE).is_file() and not force:
@@ -107,7 +109,7 @@ def sde_stage(profile: str, data: Path, out: Path, tracking_uri: str | None = No
         return path
     log(f"[sde] training {cfg.total_steps} steps (profile '{profile}') into {path}")
     job = tracking.run_kwargs("sde", path) if tracking else {"tracking_uri": tracking_uri}
-    metrics = run_sde(data, path, profile=profile, fresh=force, **job)
+    metrics = run_sde(data, path, profile=profile, overrides=overrides, fresh=force, **job)
     quality = (f"AbsRel {metrics['abs_rel']:.3f}, RMSE {metrics['rmse']:.2f}, d1 {metrics['a1']:.3f} (median-scaled, validation split)"
                if "abs_rel" in metrics else "no ground-truth depth to validate against")
     log(f"[sde] done in {metrics['seconds']:.0f} s: {quality}")

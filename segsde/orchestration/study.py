@@ -16,6 +16,7 @@ from segsde.configs import check
 from segsde.errors import SegSDEError
 from segsde.orchestration.stages import StageTracking, cache_key, dataset_stage, export_stage, sde_stage, selection_stage
 from segsde.profiles import data_profile, load_profile
+from segsde.sde.run import sde_config
 from segsde.trainer.run import METRICS_FILE, study_rows, train_config
 
 STAGES = ("data", "sde", "export", "select", "train")
@@ -32,6 +33,7 @@ class StudyConfig:
     workers: int = 1                          # Ray Train workers per trial
     gpu: bool = False
     train: dict = field(default_factory=dict)  # overrides of the profile's train section for study trials
+    sde: dict = field(default_factory=dict)    # overrides of the profile's sde section for the SDE stage
     data_seed: int = 0
 
     def validate(self) -> None:
@@ -60,6 +62,7 @@ def study_config(profile: str, **flags) -> StudyConfig:
                           f"'{profile}' testbed: lower --budgets")
     for row in cfg.rows:  # an unknown row or a bad override is a one-line error before anything runs
         train_config(profile, row, {**cfg.train, "budget": cfg.budgets[0], "seed": cfg.seeds[0]})
+    sde_config(profile, cfg.sde)
     return cfg
 
 
@@ -122,7 +125,7 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Path | None = None, force:
     status = "FAILED"
     try:
         data, sde_model, selections = input_stages(cfg.profile, train_configs, cfg.seeds, out, data_root, cfg.data_seed,
-                                                   force, dry_run, log, tracking)
+                                                   force, dry_run, log, tracking, cfg.sde)
         trials = plan_trials(cfg, data, out, sde_model, selections)
         todo = [t for t in trials if "train" in force or not t.done]
         for t in trials:
@@ -162,16 +165,18 @@ def _needs_ray(cfg: StudyConfig, train_configs: list, out: Path, data_root: Path
     """Whether a stage job or a trial would run: a quiet dry run of the DAG (rendering needs no Ray)."""
     said = []
     data, sde_model, selections = input_stages(cfg.profile, train_configs, cfg.seeds, out, data_root, cfg.data_seed,
-                                               force, True, said.append)
+                                               force, True, said.append, sde_overrides=cfg.sde)
     stage_work = any(" would " in line for line in said if not line.startswith("[data]"))
     return stage_work or "train" in force or not all(t.done for t in plan_trials(cfg, data, out, sde_model, selections))
 
 
 def input_stages(profile: str, train_configs: list, seeds, out: Path, data_root: Path | None, data_seed: int,
-                 force=(), dry_run: bool = False, log=print, tracking: StageTracking | None = None) -> tuple[Path, Path | None, dict]:
+                 force=(), dry_run: bool = False, log=print, tracking: StageTracking | None = None,
+                 sde_overrides: dict | None = None) -> tuple[Path, Path | None, dict]:
     """The stages every trial of ``train_configs`` needs, computed or reused: the dataset, the SDE model
-    and its pseudo-depth (when a row uses them) and each seed's selection list of every selection method
-    (long enough for the largest budget). Returns (data, sde model or None, {(method, seed): list file})."""
+    (the profile's sde section with ``sde_overrides``) and its pseudo-depth (when a row uses them) and each
+    seed's selection list of every selection method (long enough for the largest budget). Returns (data,
+    sde model or None, {(method, seed): list file})."""
     from segsde.data.store import read_manifest
 
     data = dataset_stage(data_profile(profile), out, data_seed, data_root, "data" in force, dry_run, log, tracking)
@@ -183,7 +188,7 @@ def input_stages(profile: str, train_configs: list, seeds, out: Path, data_root:
     if any(tc.needs_sde or tc.labeled == "selection" and tc.selection not in ("random", "entropy") for tc in train_configs):
         from segsde.sde.run import MODEL_FILE
 
-        sde_dir = sde_stage(profile, data, out, None, "sde" in force, dry_run, log, tracking)
+        sde_dir = sde_stage(profile, data, out, None, "sde" in force, dry_run, log, tracking, sde_overrides)
         sde_model = sde_dir / MODEL_FILE
         export_stage(sde_dir, data, bool({"export", "sde"} & set(force)), dry_run, log, tracking)
     selections = {}

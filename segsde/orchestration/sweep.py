@@ -16,6 +16,7 @@ from segsde.configs import check
 from segsde.errors import SegSDEError
 from segsde.orchestration.stages import StageTracking, cache_key
 from segsde.profiles import ABLATIONS_DIR, load_profile, load_yaml
+from segsde.sde.run import sde_config
 from segsde.trainer.run import study_rows, train_config
 
 SPACE_FILE = ABLATIONS_DIR / "sweep_space.yaml"
@@ -38,6 +39,7 @@ class SweepConfig:
     gpu: bool = False
     reduction_factor: int = 2         # ASHA keeps the top 1/reduction_factor at each rung
     train: dict = field(default_factory=dict)
+    sde: dict = field(default_factory=dict)  # overrides of the profile's sde section for the SDE stage
     data_seed: int = 0
 
 
@@ -57,6 +59,7 @@ def sweep_config(profile: str, **flags) -> SweepConfig:
     if cfg.row not in study_rows():
         train_config(profile, cfg.row)  # the one-line unknown-row error with the closest name
     search_space(cfg)  # unknown parameters fail here
+    sde_config(profile, cfg.sde)
     return cfg
 
 
@@ -128,7 +131,8 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Path | None = None, addres
                           "pass --resume to continue it, or --experiment NAME for a new sweep")
     configs = [train_config(cfg.profile, cfg.row, {**cfg.train, "budget": b, "seed": cfg.seed}) for b in cfg.budgets]
     start_ray(cfg.profile, cfg.row, cfg.train, cfg.concurrency, cfg.workers, cfg.gpu, address)  # stage jobs share it
-    data, sde_model, selections = input_stages(cfg.profile, configs, (cfg.seed,), out, data_root, cfg.data_seed, log=log)
+    data, sde_model, selections = input_stages(cfg.profile, configs, (cfg.seed,), out, data_root, cfg.data_seed, log=log,
+                                                sde_overrides=cfg.sde)
     results = {}
     for budget, tc in zip(cfg.budgets, configs):
         name = names[budget]
