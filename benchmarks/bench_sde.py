@@ -4,7 +4,8 @@ Prints one JSON object. Each configuration runs the real training step (StepBatc
 forward/backward + Adam) on the testbed. The baseline, measured in the same run, is the paper-faithful
 configuration of the same profile: decoder widths (64, 128, 128, 256, 256), the pose net at full input
 resolution, every scale's loss at full resolution (monodepth2) and the non-fused Adam; the profile's own
-settings are what `segsde sde --profile P` trains with.
+settings are what `segsde sde --profile P` trains with (its `precision` too; the same settings in float32
+are measured as well).
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from pathlib import Path
 
 import torch
 
-from segsde.runtime import Worker
+from segsde.runtime import Worker, autocast
 from segsde.sde.model import SDEModel
 from segsde.sde.run import sde_config
 from segsde.sde.train import StepBatches, _optimiser, _set_mode
 
-PAPER = {"decoder_channels": (64, 128, 128, 256, 256), "pose_input_scale": 1.0, "photometric_resolution": "full"}
+# precision auto: bf16 on a GPU, float32 on a CPU, what the original trainer had there
+PAPER = {"decoder_channels": (64, 128, 128, 256, 256), "pose_input_scale": 1.0, "photometric_resolution": "full", "precision": "auto"}
 
 
 def images_per_s(data: str, profile: str, overrides: dict, steps: int, device: torch.device, fused: bool = True) -> float:
@@ -43,7 +45,7 @@ def images_per_s(data: str, profile: str, overrides: dict, steps: int, device: t
                 torch.cuda.synchronize()
             start = time.perf_counter()
         b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batches[step].items()}
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
+        with autocast(device, cfg.precision):
             out = net(b["frames"], b["K"], b["net_frames"])
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -80,9 +82,11 @@ def main() -> None:
         for device in devices:
             name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
             ours = images_per_s(data, args.profile, {}, args.steps, device)
+            fp32 = images_per_s(data, args.profile, {"precision": "fp32"}, args.steps, device)
             paper = images_per_s(data, args.profile, PAPER, args.steps, device, fused=False)
-            results[device.type] = {"device": name, "images_per_s": round(ours, 2),
-                                    "baseline_paper_widths_images_per_s": round(paper, 2), "speedup": round(ours / paper, 2)}
+            results[device.type] = {"device": name, "precision": sde_config(args.profile).precision, "images_per_s": round(ours, 2),
+                                    "fp32_images_per_s": round(fp32, 2), "baseline_paper_widths_images_per_s": round(paper, 2),
+                                    "speedup": round(ours / paper, 2)}
     print(json.dumps(results))
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from segsde.runtime import autocast
 from segsde.ssl.augment import StrongAugment
 from segsde.ssl.mixing import mix, partners
 from segsde.ssl.pseudo import pseudo_labels
@@ -67,7 +68,6 @@ def measure(data: Path, sde_model: Path, profile: str, row: str, steps: int, dev
     batches = TrialBatches(data, cfg, labeled, mix_pool(data, cfg, labeled) if cfg.uses_unlabeled else None, 0, 0, 1)
     augment = StrongAugment(cfg.crop or cfg.resize or batches.labeled[0]["image"].shape[-2:], cfg.jitter_p, cfg.jitter_strength,
                             cfg.blur_p, cfg.blur_sigma)
-    gpu = device.type == "cuda"
     step_time = mixing = 0.0
     for step in range(steps + 2):
         b = batches[step]
@@ -76,11 +76,11 @@ def measure(data: Path, sde_model: Path, profile: str, row: str, steps: int, dev
         _sync(device)
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
+        with autocast(device, cfg.precision):
             loss, _, disparity = supervised_loss(net, lab, pool, cfg, sde_cfg)
         loss.backward()
         if teacher is not None:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
+            with autocast(device, cfg.precision):
                 unsup, _, _ = pseudo_label_loss(net, teacher, pool, cfg, augment, disparity)
             unsup.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
@@ -91,7 +91,7 @@ def measure(data: Path, sde_model: Path, profile: str, row: str, steps: int, dev
         if step >= 2:  # two warm-up steps
             step_time += time.perf_counter() - start
             if teacher is not None:
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
+                with autocast(device, cfg.precision):
                     mixing += mixing_seconds(cfg, pool, teacher, augment, disparity)
     out = {"step_ms": round(1000 * step_time / steps, 1)}
     if teacher is not None:
