@@ -9,7 +9,7 @@ from segsde.metrics.depth import depth_error_sums, summarise
 from segsde.runtime import Worker, batch_indices, load_state
 from segsde.sde.model import SDEModel
 from segsde.sde.run import sde_config
-from segsde.sde.train import StepBatches, _optimiser, _set_mode
+from segsde.sde.train import StepBatches, _optimiser, _set_mode, network_frames
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +48,10 @@ def test_loss_decreases_when_training_on_the_testbed(smoke_data):
     _set_mode(model, 2)
     batches = StepBatches(str(smoke_data), cfg, 0, 0, 1)
     fixed = batches[0]
+    net_frames = network_frames(batches.jitter, fixed["frames"], fixed["jitter"])
     losses = []
     for _ in range(cfg.total_steps):
-        out = net(fixed["frames"], fixed["K"], fixed["net_frames"])
+        out = net(fixed["frames"], fixed["K"], net_frames)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
@@ -70,9 +71,24 @@ def test_validation_leaves_a_frozen_encoder_in_eval_mode(smoke_data):
 
 
 def test_step_batches_do_not_depend_on_the_start_step(smoke_data):
-    cfg = sde_config("smoke")
+    cfg = sde_config("smoke", {"color_jitter": 1.0})
     a, b = StepBatches(str(smoke_data), cfg, 0, 0, 1), StepBatches(str(smoke_data), cfg, 2, 0, 1)
-    assert torch.equal(a[3]["net_frames"], b[1]["net_frames"]) and torch.equal(a[3]["K"], b[1]["K"])
+    x, y = a[3], b[1]
+    assert torch.equal(x["frames"], y["frames"]) and torch.equal(x["K"], y["K"])
+    assert torch.equal(network_frames(a.jitter, x["frames"], x["jitter"]), network_frames(b.jitter, y["frames"], y["jitter"]))
+
+
+def test_network_frames_jitter_each_sample_s_three_frames_alike(smoke_data):
+    cfg = sde_config("smoke", {"color_jitter": 1.0, "batch_size": 4})
+    batches = StepBatches(str(smoke_data), cfg, 0, 0, 1)
+    batch = batches[0]
+    jittered = network_frames(batches.jitter, batch["frames"], batch["jitter"])
+    assert jittered.shape == batch["frames"].shape and not torch.allclose(jittered, batch["frames"])
+    # one draw per sample, shared by its frames: a frame jittered alone with that sample's draw matches
+    for f in range(3):
+        one = {k: v[1:2] if k.endswith("_factor") or k == "batch_prob" else v for k, v in batch["jitter"].items()}
+        one["forward_input_shape"] = torch.tensor(batch["frames"][1:2, f].shape)
+        assert torch.allclose(batches.jitter(batch["frames"][1:2, f], params=one), jittered[1:2, f], atol=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -26,15 +26,15 @@ from segsde.sde.model import SDEModel
 
 
 class StepBatches(torch.utils.data.Dataset):
-    """Item k = the whole batch of step ``start + k`` for one rank: frames, jittered network input, K.
-    Computing a batch from its step alone keeps the data identical whatever the loader worker count."""
+    """Item k = the whole batch of step ``start + k`` for one rank: frames, K and the step's colour-jitter
+    draw (applied by ``network_frames`` where the batch trains: on a GPU, colour jitter in a CPU loader
+    cost 6x the network step). Computing a batch from its step alone keeps the data identical whatever the
+    loader worker count."""
 
     def __init__(self, data: str, cfg: SDEConfig, start: int, rank: int, world: int):
-        from kornia.augmentation import ColorJitter
-
         self.dataset = SegSDEDataset(data, "train", augment=Augment(cfg.resize, cfg.crop, random=True), sequence=True)
         self.cfg, self.start, self.rank, self.world = cfg, start, rank, world
-        self.jitter = ColorJitter(0.2, 0.2, 0.2, 0.1, p=cfg.color_jitter)
+        self.jitter = colour_jitter(cfg)
 
     def __len__(self) -> int:
         return self.cfg.total_steps - self.start
@@ -44,9 +44,21 @@ class StepBatches(torch.utils.data.Dataset):
         torch.manual_seed(step_seed(cfg.seed, self.rank, step))
         items = [self.dataset[i] for i in batch_indices(len(self.dataset), step, cfg.batch_size, self.rank, self.world, cfg.seed)]
         frames, K = torch.stack([it["frames"] for it in items]), torch.stack([it["K"] for it in items])
-        params = self.jitter.forward_parameters(frames[:, 1].shape)
-        net_frames = torch.stack([self.jitter(frames[:, f], params=params) for f in range(3)], 1)
-        return {"step": step, "frames": frames, "net_frames": net_frames, "K": K}
+        return {"step": step, "frames": frames, "K": K, "jitter": self.jitter.forward_parameters(frames[:, 1].shape)}
+
+
+def colour_jitter(cfg: SDEConfig):
+    from kornia.augmentation import ColorJitter
+
+    return ColorJitter(0.2, 0.2, 0.2, 0.1, p=cfg.color_jitter)
+
+
+def network_frames(jitter, frames: torch.Tensor, params: dict) -> torch.Tensor:
+    """frames [B, 3, 3, H, W] in [0, 1] -> the depth and pose nets' input [B, 3, 3, H, W]: each sample's
+    three frames with one colour-jitter draw (``params``, from ``jitter.forward_parameters``), on
+    frames' device; the photometric loss keeps the unjittered frames."""
+    params = {k: v.to(frames.device) if torch.is_tensor(v) else v for k, v in params.items()}
+    return torch.stack([jitter(frames[:, f], params=params) for f in range(3)], 1)
 
 
 def validation_set(data: str, cfg: SDEConfig) -> SegSDEDataset:
@@ -151,6 +163,7 @@ def train_loop_per_worker(config: dict) -> None:
     val_set = validation_set(config["data"], cfg)
     batches = torch.utils.data.DataLoader(StepBatches(config["data"], cfg, start, worker.rank, worker.world), batch_size=None,
                                           num_workers=cfg.loader_workers, pin_memory=gpu, persistent_workers=False)
+    jitter = colour_jitter(cfg)
     stop = min(config.get("stop_after") or cfg.total_steps, cfg.total_steps)
     net, optimiser, phase = None, None, None
     running, logged, t0, seen = {}, 0, time.perf_counter(), 0
@@ -168,7 +181,8 @@ def train_loop_per_worker(config: dict) -> None:
         for group in optimiser.param_groups:
             group["lr"] = cfg.lr(step)
         torch.manual_seed(step_seed(cfg.seed, worker.rank, step) + 1)  # the automask tie-break noise
-        frames, net_frames, K = (batch[k].to(worker.device, non_blocking=True) for k in ("frames", "net_frames", "K"))
+        frames, K = (batch[k].to(worker.device, non_blocking=True) for k in ("frames", "K"))
+        net_frames = network_frames(jitter, frames, batch["jitter"])
         with autocast(worker.device, cfg.precision):
             out = net(frames, K, net_frames, cfg.feature_distance if phase == 2 else 0.0)
         loss = out["loss"]
@@ -191,7 +205,7 @@ def train_loop_per_worker(config: dict) -> None:
             if worker.is_main:
                 progress(f"[sde] step {done}/{stop} phase {phase} loss {means['train/loss']:.4f} {rate:.1f} img/s")
         if done % cfg.val_interval == 0 or done % cfg.checkpoint_interval == 0 or done == stop:
-            metrics = {"step": done, "phase": phase, "loss": float(loss), "images_per_s": seen / (time.perf_counter() - t0)}
+            metrics = {"step": done, "phase": phase, "loss": float(loss.detach()), "images_per_s": seen / (time.perf_counter() - t0)}
             if done % cfg.val_interval == 0 or done == stop:
                 depth_metrics, examples = validate(model, val_set, cfg, worker)
                 metrics.update({f"val_{k}": v for k, v in depth_metrics.items()})
