@@ -10,6 +10,7 @@ from conftest import run_cli
 
 from segsde.data.dataset import SegSDEDataset
 from segsde.data.splits import random_order
+from segsde.profiles import PROFILES_FILE, load_yaml
 from segsde.runtime import Worker, load_state
 from segsde.sde.run import sde_config
 from segsde.trainer.data import train_ids
@@ -70,6 +71,13 @@ def test_networks_shapes_and_gates():
     single = build_network(train_config("smoke", "baseline"))
     assert isinstance(single, SegmentationNet) and single(torch.rand(2, 3, 64, 128))["logits"].shape == (2, 19, 64, 128)
     assert not hasattr(single.decoder, "heads") or len(single.decoder.heads) == 0
+
+
+@pytest.mark.parametrize("profile", sorted(load_yaml(PROFILES_FILE)))
+def test_every_profile_trains_transfer_on_its_sde_network(profile):
+    """`transfer` starts from the SDE model, so each profile's sde and train sections must agree."""
+    sde, train = sde_config(profile), train_config(profile, "transfer")
+    assert (sde.encoder, sde.output_stride, sde.decoder_channels) == (train.encoder, train.output_stride, train.decoder_channels)
 
 
 def test_transfer_copies_encoder_decoder_and_pose(study):
