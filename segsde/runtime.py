@@ -46,6 +46,13 @@ def autocast(device: torch.device, precision: str = "auto"):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+def place(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` on ``device`` with its 4-D weights channels-last, in place: cuDNN's and oneDNN's preferred
+    layout (on this 2-core CPU the trainer's step at batch 8: 0.26 -> 0.22 s in bf16, 0.39 -> 0.37 s in
+    float32). The inputs may stay NCHW: a convolution follows its weight's layout."""
+    return model.to(device).to(memory_format=torch.channels_last)
+
+
 def batch_indices(n: int, step: int, batch: int, rank: int, world: int, seed: int) -> list[int]:
     """The sample indices of ``rank``'s batch at ``step``: epochs are seeded permutations of range(n),
     consumed ``batch * world`` at a time, so the order depends only on (seed, step) and a resumed run

@@ -148,7 +148,7 @@ def train_loop_per_worker(config: dict) -> None:
     worker = start_worker(cfg.threads, cfg.seed, cfg.precision)
     gpu = worker.device.type == "cuda"
     model = SDEModel(cfg).to(worker.device)
-    if gpu:
+    if gpu:  # not on a CPU, unlike the trainer (runtime.place): 70 quick steps on 2 threads took 23-25 s either way
         model = model.to(memory_format=torch.channels_last)
     start, saved_optimiser, saved_phase = 0, None, None
     state = resume_state(config.get("resume_from"), worker.device)

@@ -23,7 +23,7 @@ from segsde.data.dataset import PSEUDO_DEPTH, Augment, SegSDEDataset
 from segsde.data.labels import IGNORE_INDEX
 from segsde.models.decoder import UNetDecoder
 from segsde.models.encoder import ResNetEncoder
-from segsde.runtime import autocast, batch_indices, evaluation_mode, progress, save_state, step_seed
+from segsde.runtime import autocast, batch_indices, evaluation_mode, place, progress, save_state, step_seed
 from segsde.selection.config import SelectionConfig
 from segsde.selection.scores import berhu_loss, bottom_rows_mask, difficulty, mean_entropy
 
@@ -157,7 +157,7 @@ def train_round(kind: str, cfg: SelectionConfig, data: str, selected: list[str],
     ``selected``; ``resume`` (model, optimizer, step) continues a round stopped mid-way, and
     ``checkpoint(state)`` receives that state every ``checkpoint_interval`` steps."""
     torch.manual_seed(cfg.seed)
-    model = round_network(kind, cfg).to(worker.device)
+    model = place(round_network(kind, cfg), worker.device)
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.student_lr)
     start = 0
     if resume is not None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from segsde.data.dataset import SegSDEDataset, validation_split
 from segsde.data.labels import CLASS_NAMES
 from segsde.metrics.segmentation import confusion_matrix, iou_table, scores
-from segsde.runtime import autocast, evaluation_mode, progress, resume_state, save_state, start_worker, step_seed
+from segsde.runtime import autocast, evaluation_mode, place, progress, resume_state, save_state, start_worker, step_seed
 from segsde.ssl.augment import StrongAugment
 from segsde.ssl.teacher import ema_update, make_teacher
 from segsde.trainer.config import TrainConfig
@@ -84,9 +84,7 @@ def train_loop_per_worker(config: dict) -> None:
     gpu = worker.device.type == "cuda"
     model = build_network(cfg)
     sde_cfg = load_transfer(model, Path(config["sde_model"]), cfg) if cfg.transfer else None
-    model.to(worker.device)
-    if gpu:
-        model = model.to(memory_format=torch.channels_last)
+    place(model, worker.device)
     teacher = make_teacher(model, drop=("pose",) if cfg.multitask else ()) if cfg.teacher else None
     optimiser = torch.optim.SGD(parameter_groups(model, cfg), lr=cfg.lr_decoder, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     start, best = 0, float("nan")
