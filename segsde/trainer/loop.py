@@ -155,7 +155,7 @@ def train_loop_per_worker(config: dict) -> None:
             if worker.is_main:
                 progress(f"[train] step {done}/{stop} loss {means['train/loss']:.4f} {rate:.1f} labeled img/s")
         if evaluating or done % cfg.checkpoint_interval == 0:
-            metrics = {"step": done, "loss": float(loss), "train_seconds": time.perf_counter() - t0}  # in-loop time
+            metrics = {"step": done, "loss": float(loss.detach()), "train_seconds": time.perf_counter() - t0}  # in-loop time
             if evaluating:
                 result = evaluate(model, val_set, worker, config.get("full_resolution_root"), precision=cfg.precision)
                 metrics.update(_flat_scores(result))
