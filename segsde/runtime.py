@@ -150,3 +150,32 @@ def evaluation_mode(model: torch.nn.Module, worker: Worker):
     finally:
         for m, mode in zip(model.modules(), modes):
             m.training = mode
+
+
+class Background:
+    """``fn(*args)`` in a daemon thread. ``result()`` waits for it in short joins, so Ctrl-C still reaches
+    the main thread, and returns its value or raises what it raised."""
+
+    def __init__(self, fn, *args, name: str = "background"):
+        import threading
+
+        self._outcome: dict = {}
+
+        def run():
+            try:
+                self._outcome["result"] = fn(*args)
+            except BaseException as exc:  # handed to the thread that asks for the result
+                self._outcome["error"] = exc
+
+        self._thread = threading.Thread(target=run, name=name, daemon=True)
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def result(self):
+        while self._thread.is_alive():
+            self._thread.join(0.2)
+        if "error" in self._outcome:
+            raise self._outcome["error"]
+        return self._outcome["result"]

@@ -146,7 +146,8 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
 
 @contextlib.contextmanager
 def tracked_run(uri: str, experiment: str, run_name: str, config: dict, tags: dict | None = None):
-    """Yields the id of a new run and always closes it: FINISHED, KILLED on Ctrl-C, else FAILED."""
+    """Yields the id of a new run and always closes it: FINISHED, KILLED on Ctrl-C, else FAILED, unless
+    whoever stopped it (an interrupted study, for a job in its stage thread) has already marked it KILLED."""
     run_id = start_run(uri, experiment, run_name, config, tags)
     status = "FAILED"
     try:
@@ -156,7 +157,15 @@ def tracked_run(uri: str, experiment: str, run_name: str, config: dict, tags: di
         status = "KILLED"
         raise
     finally:
-        end_run(uri, run_id, status)
+        if status == "FINISHED" or not _already_killed(uri, run_id):
+            end_run(uri, run_id, status)
+
+
+def _already_killed(uri: str, run_id: str) -> bool:
+    try:
+        return _client(uri).get_run(run_id).info.status == "KILLED"
+    except Exception:  # an unreachable store: close it as planned (which retries or fails on its own)
+        return False
 
 
 #: how long a worker waits for a lost tracking server at the end of its run before failing (resumably)

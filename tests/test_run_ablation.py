@@ -91,3 +91,21 @@ def test_the_study_and_sweep_sections_override_the_sde_stage_and_share_it(tmp_pa
     assert not (tmp_path / "cache").exists()
     with pytest.raises(SegSDEError, match="unknown key 'bach_size'.*did you mean 'batch_size'"):
         study_config("smoke", sde={"bach_size": 4})
+
+
+def test_the_stage_jobs_run_beside_the_trials_that_need_none_of_them(tmp_path):
+    rows = ("--profile", "smoke", "--out", tmp_path, "--rows", "baseline,transfer,autoselect")
+    first = _run(*rows)
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = first.stdout
+    assert "[study] running 1 trials, 1 at a time beside the stage jobs" in out  # baseline needs no stage
+    assert out.index("beside the stage jobs") < out.index("[sde] done in")  # its grid started before the SDE ended
+    assert "[study] running 2 trials, 2 at a time (" in out and "3 trials (3 run, 0 cached, 0 failed)" in out
+    runs = _runs(tmp_path)
+    assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    stages = sorted(r.data.tags["segsde.stage"] for r in runs)
+    assert stages == ["data", "export", "sde", "select", "study", "train", "train", "train"], stages
+    again = _run(*rows)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "3 trials (0 run, 3 cached, 0 failed)" in again.stdout and "beside the stage jobs" not in again.stdout
+    assert len(_runs(tmp_path)) == len(runs)  # every stage and trial found again, none added

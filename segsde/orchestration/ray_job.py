@@ -115,20 +115,8 @@ def fit_interruptibly(trainer):
     FAILED); it does not do so in other threads, as under Tune. Checkpoints written so far stay for a rerun."""
     import threading
 
+    from segsde.runtime import Background
+
     if threading.current_thread() is not threading.main_thread():
         return trainer.fit()
-    outcome: dict = {}
-
-    def run():
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as exc:  # handed to the main thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, name="ray-train-fit", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(0.2)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
+    return Background(trainer.fit, name="ray-train-fit").result()

@@ -143,15 +143,16 @@ def export_stage(sde: Path, data: Path, force: bool = False, dry_run: bool = Fal
 
 def selection_stage(method: str, profile: str, data: Path, out: Path, seed: int = 0, budget: int | None = None,
                     sde_model: Path | None = None, tracking_uri: str | None = None, force: bool = False,
-                    dry_run: bool = False, log=print, tracking: StageTracking | None = None) -> Path:
+                    dry_run: bool = False, log=print, tracking: StageTracking | None = None,
+                    overrides: dict | None = None) -> Path:
     """The ordered selection list of ``method`` with the profile's schedule up to ``budget`` (see
-    ``SelectionConfig.with_budget``), cached by configuration; returns the Parquet file. Without ``sde_model`` the profile's
-    cached SDE stage provides the depth teacher."""
+    ``SelectionConfig.with_budget``) and the select section's ``overrides``, cached by configuration;
+    returns the Parquet file. Without ``sde_model`` the profile's cached SDE stage provides the depth teacher."""
     from segsde.selection.config import NEEDS_FEATURES, NEEDS_STUDENT
     from segsde.selection.run import check_method, read_selection_meta, run_select, selection_config
 
     check_method(method)
-    cfg = selection_config(profile, {"seed": seed})
+    cfg = selection_config(profile, {**(overrides or {}), "seed": seed})
     cfg = cfg.with_budget(budget) if budget is not None else cfg
     needs_sde = method in NEEDS_FEATURES + NEEDS_STUDENT
     config = {"stage": "select", "method": method, "config": asdict(cfg), "data": str(Path(data).absolute()),
@@ -166,6 +167,6 @@ def selection_stage(method: str, profile: str, data: Path, out: Path, seed: int 
         return path
     job = tracking.run_kwargs("select", path) if tracking else {"tracking_uri": tracking_uri}
     result = run_select(data, method, path, sde_checkpoint=sde_model if needs_sde else None, profile=profile,
-                        overrides={"seed": seed, "budgets": list(cfg.budgets)}, cache_root=out, fresh=force, log=log, **job)
+                        overrides={**(overrides or {}), "seed": seed, "budgets": list(cfg.budgets)}, cache_root=out, fresh=force, log=log, **job)
     record_stage(tracking, "select", path, False, {"seconds": result["seconds"]})
     return path

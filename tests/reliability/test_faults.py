@@ -85,3 +85,35 @@ def test_a_killed_worker_and_a_killed_study_lose_nothing_and_duplicate_nothing(a
     assert trial_runs(tmp_path)["baseline"].info.status == "FINISHED"  # the same run, closed
     reference = table(uninterrupted[0]).set_index("row")["miou"].loc[["baseline"]]
     pd.testing.assert_series_equal(table(tmp_path).set_index("row")["miou"], reference)  # as if nothing happened
+
+
+def test_ctrl_c_while_the_stage_jobs_run_beside_a_trial_closes_their_runs(ablations, tmp_path):
+    """Ctrl-C reaches the Tune grid in the main thread; the SDE job in the stage thread cannot close its own
+    run before the process ends, so the study does."""
+    import time
+
+    import yaml
+
+    slow = tmp_path / "ablations"
+    shutil.copytree(ablations, slow)
+    profiles = yaml.safe_load((slow / "profiles.yaml").read_text())
+    profiles["smoke"]["sde"].update(phase2_steps=3000, val_interval=1000, checkpoint_interval=1000)  # minutes, not seconds
+    (slow / "profiles.yaml").write_text(yaml.safe_dump(profiles))
+    out = tmp_path / "out"
+    proc = study(out, slow, "--rows", "baseline,transfer", *LONGER, background=True)
+    deadline, seen = time.monotonic() + 300, []
+    while not any("[sde] step" in line for line in seen[-3:]):  # the SDE job trains beside the baseline trial
+        assert time.monotonic() < deadline and proc.poll() is None, "".join(seen)[-3000:]
+        seen.append(proc.stdout.readline())
+    assert any("beside the stage jobs" in line for line in seen)
+    # to the driver alone (kill -INT): the SDE job itself goes on until the process ends; a Ctrl-C in a terminal
+    # also interrupts the Train workers, and the job then ends its run FAILED on its own
+    os.kill(proc.pid, signal.SIGINT)
+    rest = proc.communicate(timeout=180)[0]
+    assert proc.returncode != 0, rest[-3000:]
+    runs = MlflowClient(f"sqlite:///{out / 'mlflow.db'}").search_runs(
+        [MlflowClient(f"sqlite:///{out / 'mlflow.db'}").get_experiment_by_name("segsde-study-smoke").experiment_id])
+    status = {r.data.tags["segsde.stage"]: r.info.status for r in runs if r.data.tags.get("segsde.stage") != "train"}
+    assert status["study"] == "KILLED" and status["sde"] == "KILLED", status
+    assert "RUNNING" not in status.values(), status
+    assert not list(out.glob("cache/sde-*/model.pt"))  # nothing half-written in the cache
