@@ -131,7 +131,7 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Path | None = None, force:
         data = dataset_stage(data_profile(cfg.profile), out, cfg.data_seed, data_root, "data" in force, dry_run, log, tracking)
         stage_args = (cfg.profile, train_configs, cfg.seeds, out, data, force)
         early, errors = [], {}
-        if not dry_run and cfg.concurrency > 1 and _stage_work(stage_args, cfg):
+        if not dry_run and cfg.concurrency > 1 and _planned_model_stages(stage_args, cfg)[0]:
             # the stage jobs (one core each) run beside the trials that need none of their output, rather
             # than on two threads before them: a second thread made the SDE only 1.3x faster (README)
             free = tuple(r for r, tc in zip(cfg.rows, train_configs) if not needs_model_stages(tc))
@@ -157,8 +157,8 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Path | None = None, force:
         _clear_forced(todo, force, out)
         if todo:
             errors.update(_tune_grid(cfg, todo, data, out, sde_model, tracking, address, resume, log))
-        todo = early + todo
-        for t in todo:
+        ran = early + todo
+        for t in ran:
             if t.key in errors:
                 log(f"[trial] {t.name}: FAILED ({errors[t.key]}); the study goes on, its cell is marked")
         records = [_record(t) for t in trials]
@@ -167,7 +167,7 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Path | None = None, force:
         RunLogger(tracking.uri, tracking.parent_run_id).client.set_tag(tracking.parent_run_id, "segsde.failed_trials", str(failed))
         status = "FINISHED"
         seconds = time.perf_counter() - start
-        log(f"[study] {len(trials)} trials ({len(todo)} run, {len(trials) - len(todo)} cached, {failed} failed) in "
+        log(f"[study] {len(trials)} trials ({len(ran)} run, {len(trials) - len(ran)} cached, {failed} failed) in "
             f"{seconds:.0f} s; report in {report}" + (" (rerun with --resume to retry the failed trials)" if failed else ""))
         return {"records": records, "report": str(report), "parent_run_id": tracking.parent_run_id, "seconds": seconds,
                 "tracking_uri": tracking.uri, "experiment": experiment, "failed": failed}
@@ -195,11 +195,12 @@ def _clear_forced(todo: list[Trial], force, out: Path) -> None:
             shutil.rmtree(out / "ray" / f"train-{t.key}", ignore_errors=True)
 
 
-def _stage_work(stage_args: tuple, cfg: StudyConfig) -> bool:
-    """Whether a stage after the dataset would run (a quiet dry run of them)."""
+def _planned_model_stages(stage_args: tuple, cfg: StudyConfig) -> tuple[bool, Path | None, dict]:
+    """A quiet dry run of the stages after the dataset: whether one of them would run, and the SDE model
+    and selection lists they give."""
     said = []
-    model_stages(*stage_args, True, said.append, None, cfg.sde, cfg.select)
-    return any(" would " in line for line in said)
+    sde_model, selections = model_stages(*stage_args, True, said.append, None, cfg.sde, cfg.select)
+    return any(" would " in line for line in said), sde_model, selections
 
 
 def _end_running_stage_runs(tracking: StageTracking) -> None:
@@ -217,10 +218,8 @@ def _end_running_stage_runs(tracking: StageTracking) -> None:
 
 def _needs_ray(cfg: StudyConfig, train_configs: list, out: Path, data_root: Path | None, force) -> bool:
     """Whether a stage job or a trial would run: a quiet dry run of the DAG (rendering needs no Ray)."""
-    said = []
-    data, sde_model, selections = input_stages(cfg.profile, train_configs, cfg.seeds, out, data_root, cfg.data_seed,
-                                               force, True, said.append, sde_overrides=cfg.sde, select_overrides=cfg.select)
-    stage_work = any(" would " in line for line in said if not line.startswith("[data]"))
+    data = dataset_stage(data_profile(cfg.profile), out, cfg.data_seed, data_root, "data" in force, True, lambda _: None)
+    stage_work, sde_model, selections = _planned_model_stages((cfg.profile, train_configs, cfg.seeds, out, data, force), cfg)
     return stage_work or "train" in force or not all(t.done for t in plan_trials(cfg, data, out, sde_model, selections))
 
 
