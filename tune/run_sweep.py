@@ -36,7 +36,8 @@ def main(argv=None) -> int:
     parser.add_argument("--address", default=None, help="Ray cluster address (`auto` on a `ray up` cluster)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or OUT/mlflow.db)")
     parser.add_argument("--experiment", default=None, help="MLflow experiment and Optuna study prefix (default segsde-sweep-PROFILE)")
-    parser.add_argument("--resume", action="store_true", help="continue this sweep's Optuna studies and Tune experiments")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue this sweep's Optuna studies: interrupted trials go on from their last checkpoint")
     args = parser.parse_args(argv)
     try:
         from segsde.orchestration.sweep import run_sweep, sweep_config

@@ -93,11 +93,25 @@ def defaults(cfg: SweepConfig, space: dict) -> dict:
 class AshaAwareOptunaSearch(OptunaSearch):
     """OptunaSearch that tells Optuna PRUNED, not COMPLETE, for a trial a scheduler stopped before
     ``full_steps`` (Ray's searcher reports an ASHA stop as a finished trial, so TPE would take a
-    2-evaluation mIoU for a final one). Relies on OptunaSearch's private state: Ray is pinned to 2.60."""
+    2-evaluation mIoU for a final one). Every suggestion carries ``trial_key`` (study name and Optuna
+    trial number): the trial's MLflow run key and Train run name, so a trial is the same trial in any
+    Tuner. The Optuna trials a killed sweep left RUNNING (``interrupted`` numbers) are handed out again
+    before any new one, so they go on from their Train checkpoints instead of being duplicated. Relies on
+    OptunaSearch's private state: Ray is pinned to 2.60."""
 
-    def __init__(self, *args, full_steps: int, step_key: str = "step", **kwargs):
+    def __init__(self, *args, full_steps: int, step_key: str = "step", interrupted: tuple[int, ...] = (), **kwargs):
         super().__init__(*args, **kwargs)
         self._full_steps, self._step_key = full_steps, step_key
+        self._interrupted = list(interrupted)
+
+    def suggest(self, trial_id: str):
+        if self._interrupted and trial_id not in self._ot_trials:
+            again = self._ot_study.trials[self._interrupted.pop(0)]
+            self._ot_trials[trial_id] = optuna.Trial(self._ot_study, again._trial_id)
+        config = super().suggest(trial_id)
+        if isinstance(config, dict):
+            config["trial_key"] = f"{self._study_name}-t{self._ot_trials[trial_id].number}"
+        return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         stopped = result and not error and result.get(self._step_key, self._full_steps) < self._full_steps
@@ -156,29 +170,38 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Path | None = None, addres
 
 
 def _tune_budget(cfg, name, space, tc, data, out, sde_model, selection, tracking, storage, address, resume, log) -> None:
+    """One Tuner over the trials the Optuna study still lacks. The study is the sweep's only state: Tune's
+    own experiment files are written behind the trials, so a kill can leave them out of step with each
+    other; a resumed sweep starts a new Tuner that hands the interrupted Optuna trials out again."""
+    import shutil
+
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
 
     from segsde.orchestration.trials import MlflowStatusCallback, TrialSettings, TrialSpec, tune_trainable
 
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
+    finished = sum(t.state.is_finished() for t in study.trials)
+    interrupted = tuple(t.number for t in study.trials if t.state == optuna.trial.TrialState.RUNNING)
+    samples = cfg.samples - finished
+    if resume and study.trials:
+        log(f"[sweep] resuming '{name}': {finished} of {cfg.samples} trials finished, "
+            f"{len(interrupted)} interrupted (they go on from their last checkpoint)")
+    if samples <= 0:
+        return
     settings = TrialSettings(cfg.profile, str(data), str(out), tracking.uri, tracking.experiment, tracking.parent_run_id,
                              str(sde_model) if sde_model else None, cfg.workers, cfg.gpu, address, dict(cfg.train))
-    trainable = tune_trainable(settings)
-    path = out / "tune" / name
-    if resume and ray.tune.Tuner.can_restore(str(path)):
-        log(f"[sweep] resuming {path}")
-        ray.tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True).fit()
-        return
-    searcher = AshaAwareOptunaSearch(space=space, metric=METRIC, mode="max", points_to_evaluate=[defaults(cfg, space)],
-                                     sampler=optuna.samplers.TPESampler(seed=cfg.seed), study_name=name, storage=storage,
-                                     full_steps=tc.steps)
+    searcher = AshaAwareOptunaSearch(space=space, metric=METRIC, mode="max", sampler=optuna.samplers.TPESampler(seed=cfg.seed),
+                                     points_to_evaluate=None if study.trials else [defaults(cfg, space)],
+                                     study_name=name, storage=storage, full_steps=tc.steps, interrupted=interrupted[:samples])
     scheduler = ASHAScheduler(time_attr="step", metric=METRIC, mode="max", max_t=tc.steps, grace_period=tc.eval_interval,
                               reduction_factor=cfg.reduction_factor)
     spec = asdict(TrialSpec(cfg.row, tc.budget, cfg.seed, selection=str(selection) if selection else None))
-    log(f"[sweep] {cfg.samples} trials of row '{cfg.row}' over {sorted(k.removeprefix('params/') for k in space)}, "
+    log(f"[sweep] {samples} trials of row '{cfg.row}' over {sorted(k.removeprefix('params/') for k in space)}, "
         f"ASHA on {METRIC} every {tc.eval_interval} of {tc.steps} steps, {cfg.concurrency} at a time")
-    ray.tune.Tuner(trainable, param_space={"trial": spec},
-                   tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.samples,
+    shutil.rmtree(out / "tune" / name, ignore_errors=True)
+    ray.tune.Tuner(tune_trainable(settings), param_space={"trial": spec},
+                   tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=samples,
                                                    max_concurrent_trials=cfg.concurrency),
                    run_config=ray.tune.RunConfig(name=name, storage_path=str(out / "tune"), verbose=1,
                                                  failure_config=ray.tune.FailureConfig(max_failures=0),  # Train restarts workers (TrialSettings)

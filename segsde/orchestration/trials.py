@@ -36,8 +36,8 @@ class TrialSettings:
 
 @dataclass(frozen=True)
 class TrialSpec:
-    """One trial: ``key`` is stable (the trial's cache key); None in a sweep, where the Tune trial id
-    (kept across restores) makes it."""
+    """One trial: ``key`` is stable (the trial's cache key); None in a sweep, where the searcher's
+    ``trial_key`` (study name and Optuna trial number, the same in a resumed sweep) makes it."""
     row: str
     budget: int
     seed: int
@@ -48,7 +48,7 @@ class TrialSpec:
 
 def trial_driver(config: dict, settings: TrialSettings) -> None:
     """The Tune trainable: ``config["trial"]`` is a TrialSpec as a dict, ``config.get("params")`` the
-    values a searcher proposed (train config keys)."""
+    values a searcher proposed (train config keys) and ``config.get("trial_key")`` its name for the trial."""
     from segsde.orchestration.ray_job import make_trainer
     from segsde.runtime import progress
     from segsde.tracking import RunLogger, get_or_create_run
@@ -56,7 +56,7 @@ def trial_driver(config: dict, settings: TrialSettings) -> None:
 
     spec = TrialSpec(**config["trial"])
     trial_id = ray.tune.get_context().get_trial_id()
-    key = spec.key or f"{settings.experiment}-{trial_id}"
+    key = spec.key or config["trial_key"]
     overrides = {**settings.overrides, **config.get("params", {}), "budget": spec.budget, "seed": spec.seed}
     trial = prepare_trial(settings.data, spec.row, settings.profile, overrides, settings.sde_model, spec.selection,
                           settings.workers, settings.gpu, settings.address, settings.tracking_uri,

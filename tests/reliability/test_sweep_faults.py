@@ -1,8 +1,12 @@
 """A 2-budget Optuna + ASHA sweep on real local Ray, a real Optuna sqlite study and a real MLflow sqlite store,
 killed mid-trial (driver, Ray and workers at once) and resumed: the Optuna studies continue with no trial
-left RUNNING, MLflow holds one parent per budget and one child per trial (the killed trial's run found again, not duplicated)."""
+left RUNNING, MLflow holds one parent per budget and one child per trial (the killed trial's run found again, not duplicated),
+and the killed trials go on in their own Train runs. The resume reads only the Optuna study: Tune writes its
+experiment files behind the trials, so a kill can leave them out of step (a CI run once resumed into two trials
+left RUNNING and a third FAILED); the test deletes them."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +33,7 @@ def test_a_killed_sweep_resumes_its_optuna_studies_without_duplicates(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     interrupted = optuna.load_study(study_name="segsde-sweep-smoke-pseudolabel-b2", storage=storage)
     assert optuna.trial.TrialState.RUNNING in [t.state for t in interrupted.trials]  # the kill did land mid-trial
+    shutil.rmtree(tmp_path / "tune")
 
     again = subprocess.run(args, capture_output=True, text=True)
     assert again.returncode == 2 and "pass --resume" in again.stderr and len(again.stderr.strip().splitlines()) == 1
@@ -58,3 +63,5 @@ def test_a_killed_sweep_resumes_its_optuna_studies_without_duplicates(tmp_path):
         artifacts = {a.path for a in client.list_artifacts(parents[name].info.run_id, "sweep")}
         assert {"sweep/summary.json", "sweep/optimisation_history.png"} <= artifacts
         assert (tmp_path / "sweep" / name / "summary.json").is_file()
+    train_runs = sorted(p.name for p in (tmp_path / "ray").glob("train-*"))  # the killed trials went on in theirs
+    assert train_runs == [f"train-{name}-t{n}" for name in sorted(studies) for n in (0, 1)]
