@@ -55,7 +55,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or OUT/mlflow.db)")
     parser.add_argument("--experiment", default=None, help="MLflow experiment (default segsde-study-PROFILE)")
     parser.add_argument("--force", action="append", default=[], choices=STAGES, help="recompute a stage (repeatable)")
-    parser.add_argument("--resume", action="store_true", help="continue the interrupted Tune experiment of this study")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted study (so does a plain rerun: finished stages and trials are cached, "
+                             "interrupted ones go on from their checkpoints)")
     parser.add_argument("--dry-run", action="store_true", help="print the stages and trials with their cache hits, run nothing")
     args = parser.parse_args(argv)
     try:

@@ -126,6 +126,8 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Path | None = None, force:
                                             {"segsde.stage": "study", "segsde.profile": cfg.profile})
         tracking = StageTracking(uri, experiment, parent)
         log(f"[study] MLflow parent run {parent}{'' if created else ' (found again)'} in experiment '{experiment}' of {uri}")
+        if resume:  # what any rerun does; the flag says so for whoever expects to need it
+            log("[study] resuming: finished stages and trials are cache hits, interrupted ones go on from their checkpoints")
     status, stages = "FAILED", None
     try:
         data = dataset_stage(data_profile(cfg.profile), out, cfg.data_seed, data_root, "data" in force, dry_run, log, tracking)
@@ -141,7 +143,7 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Path | None = None, force:
             _clear_forced(early, force, out)
             stages = Background(model_stages, *stage_args, False, log, tracking, cfg.sde, cfg.select, name="study-stages")
             errors = _tune_grid(replace(cfg, concurrency=cfg.concurrency - 1), early, data, out, None, tracking, address,
-                                resume, log, beside=" beside the stage jobs")
+                                log, beside=" beside the stage jobs")
             if any(not t.done and t.key not in errors for t in early):
                 raise KeyboardInterrupt  # Tune took the Ctrl-C and ended the grid early
             sde_model, selections = stages.result()
@@ -156,7 +158,7 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Path | None = None, force:
             return {"trials": [t.name for t in trials], "todo": [t.name for t in todo]}
         _clear_forced(todo, force, out)
         if todo:
-            errors.update(_tune_grid(cfg, todo, data, out, sde_model, tracking, address, resume, log))
+            errors.update(_tune_grid(cfg, todo, data, out, sde_model, tracking, address, log))
         ran = early + todo
         for t in ran:
             if t.key in errors:
@@ -286,7 +288,7 @@ def start_ray(profile: str, row: str, train: dict, concurrency: int, workers: in
 
 
 def _tune_grid(cfg: StudyConfig, todo: list[Trial], data: Path, out: Path, sde_model: Path | None,
-               tracking: StageTracking, address: str | None, resume: bool, log, beside: str = "") -> dict[str, str]:
+               tracking: StageTracking, address: str | None, log, beside: str = "") -> dict[str, str]:
     """The trials that are not cached, as one Tune grid (the default variant generator); returns the
     last line of each failed trial's error by trial key."""
     import ray.tune
@@ -303,18 +305,16 @@ def _tune_grid(cfg: StudyConfig, todo: list[Trial], data: Path, out: Path, sde_m
     name = f"study-{cache_key({'keys': sorted(t.key for t in todo)})}"
     storage = out / "tune"
     trainable = tune_trainable(settings)
-    if resume and ray.tune.Tuner.can_restore(str(storage / name)):
-        log(f"[study] resuming the Tune experiment {storage / name}")
-        tuner = ray.tune.Tuner.restore(str(storage / name), trainable=trainable, resume_errored=True)
-    else:
-        shutil.rmtree(storage / name, ignore_errors=True)  # finished trials are cached; running ones resume from Train checkpoints
-        log(f"[study] running {len(todo)} trials, {cfg.concurrency} at a time{beside} ({storage / name})")
-        tuner = ray.tune.Tuner(
-            trainable, param_space={"trial": ray.tune.grid_search(specs)},
-            tune_config=ray.tune.TuneConfig(max_concurrent_trials=cfg.concurrency),
-            run_config=ray.tune.RunConfig(name=name, storage_path=str(storage), verbose=1,
-                                          failure_config=ray.tune.FailureConfig(max_failures=0),  # Train restarts workers (TrialSettings)
-                                          callbacks=[MlflowStatusCallback(tracking.uri, tracking.experiment)]))
+    # never Tuner.restore: Tune writes its experiment files behind the trials, so after a kill they can be out
+    # of step with each other; finished trials are cached, interrupted ones go on from their Train checkpoints
+    shutil.rmtree(storage / name, ignore_errors=True)
+    log(f"[study] running {len(todo)} trials, {cfg.concurrency} at a time{beside} ({storage / name})")
+    tuner = ray.tune.Tuner(
+        trainable, param_space={"trial": ray.tune.grid_search(specs)},
+        tune_config=ray.tune.TuneConfig(max_concurrent_trials=cfg.concurrency),
+        run_config=ray.tune.RunConfig(name=name, storage_path=str(storage), verbose=1,
+                                      failure_config=ray.tune.FailureConfig(max_failures=0),  # Train restarts workers (TrialSettings)
+                                      callbacks=[MlflowStatusCallback(tracking.uri, tracking.experiment)]))
     errors = {}
     for result in tuner.fit():
         if result.error is not None:
