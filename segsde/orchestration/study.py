@@ -293,7 +293,7 @@ def _tune_grid(cfg: StudyConfig, todo: list[Trial], data: Path, out: Path, sde_m
     last line of each failed trial's error by trial key."""
     import ray.tune
 
-    from segsde.orchestration.trials import MlflowStatusCallback, TrialSettings, TrialSpec, tune_trainable
+    from segsde.orchestration.trials import MlflowStatusCallback, TrialSettings, TrialSpec, fresh_run_config, tune_trainable
 
     start_ray(cfg.profile, cfg.rows[0], cfg.train, cfg.concurrency, cfg.workers, cfg.gpu, address)
     settings = TrialSettings(cfg.profile, str(data), str(out), tracking.uri, tracking.experiment, tracking.parent_run_id,
@@ -305,16 +305,10 @@ def _tune_grid(cfg: StudyConfig, todo: list[Trial], data: Path, out: Path, sde_m
     name = f"study-{cache_key({'keys': sorted(t.key for t in todo)})}"
     storage = out / "tune"
     trainable = tune_trainable(settings)
-    # never Tuner.restore: Tune writes its experiment files behind the trials, so after a kill they can be out
-    # of step with each other; finished trials are cached, interrupted ones go on from their Train checkpoints
-    shutil.rmtree(storage / name, ignore_errors=True)
     log(f"[study] running {len(todo)} trials, {cfg.concurrency} at a time{beside} ({storage / name})")
-    tuner = ray.tune.Tuner(
-        trainable, param_space={"trial": ray.tune.grid_search(specs)},
-        tune_config=ray.tune.TuneConfig(max_concurrent_trials=cfg.concurrency),
-        run_config=ray.tune.RunConfig(name=name, storage_path=str(storage), verbose=1,
-                                      failure_config=ray.tune.FailureConfig(max_failures=0),  # Train restarts workers (TrialSettings)
-                                      callbacks=[MlflowStatusCallback(tracking.uri, tracking.experiment)]))
+    tuner = ray.tune.Tuner(trainable, param_space={"trial": ray.tune.grid_search(specs)},
+                           tune_config=ray.tune.TuneConfig(max_concurrent_trials=cfg.concurrency),
+                           run_config=fresh_run_config(storage, name, MlflowStatusCallback(tracking.uri, tracking.experiment)))
     errors = {}
     for result in tuner.fit():
         if result.error is not None:

@@ -170,15 +170,12 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Path | None = None, addres
 
 
 def _tune_budget(cfg, name, space, tc, data, out, sde_model, selection, tracking, storage, address, resume, log) -> None:
-    """One Tuner over the trials the Optuna study still lacks. The study is the sweep's only state: Tune's
-    own experiment files are written behind the trials, so a kill can leave them out of step with each
-    other; a resumed sweep starts a new Tuner that hands the interrupted Optuna trials out again."""
-    import shutil
-
+    """One Tuner over the trials the Optuna study still lacks. The study is the sweep's only state (see
+    ``fresh_run_config``): a resumed sweep starts a new Tuner that hands the interrupted Optuna trials out again."""
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from segsde.orchestration.trials import MlflowStatusCallback, TrialSettings, TrialSpec, tune_trainable
+    from segsde.orchestration.trials import MlflowStatusCallback, TrialSettings, TrialSpec, fresh_run_config, tune_trainable
 
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
     finished = sum(t.state.is_finished() for t in study.trials)
@@ -199,13 +196,10 @@ def _tune_budget(cfg, name, space, tc, data, out, sde_model, selection, tracking
     spec = asdict(TrialSpec(cfg.row, tc.budget, cfg.seed, selection=str(selection) if selection else None))
     log(f"[sweep] {samples} trials of row '{cfg.row}' over {sorted(k.removeprefix('params/') for k in space)}, "
         f"ASHA on {METRIC} every {tc.eval_interval} of {tc.steps} steps, {cfg.concurrency} at a time")
-    shutil.rmtree(out / "tune" / name, ignore_errors=True)
     ray.tune.Tuner(tune_trainable(settings), param_space={"trial": spec},
                    tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=samples,
                                                    max_concurrent_trials=cfg.concurrency),
-                   run_config=ray.tune.RunConfig(name=name, storage_path=str(out / "tune"), verbose=1,
-                                                 failure_config=ray.tune.FailureConfig(max_failures=0),  # Train restarts workers (TrialSettings)
-                                                 callbacks=[MlflowStatusCallback(tracking.uri, tracking.experiment, tc.steps)])).fit()
+                   run_config=fresh_run_config(out / "tune", name, MlflowStatusCallback(tracking.uri, tracking.experiment, tc.steps))).fit()
 
 
 def _summarise_budget(cfg: SweepConfig, name: str, storage, tracking: StageTracking, out: Path, log) -> dict:

@@ -5,6 +5,7 @@ callback that closes those runs whatever the trial's fate (finished, stopped ear
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,17 @@ def evaluations_to_tune():
 def tune_trainable(settings: TrialSettings):
     """``trial_driver`` bound to ``settings``, scheduled on the driver resource (0 CPU)."""
     return ray.tune.with_resources(ray.tune.with_parameters(trial_driver, settings=settings), {"CPU": 0, DRIVER_RESOURCE: 1})
+
+
+def fresh_run_config(storage: Path, name: str, callback: ray.tune.Callback) -> ray.tune.RunConfig:
+    """The RunConfig of a new Tune experiment ``storage/name``, its earlier files removed. Studies and sweeps
+    never ``Tuner.restore``: Tune copies its experiment files to storage behind the trials, so after a kill
+    they can be out of step with each other (a sweep resumed that way left Optuna trials RUNNING). A rerun
+    finds what it needs elsewhere: the stage cache, the Optuna study, Train checkpoints by trial key."""
+    shutil.rmtree(Path(storage) / name, ignore_errors=True)
+    return ray.tune.RunConfig(name=name, storage_path=str(storage), verbose=1,
+                              failure_config=ray.tune.FailureConfig(max_failures=0),  # Train restarts workers (TrialSettings)
+                              callbacks=[callback])
 
 
 class MlflowStatusCallback(ray.tune.Callback):
