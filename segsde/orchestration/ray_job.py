@@ -11,8 +11,11 @@ import torch
 from segsde.errors import SegSDEError
 
 # Ray Train's controller polls its workers (start, reports, end) every 2 s by default; locally a poll is
-# cheap, and at 0.5 s a quick trial's start-up fell from 19.8 to 15.9 s (README: overhead)
-LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+# cheap, and at 0.5 s a quick trial's start-up fell from 19.8 to 15.9 s (README: overhead). On one machine
+# there is no node to lose to a preemption, and nobody scrapes Train's Prometheus metrics: the watcher is one
+# more Python process per Train run (2 s of CPU each, 24 s in the default study) and both cost CPU the trials need
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                   "RAY_TRAIN_METRICS_ENABLED": "0"}
 
 
 def init_ray(address: str | None, num_cpus: int, num_gpus: int | None = None, resources: dict | None = None) -> None:
