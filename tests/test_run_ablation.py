@@ -40,8 +40,6 @@ def test_study_runs_a_tune_grid_caches_every_stage_and_never_duplicates_runs(tmp
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.data.tags["segsde.stage"] for r in children) == ["data", "train", "train"]  # no SDE: neither row needs it
-    trial_ids = {r.data.tags["segsde.row"]: r.data.tags["ray_trial_id"] for r in children if r.data.tags["segsde.stage"] == "train"}
-    assert trial_ids["pseudolabel"].endswith("_00000") and trial_ids["baseline"].endswith("_00001")  # the longer trial first
     for trial in (r for r in children if r.data.tags["segsde.stage"] == "train"):
         assert trial.info.status == "FINISHED" and trial.data.tags["ray_trial_id"]
         assert "final/miou" in trial.data.metrics and any(k.startswith("final/iou/") for k in trial.data.metrics)
@@ -93,19 +91,57 @@ def test_the_study_and_sweep_sections_override_the_sde_stage_and_share_it(tmp_pa
         study_config("smoke", sde={"bach_size": 4})
 
 
-def test_the_stage_jobs_run_beside_the_trials_that_need_none_of_them(tmp_path):
+def test_the_stage_jobs_run_beside_the_trials_and_each_trial_starts_once_its_inputs_exist(tmp_path):
     rows = ("--profile", "smoke", "--out", tmp_path, "--rows", "baseline,transfer,autoselect")
     first = _run(*rows)
     assert first.returncode == 0, first.stderr[-3000:]
     out = first.stdout
-    assert "[study] running 1 trials, 1 at a time beside the stage jobs" in out  # baseline needs no stage
-    assert out.index("beside the stage jobs") < out.index("[sde] done in")  # its grid started before the SDE ended
-    assert "[study] running 2 trials, 2 at a time (" in out and "3 trials (3 run, 0 cached, 0 failed)" in out
+    assert "[study] running 3 trials, 2 at a time, one fewer while the stage jobs run, each once its inputs exist" in out
+    assert "3 trials (3 run, 0 cached, 0 failed)" in out
     runs = _runs(tmp_path)
+    started = {r.data.tags["segsde.row"]: r.info.start_time for r in runs if r.data.tags["segsde.stage"] == "train"}
+    ended = {r.data.tags["segsde.stage"]: r.info.end_time for r in runs}
+    assert started["baseline"] < ended["sde"]  # it needs no stage: it ran beside the SDE job
+    assert started["transfer"] > ended["export"] and started["autoselect"] > ended["select"]  # each once its inputs existed
     assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
     stages = sorted(r.data.tags["segsde.stage"] for r in runs)
     assert stages == ["data", "export", "sde", "select", "study", "train", "train", "train"], stages
     again = _run(*rows)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "3 trials (0 run, 3 cached, 0 failed)" in again.stdout and "beside the stage jobs" not in again.stdout
+    assert "3 trials (0 run, 3 cached, 0 failed)" in again.stdout and "stage jobs run" not in again.stdout
     assert len(_runs(tmp_path)) == len(runs)  # every stage and trial found again, none added
+
+
+def test_ready_first_hands_out_each_trial_once_its_inputs_exist_longest_first_within_its_capacity():
+    from ray.tune.search import Searcher
+
+    from segsde.orchestration.trials import ReadyFirst
+
+    ready, stages = set(), {"running": True}
+    trials = [({"trial": "baseline"}, 1.0, frozenset()), ({"trial": "classmix"}, 2.0, frozenset()),
+              ({"trial": "mtl"}, 3.0, frozenset({"sde"})), ({"trial": "autoselect"}, 1.5, frozenset({"sde", "select-sde-s0"}))]
+    searcher = ReadyFirst(trials, ready, lambda: 2 - stages["running"], lambda: stages["running"])
+    assert searcher.suggest("t1") == {"trial": "classmix"}  # the longest of those that need no stage
+    assert searcher.suggest("t2") is None  # one core is the stage job's
+    searcher.on_trial_complete("t1")
+    assert searcher.suggest("t2") == {"trial": "baseline"}  # mtl (longer) still waits for the SDE
+    searcher.on_trial_complete("t2")
+    assert searcher.suggest("t3") is None  # nothing ready: wait
+    ready.add("sde")
+    assert searcher.suggest("t3") == {"trial": "mtl"}
+    ready.add("select-sde-s0")
+    stages["running"] = False  # the stage job's core is free: two at a time
+    assert searcher.suggest("t4") == {"trial": "autoselect"}
+    assert searcher.suggest("t5") == Searcher.FINISHED
+
+
+def test_ready_first_ends_when_the_stage_jobs_ended_without_what_the_rest_need():
+    from ray.tune.search import Searcher
+
+    from segsde.orchestration.trials import ReadyFirst
+
+    alive = {"running": True}
+    searcher = ReadyFirst([({"trial": "transfer"}, 1.0, frozenset({"sde"}))], set(), lambda: 1, lambda: alive["running"])
+    assert searcher.suggest("t1") is None
+    alive["running"] = False  # the SDE job failed: its error is the study's, the trial never runs
+    assert searcher.suggest("t1") == Searcher.FINISHED

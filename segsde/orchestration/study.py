@@ -6,10 +6,12 @@ child run for every stage and trial, all found again by stable keys."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from segsde.configs import check
@@ -78,7 +80,8 @@ class Trial:
     key: str
     result_dir: Path
     selection: Path | None
-    cost: float = 0.0          # TrainConfig.relative_cost: the grid starts the longest trials first
+    cost: float = 0.0          # TrainConfig.relative_cost: the longest trials start first
+    needs: frozenset = frozenset()  # trial_inputs: the stage outputs it waits for
 
     @property
     def name(self) -> str:
@@ -100,7 +103,7 @@ def plan_trials(cfg: StudyConfig, data: Path, out: Path, sde_model: Path | None,
                 key = cache_key({"stage": "train", "row": row, "config": asdict(tc), "data": str(data), "workers": cfg.workers,
                                  "sde_model": str(sde_model) if tc.needs_sde else None, "selection": str(selection) if selection else None})
                 trials.append(Trial(row, budget, seed, key, out / "cache" / f"train-{row}-b{budget}-s{seed}-{key}", selection,
-                                    tc.relative_cost))
+                                    tc.relative_cost, trial_inputs(tc, seed)))
     return trials
 
 
@@ -132,35 +135,31 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Path | None = None, force:
     try:
         data = dataset_stage(data_profile(cfg.profile), out, cfg.data_seed, data_root, "data" in force, dry_run, log, tracking)
         stage_args = (cfg.profile, train_configs, cfg.seeds, out, data, force)
-        early, errors = [], {}
-        if not dry_run and cfg.concurrency > 1 and _planned_model_stages(stage_args, cfg)[0]:
-            # the stage jobs (one core each) run beside the trials that need none of their output, rather
-            # than on two threads before them: a second thread made the SDE only 1.3x faster (README)
-            free = tuple(r for r, tc in zip(cfg.rows, train_configs) if not needs_model_stages(tc))
-            early = [t for t in plan_trials(replace(cfg, rows=free), data, out, None, {}) if "train" in force or not t.done]
-        if early:
-            _log_trials(early, early, False, log)
-            _clear_forced(early, force, out)
-            stages = Background(model_stages, *stage_args, False, log, tracking, cfg.sde, cfg.select, name="study-stages")
-            errors = _tune_grid(replace(cfg, concurrency=cfg.concurrency - 1), early, data, out, None, tracking, address,
-                                log, beside=" beside the stage jobs")
-            if any(not t.done and t.key not in errors for t in early):
-                raise KeyboardInterrupt  # Tune took the Ctrl-C and ended the grid early
-            sde_model, selections = stages.result()
+        ready = set()
+        planned = None if dry_run or cfg.concurrency == 1 else _planned_model_stages(stage_args, cfg)
+        if planned and planned[0]:
+            # the stage jobs (one core each, in this thread) run beside the trials, which start as soon as their
+            # inputs exist: a second thread made the SDE only 1.3x faster (README)
+            _, sde_model, selections = planned
+            stages = Background(model_stages, *stage_args, False, log, tracking, cfg.sde, cfg.select, ready.add,
+                                name="study-stages")
         else:
-            sde_model, selections = model_stages(*stage_args, dry_run, log, tracking, cfg.sde, cfg.select)
+            sde_model, selections = model_stages(*stage_args, dry_run, log, tracking, cfg.sde, cfg.select, ready.add)
         trials = plan_trials(cfg, data, out, sde_model, selections)
-        ran_early = {t.key for t in early}
-        todo = [t for t in trials if t.key not in ran_early and ("train" in force or not t.done)]
-        _log_trials([t for t in trials if t.key not in ran_early], todo, dry_run, log)
+        todo = [t for t in trials if "train" in force or not t.done]
+        _log_trials(trials, todo, dry_run, log)
         if dry_run:
             log(f"[study] dry run: {len(trials)} trials, {len(trials) - len(todo)} cached; nothing was run")
             return {"trials": [t.name for t in trials], "todo": [t.name for t in todo]}
         _clear_forced(todo, force, out)
-        if todo:
-            errors.update(_tune_grid(cfg, todo, data, out, sde_model, tracking, address, log))
-        ran = early + todo
-        for t in ran:
+        errors = _tune_grid(cfg, todo, data, out, sde_model, tracking, address, log, ready, stages) if todo else {}
+        if stages is not None and not stages.alive():
+            stages.result()  # a stage job's error, if one failed
+        if any(not t.done and t.key not in errors for t in todo):
+            raise KeyboardInterrupt  # Tune took the Ctrl-C and ended the trials early
+        if stages is not None and stages.result() != (sde_model, selections):
+            raise SegSDEError(f"the stage jobs wrote {stages.result()}, not the planned {(sde_model, selections)}")
+        for t in todo:
             if t.key in errors:
                 log(f"[trial] {t.name}: FAILED ({errors[t.key]}); the study goes on, its cell is marked")
         records = [_record(t) for t in trials]
@@ -169,7 +168,7 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Path | None = None, force:
         RunLogger(tracking.uri, tracking.parent_run_id).client.set_tag(tracking.parent_run_id, "segsde.failed_trials", str(failed))
         status = "FINISHED"
         seconds = time.perf_counter() - start
-        log(f"[study] {len(trials)} trials ({len(ran)} run, {len(trials) - len(ran)} cached, {failed} failed) in "
+        log(f"[study] {len(trials)} trials ({len(todo)} run, {len(trials) - len(todo)} cached, {failed} failed) in "
             f"{seconds:.0f} s; report in {report}" + (" (rerun with --resume to retry the failed trials)" if failed else ""))
         return {"records": records, "report": str(report), "parent_run_id": tracking.parent_run_id, "seconds": seconds,
                 "tracking_uri": tracking.uri, "experiment": experiment, "failed": failed}
@@ -237,10 +236,11 @@ def input_stages(profile: str, train_configs: list, seeds, out: Path, data_root:
 
 def model_stages(profile: str, train_configs: list, seeds, out: Path, data: Path, force=(), dry_run: bool = False, log=print,
                  tracking: StageTracking | None = None, sde_overrides: dict | None = None,
-                 select_overrides: dict | None = None) -> tuple[Path | None, dict]:
+                 select_overrides: dict | None = None, ready=lambda name: None) -> tuple[Path | None, dict]:
     """The stages after the dataset, computed or reused: the SDE model (the profile's sde section with
     ``sde_overrides``) and its pseudo-depth (when a row uses them) and each seed's selection list of every
-    selection method (long enough for the largest budget). Returns (sde model or None, {(method, seed): list file})."""
+    selection method (long enough for the largest budget), the one most rows use first. ``ready`` is called
+    with each output's ``trial_inputs`` name once it exists. Returns (sde model or None, {(method, seed): list file})."""
     from segsde.data.store import read_manifest
 
     largest = max(tc.budget for tc in train_configs)
@@ -254,26 +254,28 @@ def model_stages(profile: str, train_configs: list, seeds, out: Path, data: Path
         sde_dir = sde_stage(profile, data, out, None, "sde" in force, dry_run, log, tracking, sde_overrides)
         sde_model = sde_dir / MODEL_FILE
         export_stage(sde_dir, data, bool({"export", "sde"} & set(force)), dry_run, log, tracking)
+        ready("sde")
     selections = {}
-    for method in sorted({tc.selection for tc in train_configs if tc.labeled == "selection" and tc.selection}):
+    methods = [tc.selection for tc in train_configs if tc.labeled == "selection" and tc.selection]
+    for method in sorted(set(methods), key=lambda m: (-methods.count(m), m)):
         for seed in seeds:
             selections[(method, seed)] = selection_stage(
                 method, profile, data, out, seed=seed, budget=largest, sde_model=sde_model,
                 force=bool({"select", "sde"} & set(force)), dry_run=dry_run, log=log, tracking=tracking,
                 overrides=select_overrides)
+            ready(f"select-{method}-s{seed}")
     return sde_model, selections
 
 
-def needs_model_stages(tc) -> bool:
-    """Whether a trial of this train config needs a stage after the dataset (an SDE model, its pseudo-depth
-    or a selection list)."""
-    return tc.needs_sde or tc.labeled == "selection"
+def trial_inputs(tc, seed: int) -> frozenset[str]:
+    """The stage outputs a trial of train config ``tc`` and ``seed`` reads: ``sde`` (the SDE model and its
+    pseudo-depth) and its selection list ``select-<method>-s<seed>``."""
+    return frozenset((["sde"] if tc.needs_sde else []) + ([f"select-{tc.selection}-s{seed}"] if tc.labeled == "selection" and tc.selection else []))
 
 
 def start_ray(profile: str, row: str, train: dict, concurrency: int, workers: int, gpu: bool, address: str | None) -> None:
     """One Ray for every stage and trial: locally, CPUs for ``concurrency`` trials (and at least the
     machine's cores, which the stage jobs use) plus the driver resource that caps concurrent trials."""
-    import os
 
     import ray
 
@@ -288,33 +290,49 @@ def start_ray(profile: str, row: str, train: dict, concurrency: int, workers: in
 
 
 def _tune_grid(cfg: StudyConfig, todo: list[Trial], data: Path, out: Path, sde_model: Path | None,
-               tracking: StageTracking, address: str | None, log, beside: str = "") -> dict[str, str]:
-    """The trials that are not cached, as one Tune grid (the default variant generator); returns the
-    last line of each failed trial's error by trial key."""
+               tracking: StageTracking, address: str | None, log, ready: set, stages: Background | None) -> dict[str, str]:
+    """The trials that are not cached, on Ray Tune: each starts once its inputs are in ``ready``, longest
+    first, one fewer at a time while the ``stages`` job holds a core. Returns the last line of each failed
+    trial's error by trial key."""
     import ray.tune
 
-    from segsde.orchestration.trials import MlflowStatusCallback, TrialSettings, TrialSpec, fresh_run_config, tune_trainable
+    from segsde.orchestration.trials import MlflowStatusCallback, ReadyFirst, TrialSettings, TrialSpec, fresh_run_config, tune_trainable
 
     start_ray(cfg.profile, cfg.rows[0], cfg.train, cfg.concurrency, cfg.workers, cfg.gpu, address)
     settings = TrialSettings(cfg.profile, str(data), str(out), tracking.uri, tracking.experiment, tracking.parent_run_id,
                              str(sde_model) if sde_model else None, cfg.workers, cfg.gpu, address, dict(cfg.train))
-    # longest first: started in row order, the 285 s combination trial ran alone for the last 227 s of a 2-core study
-    ordered = sorted(todo, key=lambda t: -t.cost)
-    specs = [asdict(TrialSpec(t.row, t.budget, t.seed, t.key, str(t.result_dir), str(t.selection) if t.selection else None))
-             for t in ordered]
+    stages_running = (lambda: stages.alive()) if stages is not None else (lambda: False)
+    searcher = ReadyFirst([({"trial": asdict(TrialSpec(t.row, t.budget, t.seed, t.key, str(t.result_dir),
+                                                       str(t.selection) if t.selection else None))}, t.cost, t.needs)
+                           for t in todo], ready, lambda: cfg.concurrency - stages_running(), stages_running)
     name = f"study-{cache_key({'keys': sorted(t.key for t in todo)})}"
     storage = out / "tune"
-    trainable = tune_trainable(settings)
+    beside = ", one fewer while the stage jobs run, each once its inputs exist" if stages is not None else ""
     log(f"[study] running {len(todo)} trials, {cfg.concurrency} at a time{beside} ({storage / name})")
-    tuner = ray.tune.Tuner(trainable, param_space={"trial": ray.tune.grid_search(specs)},
-                           tune_config=ray.tune.TuneConfig(max_concurrent_trials=cfg.concurrency),
+    # a trial driver process is reused by the next trial (not its Train processes): 3 s less CPU per trial (README)
+    tuner = ray.tune.Tuner(tune_trainable(settings), tune_config=ray.tune.TuneConfig(
+                               search_alg=searcher, num_samples=len(todo), max_concurrent_trials=cfg.concurrency, reuse_actors=True),
                            run_config=fresh_run_config(storage, name, MlflowStatusCallback(tracking.uri, tracking.experiment)))
     errors = {}
-    for result in tuner.fit():
+    # trials waiting for a stage job's output are not trials short of resources: no Tune warning about those
+    with _environ({f"TUNE_WARN_INSUFFICENT_RESOURCE_THRESHOLD_S{s}": "86400" for s in ("", "_AUTOSCALER")} if stages else {}):
+        results = tuner.fit()
+    for result in results:
         if result.error is not None:
             lines = str(result.error).strip().splitlines() or [type(result.error).__name__]
             errors[result.config["trial"]["key"]] = lines[-1][:300]
     return errors
+
+
+@contextlib.contextmanager
+def _environ(values: dict):
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def _record(trial: Trial) -> dict:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray.tune
+from ray.tune.search import Searcher
 
 from segsde.data.store import atomic_write_bytes
 
@@ -146,3 +147,40 @@ class MlflowStatusCallback(ray.tune.Callback):
         reason = Path(trial.error_file).read_text().strip().splitlines()[-1] if trial.error_file and Path(trial.error_file).is_file() else "unknown"
         client.set_tag(run_id, "segsde.failure", reason[:5000])
         client.set_terminated(run_id, "FAILED")
+
+
+class ReadyFirst(Searcher):
+    """Hands out a fixed list of trial configs, each once its inputs are ready, longest first.
+
+    ``trials``: (config, cost, needs) with ``needs`` the names of the stage outputs it reads; ``ready``
+    the set of those that exist (the stage jobs add to it as they finish); ``capacity()`` how many trials
+    may run now (fewer while a stage job holds a core); ``stages_running()`` whether more inputs may still
+    come. Ends (FINISHED) once every trial is out, or when the rest wait for inputs that can no longer come
+    (a stage job failed: the caller raises its error)."""
+
+    def __init__(self, trials: list[tuple[dict, float, frozenset]], ready: set, capacity, stages_running):
+        super().__init__()
+        self.waiting = sorted(trials, key=lambda t: -t[1])
+        self.ready, self.capacity, self.stages_running = ready, capacity, stages_running
+        self.running: set[str] = set()
+
+    def suggest(self, trial_id: str):
+        if not self.waiting:
+            return Searcher.FINISHED
+        if len(self.running) >= self.capacity():
+            return None
+        more_to_come = self.stages_running()  # read before ``ready``: a job that has ended has added its output
+        for i, (config, _, needs) in enumerate(self.waiting):
+            if needs <= self.ready:
+                del self.waiting[i]
+                self.running.add(trial_id)
+                return config
+        return None if more_to_come else Searcher.FINISHED
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self.running.discard(trial_id)
+
+    def __getstate__(self) -> dict:
+        # Tune pickles its searcher for Tuner.restore, which studies never use (see fresh_run_config): the
+        # callables that watch the live stage jobs stay out
+        return {**self.__dict__, "capacity": None, "stages_running": None}

@@ -105,7 +105,7 @@ def test_ctrl_c_while_the_stage_jobs_run_beside_a_trial_closes_their_runs(ablati
     while not any("[sde] step" in line for line in seen[-3:]):  # the SDE job trains beside the baseline trial
         assert time.monotonic() < deadline and proc.poll() is None, "".join(seen)[-3000:]
         seen.append(proc.stdout.readline())
-    assert any("beside the stage jobs" in line for line in seen)
+    assert any("one fewer while the stage jobs run" in line for line in seen)
     # to the driver alone (kill -INT): the SDE job itself goes on until the process ends; a Ctrl-C in a terminal
     # also interrupts the Train workers, and the job then ends its run FAILED on its own
     os.kill(proc.pid, signal.SIGINT)
