@@ -300,7 +300,8 @@ def _tune_grid(cfg: StudyConfig, todo: list[Trial], data: Path, out: Path, sde_m
 
     start_ray(cfg.profile, cfg.rows[0], cfg.train, cfg.concurrency, cfg.workers, cfg.gpu, address)
     settings = TrialSettings(cfg.profile, str(data), str(out), tracking.uri, tracking.experiment, tracking.parent_run_id,
-                             str(sde_model) if sde_model else None, cfg.workers, cfg.gpu, address, dict(cfg.train))
+                             str(sde_model) if sde_model else None, cfg.workers, cfg.gpu, address, dict(cfg.train),
+                             stream_evaluations=False)
     stages_running = (lambda: stages.alive()) if stages is not None else (lambda: False)
     searcher = ReadyFirst([({"trial": asdict(TrialSpec(t.row, t.budget, t.seed, t.key, str(t.result_dir),
                                                        str(t.selection) if t.selection else None))}, t.cost, t.needs)

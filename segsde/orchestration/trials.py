@@ -34,6 +34,9 @@ class TrialSettings:
     address: str | None = None
     overrides: dict = field(default_factory=dict)   # the study's or sweep's train overrides (steps, ...)
     max_failures: int = 1           # Ray Train restarts of a trial's worker group
+    # every evaluation to Tune as it happens (a scheduler such as ASHA acts on them), through a queue actor
+    # per trial; otherwise the driver reports the final scores once, at the end (a study's grid needs no more)
+    stream_evaluations: bool = True
 
 
 @dataclass(frozen=True)
@@ -72,11 +75,13 @@ def trial_driver(config: dict, settings: TrialSettings) -> None:
     start = time.perf_counter()
     trainer = make_trainer(_loop, {**trial.loop_config, "mlflow_run_id": run_id}, f"train-{key}",
                            Path(settings.out) / "ray", settings.workers, settings.gpu, trial.cfg.threads or 1,
-                           settings.max_failures, callbacks=[evaluations_to_tune()])
+                           settings.max_failures, callbacks=[evaluations_to_tune()] if settings.stream_evaluations else None)
     result = trainer.fit()
     summary = summarise(trial, result, time.perf_counter() - start, run_id)
     if spec.result_dir:
         atomic_write_bytes(Path(spec.result_dir) / METRICS_FILE, json.dumps(summary, indent=1).encode())
+    if not settings.stream_evaluations:
+        ray.tune.report({k: v for k, v in summary.items() if isinstance(v, (int, float)) and v == v})
 
 
 def evaluations_to_tune():
