@@ -157,8 +157,8 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Path | None = None, force:
             stages.result()  # a stage job's error, if one failed
         if any(not t.done and t.key not in errors for t in todo):
             raise KeyboardInterrupt  # Tune took the Ctrl-C and ended the trials early
-        if stages is not None and stages.result() != (sde_model, selections):
-            raise SegSDEError(f"the stage jobs wrote {stages.result()}, not the planned {(sde_model, selections)}")
+        if stages is not None and (made := stages.result()) != (sde_model, selections):
+            raise SegSDEError(f"the stage jobs wrote {made}, not the planned {(sde_model, selections)}")
         for t in todo:
             if t.key in errors:
                 log(f"[trial] {t.name}: FAILED ({errors[t.key]}); the study goes on, its cell is marked")
@@ -263,20 +263,25 @@ def model_stages(profile: str, train_configs: list, seeds, out: Path, data: Path
                 method, profile, data, out, seed=seed, budget=largest, sde_model=sde_model,
                 force=bool({"select", "sde"} & set(force)), dry_run=dry_run, log=log, tracking=tracking,
                 overrides=select_overrides)
-            ready(f"select-{method}-s{seed}")
+            ready(selection_input(method, seed))
     return sde_model, selections
 
 
 def trial_inputs(tc, seed: int) -> frozenset[str]:
     """The stage outputs a trial of train config ``tc`` and ``seed`` reads: ``sde`` (the SDE model and its
-    pseudo-depth) and its selection list ``select-<method>-s<seed>``."""
-    return frozenset((["sde"] if tc.needs_sde else []) + ([f"select-{tc.selection}-s{seed}"] if tc.labeled == "selection" and tc.selection else []))
+    pseudo-depth) and its selection list (``selection_input``)."""
+    return frozenset((["sde"] if tc.needs_sde else [])
+                     + ([selection_input(tc.selection, seed)] if tc.labeled == "selection" and tc.selection else []))
+
+
+def selection_input(method: str, seed: int) -> str:
+    """The name ``model_stages`` gives a selection list once it exists, and trials wait for."""
+    return f"select-{method}-s{seed}"
 
 
 def start_ray(profile: str, row: str, train: dict, concurrency: int, workers: int, gpu: bool, address: str | None) -> None:
     """One Ray for every stage and trial: locally, CPUs for ``concurrency`` trials (and at least the
     machine's cores, which the stage jobs use) plus the driver resource that caps concurrent trials."""
-
     import ray
 
     from segsde.orchestration.ray_job import init_ray
@@ -316,7 +321,7 @@ def _tune_grid(cfg: StudyConfig, todo: list[Trial], data: Path, out: Path, sde_m
                            run_config=fresh_run_config(storage, name, MlflowStatusCallback(tracking.uri, tracking.experiment)))
     errors = {}
     # trials waiting for a stage job's output are not trials short of resources: no Tune warning about those
-    with _environ({f"TUNE_WARN_INSUFFICENT_RESOURCE_THRESHOLD_S{s}": "86400" for s in ("", "_AUTOSCALER")} if stages else {}):
+    with _environ({f"TUNE_WARN_INSUFFICENT_RESOURCE_THRESHOLD_S{s}": "86400" for s in ("", "_AUTOSCALER")} if stages is not None else {}):
         results = tuner.fit()
     for result in results:
         if result.error is not None:
