@@ -24,18 +24,47 @@ class Worker:
         return self.rank == 0
 
 
-def current_worker() -> Worker:
-    """Rank, world size and device inside a Ray Train worker (rank 0 of 1 on CPU outside one)."""
-    import ray.train
+def train_utils():
+    """Ray Train's utilities of the loop running in this process, or None outside a Train loop. Used in place of
+    ``ray.train.get_context``/``report``/``get_checkpoint``, which refuse to run inside a Tune trial: that is
+    where a study runs a one-worker loop, in Train's local mode (``ScalingConfig(num_workers=0)``)."""
+    from ray.train.v2._internal.execution.train_fn_utils import get_train_fn_utils
 
     try:
-        ctx = ray.train.get_context()
-        rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    except Exception:  # not inside a Train worker group
+        return get_train_fn_utils()
+    except RuntimeError:  # not inside a Train loop
+        return None
+
+
+def current_worker() -> Worker:
+    """Rank, world size and device inside a Ray Train loop (rank 0 of 1 on CPU outside one)."""
+    utils = train_utils()
+    if utils is None:
         return Worker(0, 1, torch.device("cpu"))
     import ray.train.torch
 
-    return Worker(rank, world, ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu"))
+    ctx = utils.get_context()
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+    return Worker(ctx.get_world_rank(), ctx.get_world_size(), device)
+
+
+def report(worker: Worker, metrics: dict, state: dict | None = None, files: dict | None = None) -> None:
+    """Report ``metrics`` (NaNs left out) to Ray Train with a checkpoint that rank 0 writes: ``state`` as
+    CHECKPOINT_FILE and ``files`` ({name: object}) beside it."""
+    import math
+    import tempfile
+
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = None
+        if worker.is_main:
+            if state is not None:
+                save_state(d, state)
+            for name, payload in (files or {}).items():
+                torch.save(payload, Path(d) / name)
+            ckpt = Checkpoint.from_directory(d)
+        train_utils().report({k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}, checkpoint=ckpt)
 
 
 def autocast(device: torch.device, precision: str = "auto"):
@@ -119,10 +148,10 @@ def cpu_bf16_native() -> bool | None:
 def resume_state(resume_from: str | None, map_location) -> dict | None:
     """The state to continue from: Ray Train's latest checkpoint of this run (after a restart), else the
     checkpoint directory given by the user, else None."""
-    import ray.train
     from ray.train import Checkpoint
 
-    checkpoint = ray.train.get_checkpoint() or (Checkpoint.from_directory(resume_from) if resume_from else None)
+    utils = train_utils()
+    checkpoint = (utils.get_checkpoint() if utils else None) or (Checkpoint.from_directory(resume_from) if resume_from else None)
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as d:

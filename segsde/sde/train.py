@@ -10,7 +10,6 @@ step, so a run resumed from a checkpoint continues exactly as an uninterrupted o
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from dataclasses import asdict
 
@@ -18,7 +17,7 @@ import torch
 
 from segsde.data.dataset import Augment, SegSDEDataset, validation_split
 from segsde.metrics.depth import METRICS, depth_error_sums, summarise
-from segsde.runtime import autocast, batch_indices, evaluation_mode, progress, resume_state, save_state, start_worker, step_seed
+from segsde.runtime import autocast, batch_indices, evaluation_mode, progress, report, resume_state, start_worker, step_seed
 from segsde.sde.config import SDEConfig
 from segsde.sde.export import disparity_map
 from segsde.sde.geometry import disp_to_depth
@@ -141,9 +140,6 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point. ``config``: ``sde`` (SDEConfig fields), ``data`` (dataset directory),
     optional ``tracking_uri`` + ``mlflow_run_id`` (rank 0 logs there), ``resume_from`` (a checkpoint
     directory, used when Ray Train has none of its own) and ``stop_after`` (end early at that step)."""
-    import ray.train
-    from ray.train import Checkpoint
-
     cfg = SDEConfig.from_dict(config["sde"])
     worker = start_worker(cfg.threads, cfg.seed, cfg.precision)
     gpu = worker.device.type == "cuda"
@@ -221,11 +217,6 @@ def train_loop_per_worker(config: dict) -> None:
                               f"RMSE {depth_metrics['rmse']:.2f} d1 {depth_metrics['a1']:.3f}")
             if logger and done == stop:  # a restart after this checkpoint would not log again
                 logger.flush()
-            with tempfile.TemporaryDirectory() as d:
-                ckpt = None
-                if worker.is_main:
-                    # model is the bare module; net is its DDP wrapper
-                    save_state(d, {"model": model.state_dict(), "optimizer": optimiser.state_dict(), "step": done,
-                                   "phase": phase, "config": asdict(cfg)})
-                    ckpt = Checkpoint.from_directory(d)
-                ray.train.report({k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}, checkpoint=ckpt)
+            # model is the bare module; net is its DDP wrapper
+            report(worker, metrics, state={"model": model.state_dict(), "optimizer": optimiser.state_dict(), "step": done,
+                                           "phase": phase, "config": asdict(cfg)})

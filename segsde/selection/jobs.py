@@ -11,7 +11,6 @@ Each rank handles every world-th candidate and rank 0 gathers the results. Train
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from segsde.data.dataset import PSEUDO_DEPTH, Augment, SegSDEDataset
 from segsde.data.labels import IGNORE_INDEX
 from segsde.models.decoder import UNetDecoder
 from segsde.models.encoder import ResNetEncoder
-from segsde.runtime import autocast, batch_indices, evaluation_mode, place, progress, save_state, step_seed
+from segsde.runtime import autocast, batch_indices, evaluation_mode, place, progress, step_seed
 from segsde.selection.config import SelectionConfig
 from segsde.selection.scores import berhu_loss, bottom_rows_mask, difficulty, mean_entropy
 
@@ -81,21 +80,6 @@ def broadcast(worker, value):
     box = [value]
     torch.distributed.broadcast_object_list(box, 0)
     return box[0]
-
-
-def report(worker, metrics: dict, filename: str | None = None, payload=None, state: dict | None = None) -> None:
-    import ray.train
-    from ray.train import Checkpoint
-
-    with tempfile.TemporaryDirectory() as d:
-        ckpt = None
-        if worker.is_main:
-            if state is not None:
-                save_state(d, state)
-            if filename is not None:
-                torch.save(payload, Path(d) / filename)
-            ckpt = Checkpoint.from_directory(d)
-        ray.train.report(metrics, checkpoint=ckpt)
 
 
 def compute_features(cfg: SelectionConfig, data: str, ids: list[str], sde_model: str, worker) -> torch.Tensor | None:

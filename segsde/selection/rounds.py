@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from segsde.data.splits import random_order
-from segsde.runtime import progress, resume_state, start_worker
+from segsde.runtime import progress, report, resume_state, start_worker
 from segsde.selection.config import NEEDS_FEATURES, NEEDS_STUDENT, SelectionConfig
 from segsde.selection.ifp import farthest_points, random_projection, standardise
-from segsde.selection.jobs import broadcast, compute_features, report, score_candidates, train_round
+from segsde.selection.jobs import broadcast, compute_features, score_candidates, train_round
 
 RESULT_FILE = "selection.pt"
 
@@ -50,7 +50,7 @@ def selection_loop(config: dict) -> None:
                     resume_state(None, worker.device) or {})
     records = rounds.run()
     payload = {"records": records, "rounds": rounds.stats} if worker.is_main else None
-    report(worker, {"picked": len(records)}, RESULT_FILE, payload)
+    report(worker, {"picked": len(records)}, files={RESULT_FILE: payload})
 
 
 class Rounds:

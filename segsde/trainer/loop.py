@@ -3,7 +3,7 @@
 Per step: the supervised loss is back-propagated (under DDP without a gradient sync when a second loss
 follows), then the pseudo-label loss on the mixed pool batch; gradients are clipped, SGD steps, and the
 EMA teacher follows the student. Every ``eval_interval`` steps all ranks score their share of the
-validation split, the confusion matrix is all-reduced and mIoU is reported through ``ray.train.report``
+validation split, the confusion matrix is all-reduced and mIoU is reported to Ray Train
 (what Tune's schedulers act on); checkpoints hold student, teacher, optimiser and step, and every random
 draw is seeded by (seed, rank, step), so a resumed trial continues exactly.
 """
@@ -11,8 +11,6 @@ draw is seeded by (seed, rank, step), so a resumed trial continues exactly.
 from __future__ import annotations
 
 import contextlib
-import math
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,7 +21,7 @@ import torch.nn.functional as F
 from segsde.data.dataset import SegSDEDataset, validation_split
 from segsde.data.labels import CLASS_NAMES
 from segsde.metrics.segmentation import confusion_matrix, iou_table, scores
-from segsde.runtime import autocast, evaluation_mode, place, progress, resume_state, save_state, start_worker, step_seed
+from segsde.runtime import autocast, evaluation_mode, place, progress, report, resume_state, start_worker, step_seed
 from segsde.ssl.augment import StrongAugment
 from segsde.ssl.teacher import ema_update, make_teacher
 from segsde.trainer.config import TrainConfig
@@ -76,9 +74,6 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point. ``config``: ``train`` (TrainConfig fields), ``data``, ``labeled`` and
     ``pool`` (id lists), ``sde_model`` (model.pt, for transfer), optional ``tracking_uri`` +
     ``mlflow_run_id``, ``full_resolution_root``, ``resume_from`` and ``stop_after``."""
-    import ray.train
-    from ray.train import Checkpoint
-
     cfg = TrainConfig.from_dict(config["train"])
     worker = start_worker(cfg.threads, cfg.seed, cfg.precision)
     gpu = worker.device.type == "cuda"
@@ -169,13 +164,8 @@ def train_loop_per_worker(config: dict) -> None:
                     logger.metrics({f"final/{k}": v for k, v in final_scores(metrics).items() if v == v}, step=done)
             if logger and done == stop:  # a restart after this checkpoint would not log again
                 logger.flush()
-            with tempfile.TemporaryDirectory() as d:
-                ckpt = None
-                if worker.is_main:
-                    save_state(d, {"model": model.state_dict(), "teacher": teacher.state_dict() if teacher is not None else None,
-                                   "optimizer": optimiser.state_dict(), "step": done, "best_miou": best, "config": asdict(cfg)})
-                    ckpt = Checkpoint.from_directory(d)
-                ray.train.report({k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}, checkpoint=ckpt)
+            report(worker, metrics, state={"model": model.state_dict(), "teacher": teacher.state_dict() if teacher is not None else None,
+                                           "optimizer": optimiser.state_dict(), "step": done, "best_miou": best, "config": asdict(cfg)})
 
 
 def val_shape(data: str) -> tuple[int, int]:
