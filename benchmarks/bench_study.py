@@ -37,7 +37,9 @@ def main() -> None:
     train = train_overrides(args.profile, "study", [("threads", max(1, (os.cpu_count() or 1) // args.concurrency))])
     cfg = study_config(args.profile, rows=args.rows.split(",") if args.rows else None, concurrency=args.concurrency, train=train)
     configs = [train_config(cfg.profile, r, {**cfg.train, "budget": max(cfg.budgets), "seed": cfg.seeds[0]}) for r in cfg.rows]
-    input_stages(cfg.profile, configs, cfg.seeds, Path(args.out).absolute(), None, cfg.data_seed)  # computed or reused, untimed
+    # computed or reused, untimed: with the study's own stage overrides, or the timed study would find other stages to compute
+    input_stages(cfg.profile, configs, cfg.seeds, Path(args.out).absolute(), None, cfg.data_seed,
+                 sde_overrides=cfg.sde, select_overrides=cfg.select)
     start = time.perf_counter()
     result = run_study(cfg, args.out, force=("train",))  # every trial runs again
     wall = time.perf_counter() - start
