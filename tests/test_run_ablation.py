@@ -145,3 +145,28 @@ def test_ready_first_ends_when_the_stage_jobs_ended_without_what_the_rest_need()
     assert searcher.suggest("t1") is None
     alive["running"] = False  # the SDE job failed: its error is the study's, the trial never runs
     assert searcher.suggest("t1") == Searcher.FINISHED
+
+
+def _counting_loop(config: dict) -> None:
+    """A loop that reports each step with its state, going on from the checkpoint it is given."""
+    from segsde.runtime import current_worker, report, resume_state
+
+    worker = current_worker()
+    state = resume_state(None, "cpu")
+    start = state["step"] if state else 0
+    for step in range(start, config["stop"]):
+        report(worker, {"step": step + 1, "started_at": start, "unscored": float("nan")}, state={"step": step + 1})
+
+
+def test_an_in_process_trainer_keeps_its_newest_checkpoint_where_a_rerun_goes_on_from_it(tmp_path):
+    from segsde.orchestration.ray_job import make_trainer
+    from segsde.runtime import current_worker, load_state, train_utils
+
+    first = make_trainer(_counting_loop, {"stop": 3}, "train-key", tmp_path, in_process=True).fit()
+    assert first.metrics == {"step": 3, "started_at": 0}  # NaN scores are not reported
+    assert [p.name for p in (tmp_path / "train-key").iterdir()] == [Path(first.checkpoint.path).name]  # the newest only
+    assert load_state(first.checkpoint.path)["step"] == 3
+    assert train_utils() is None and current_worker().world == 1  # outside the loop again
+    second = make_trainer(_counting_loop, {"stop": 5}, "train-key", tmp_path, in_process=True).fit()
+    assert second.metrics == {"step": 5, "started_at": 3} and load_state(second.checkpoint.path)["step"] == 5
+    assert len(list((tmp_path / "train-key").iterdir())) == 1

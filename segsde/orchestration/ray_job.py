@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -89,14 +90,22 @@ def check_resources(workers: int, gpu: bool, address: str | None) -> None:
 
 
 def make_trainer(loop, loop_config: dict, name: str, storage: Path | str, workers: int = 1, gpu: bool = False,
-                 threads: int = 1, max_failures: int = 2, callbacks: list | None = None):
+                 threads: int = 1, max_failures: int = 2, callbacks: list | None = None, in_process: bool = False):
     """A TorchTrainer for ``loop`` on ``workers`` Ray Train workers (one GPU each with ``gpu``) whose
-    checkpoints go to ``storage/name``: a later trainer with the same name resumes from them."""
+    checkpoints go to ``storage/name``: a later trainer with the same name resumes from them. ``in_process``
+    (one worker): the loop runs in the calling process, in Train's local mode, with its checkpoints kept
+    in the same place (see ``_in_process_trainer``); the caller holds the loop's resources."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
-    return _trainer_class()(
-        loop, train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker={"CPU": threads, **({"GPU": 1} if gpu else {})}),
+    if in_process and workers != 1:
+        raise SegSDEError(f"only a one-worker loop runs in process ({workers} workers asked for)")
+    if in_process:  # not Train's line per run inviting bug reports about local mode: it is chosen here, deliberately
+        logging.getLogger("ray.train.v2.api.config").setLevel(logging.WARNING)
+    scaling = ScalingConfig(num_workers=0) if in_process else \
+        ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker={"CPU": threads, **({"GPU": 1} if gpu else {})})
+    trainer_class = _in_process_trainer(Path(storage) / name) if in_process else _trainer_class()
+    return trainer_class(
+        loop, train_loop_config=loop_config, scaling_config=scaling,
         run_config=RunConfig(name=name, storage_path=str(storage), failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=callbacks or None))
 
@@ -119,6 +128,66 @@ def _trainer_class():
             return callbacks if self.datasets else [c for c in callbacks if not isinstance(c, DatasetsCallback)]
 
     return TrainerWithoutUnusedDatasets
+
+
+def _in_process_trainer(run_dir: Path):
+    """TorchTrainer in Train's local mode (``num_workers=0``: the loop runs in ``fit``'s process; no Train
+    controller, worker group or placement group, which cost a quick trial 10 s of start-up), except that
+    the loop's checkpoints are kept as Train keeps them: the newest in ``run_dir/checkpoint_*``, where
+    a restarted run finds it. Local mode alone holds the last one in memory, pointing at a directory the
+    loop has already deleted."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.execution.local_mode.torch import LocalTorchController
+    from ray.train.v2._internal.execution.train_fn_utils import LocalTrainFnUtils, set_train_fn_utils
+
+    class KeptCheckpoints(LocalTrainFnUtils):
+        def report(self, metrics, checkpoint=None, **_):
+            self._last_metrics = metrics
+            if checkpoint is not None:
+                self._last_checkpoint = keep_checkpoint(Path(checkpoint.path), run_dir)
+
+    class Controller(LocalTorchController):
+        def _set_train_fn_utils(self):
+            utils = KeptCheckpoints(experiment_name=self.experiment_name, dataset_shards=self.datasets)
+            utils._last_checkpoint = latest_checkpoint(run_dir)
+            set_train_fn_utils(utils)
+
+        def run(self, train_func):
+            try:
+                return super().run(train_func)
+            finally:  # a Tune trial process runs the next trial's driver code outside any loop
+                set_train_fn_utils(None)
+
+    class InProcessTrainer(TorchTrainer):
+        def _get_local_controller(self):
+            return Controller(experiment_name=self.run_config.name, datasets=self.datasets)
+
+    return InProcessTrainer
+
+
+def keep_checkpoint(source: Path, run_dir: Path):
+    """A copy of the checkpoint directory ``source`` as ``run_dir``'s only checkpoint (named as Ray Train
+    names them), written whole before the older one goes."""
+    from datetime import datetime
+
+    from ray.train import Checkpoint
+
+    name = f"checkpoint_{datetime.now():%Y-%m-%d_%H-%M-%S.%f}"
+    partial = run_dir / f".{name}.partial"
+    shutil.copytree(source, partial)
+    partial.rename(run_dir / name)
+    for old in [*run_dir.glob("checkpoint_*"), *run_dir.glob(".checkpoint_*.partial")]:
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return Checkpoint.from_directory(run_dir / name)
+
+
+def latest_checkpoint(run_dir: Path):
+    """The newest ``run_dir/checkpoint_*`` as a Checkpoint, or None."""
+    from ray.train import Checkpoint
+
+    found = sorted(run_dir.glob("checkpoint_*"))
+    return Checkpoint.from_directory(found[-1]) if found else None
 
 
 def fit(loop, loop_config: dict, name: str, storage: Path, workers: int = 1, gpu: bool = False, threads: int = 1,

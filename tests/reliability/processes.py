@@ -1,4 +1,4 @@
-"""Helpers for the fault tests: watching a study's or sweep's trial checkpoints and its Train workers."""
+"""Helpers for the fault tests: watching a study's or sweep's trial checkpoints and its training loops."""
 
 import subprocess
 import time
@@ -22,6 +22,9 @@ def wait_for_new_checkpoint(out: Path, proc, seen: set, seconds: float = 300, ru
     raise AssertionError("no new trial checkpoint appeared")
 
 
-def train_workers(session: int) -> list[int]:
+def training_loops(session: int) -> list[int]:
+    """The processes of ``session`` that run a training loop: Ray Train workers, or the Tune trial processes
+    of a study on local Ray, which run a one-worker loop themselves (Train's local mode)."""
     ps = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True).stdout.splitlines()
-    return [int(line.split()[0]) for line in ps if int(line.split()[1]) == session and "RayTrainWorker" in line]
+    return [int(line.split()[0]) for line in ps
+            if int(line.split()[1]) == session and ("RayTrainWorker" in line or "ray::ImplicitFunc" in line)]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
-from processes import train_workers, wait_for_new_checkpoint
+from processes import training_loops, wait_for_new_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 # a row that diverges at its first step (SGD at lr 1e30): the trainer raises on the non-finite loss
@@ -70,19 +70,22 @@ def test_a_failing_trial_is_failed_everywhere_and_the_study_goes_on(uninterrupte
     assert table(out).set_index("row")["miou"].isna().to_dict() == {"baseline": False, "diverging": True}
 
 
-def test_a_killed_worker_and_a_killed_study_lose_nothing_and_duplicate_nothing(ablations, uninterrupted, tmp_path):
+def test_a_killed_training_process_and_a_killed_study_lose_nothing_and_duplicate_nothing(ablations, uninterrupted, tmp_path):
     proc = study(tmp_path, ablations, "--rows", "baseline", *LONGER, background=True)
     seen = wait_for_new_checkpoint(tmp_path, proc, set())
-    workers = train_workers(proc.pid)
-    assert len(workers) == 1
-    os.kill(workers[0], signal.SIGKILL)  # Ray Train restarts the worker group from the checkpoint
-    wait_for_new_checkpoint(tmp_path, proc, seen)  # and the new worker group trains on from it
+    loops = training_loops(proc.pid)
+    assert len(loops) == 1
+    os.kill(loops[0], signal.SIGKILL)  # the trial's process (its loop runs there): Tune restarts the trial
+    wait_for_new_checkpoint(tmp_path, proc, seen)  # and the new trial process trains on from the checkpoint
     os.killpg(proc.pid, signal.SIGKILL)  # then a preempted machine: driver, Ray and workers gone at once
     proc.wait()
     assert trial_runs(tmp_path)["baseline"].info.status == "RUNNING"
     resumed = study(tmp_path, ablations, "--rows", "baseline", *LONGER, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert trial_runs(tmp_path)["baseline"].info.status == "FINISHED"  # the same run, closed
+    run = trial_runs(tmp_path)["baseline"]
+    assert run.info.status == "FINISHED"  # the same run, closed
+    steps = [m.step for m in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(run.info.run_id, "train/loss")]
+    assert set(steps) == set(range(1, 25)) and steps.count(1) == 1, steps  # both restarts went on from a checkpoint
     reference = table(uninterrupted[0]).set_index("row")["miou"].loc[["baseline"]]
     pd.testing.assert_series_equal(table(tmp_path).set_index("row")["miou"], reference)  # as if nothing happened
 
