@@ -90,11 +90,13 @@ def check_resources(workers: int, gpu: bool, address: str | None) -> None:
 
 
 def make_trainer(loop, loop_config: dict, name: str, storage: Path | str, workers: int = 1, gpu: bool = False,
-                 threads: int = 1, max_failures: int = 2, callbacks: list | None = None, in_process: bool = False):
+                 threads: int = 1, max_failures: int = 2, callbacks: list | None = None, in_process: bool = False,
+                 on_report=None):
     """A TorchTrainer for ``loop`` on ``workers`` Ray Train workers (one GPU each with ``gpu``) whose
     checkpoints go to ``storage/name``: a later trainer with the same name resumes from them. ``in_process``
     (one worker): the loop runs in the calling process, in Train's local mode, with its checkpoints kept
-    in the same place (see ``_in_process_trainer``); the caller holds the loop's resources."""
+    in the same place (see ``_in_process_trainer``); the caller holds the loop's resources, and ``on_report``
+    (in process; Train ``callbacks`` otherwise) gets each report's metrics once its checkpoint is kept."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     if in_process and workers != 1:
@@ -103,7 +105,7 @@ def make_trainer(loop, loop_config: dict, name: str, storage: Path | str, worker
         logging.getLogger("ray.train.v2.api.config").setLevel(logging.WARNING)
     scaling = ScalingConfig(num_workers=0) if in_process else \
         ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker={"CPU": threads, **({"GPU": 1} if gpu else {})})
-    trainer_class = _in_process_trainer(Path(storage) / name) if in_process else _trainer_class()
+    trainer_class = _in_process_trainer(Path(storage) / name, on_report) if in_process else _trainer_class()
     return trainer_class(
         loop, train_loop_config=loop_config, scaling_config=scaling,
         run_config=RunConfig(name=name, storage_path=str(storage), failure_config=FailureConfig(max_failures=max_failures),
@@ -130,7 +132,7 @@ def _trainer_class():
     return TrainerWithoutUnusedDatasets
 
 
-def _in_process_trainer(run_dir: Path):
+def _in_process_trainer(run_dir: Path, on_report=None):
     """TorchTrainer in Train's local mode (``num_workers=0``: the loop runs in ``fit``'s process; no Train
     controller, worker group or placement group, which cost a quick trial 10 s of start-up), except that
     the loop's checkpoints are kept as Train keeps them: the newest in ``run_dir/checkpoint_*``, where
@@ -145,6 +147,8 @@ def _in_process_trainer(run_dir: Path):
             self._last_metrics = metrics
             if checkpoint is not None:
                 self._last_checkpoint = keep_checkpoint(Path(checkpoint.path), run_dir)
+            if on_report is not None:
+                on_report(metrics)
 
     class Controller(LocalTorchController):
         def _set_train_fn_utils(self):

@@ -187,7 +187,8 @@ def _tune_budget(cfg, name, space, tc, data, out, sde_model, selection, tracking
     if samples <= 0:
         return
     settings = TrialSettings(cfg.profile, str(data), str(out), tracking.uri, tracking.experiment, tracking.parent_run_id,
-                             str(sde_model) if sde_model else None, cfg.workers, cfg.gpu, address, dict(cfg.train))
+                             str(sde_model) if sde_model else None, cfg.workers, cfg.gpu, address, dict(cfg.train),
+                             in_process=cfg.workers == 1 and not address, threads=tc.threads or 1)  # as a study's trials
     searcher = AshaAwareOptunaSearch(space=space, metric=METRIC, mode="max", sampler=optuna.samplers.TPESampler(seed=cfg.seed),
                                      points_to_evaluate=None if study.trials else [defaults(cfg, space)],
                                      study_name=name, storage=storage, full_steps=tc.steps, interrupted=interrupted[:samples])
@@ -199,7 +200,8 @@ def _tune_budget(cfg, name, space, tc, data, out, sde_model, selection, tracking
     ray.tune.Tuner(tune_trainable(settings), param_space={"trial": spec},
                    tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=samples,
                                                    max_concurrent_trials=cfg.concurrency),
-                   run_config=fresh_run_config(out / "tune", name, MlflowStatusCallback(tracking.uri, tracking.experiment, tc.steps))).fit()
+                   run_config=fresh_run_config(out / "tune", name, MlflowStatusCallback(tracking.uri, tracking.experiment, tc.steps),
+                                               max_failures=settings.max_failures if settings.in_process else 0)).fit()
 
 
 def _summarise_budget(cfg: SweepConfig, name: str, storage, tracking: StageTracking, out: Path, log) -> dict:

@@ -34,8 +34,8 @@ class TrialSettings:
     address: str | None = None
     overrides: dict = field(default_factory=dict)   # the study's or sweep's train overrides (steps, ...)
     max_failures: int = 1           # Ray Train restarts of a trial's worker group
-    # every evaluation to Tune as it happens (a scheduler such as ASHA acts on them), through a queue actor
-    # per trial; otherwise the driver reports the final scores once, at the end (a study's grid needs no more)
+    # every evaluation to Tune as it happens (a scheduler such as ASHA acts on them; from Train workers through a
+    # queue actor per trial); otherwise the driver reports the final scores once, at the end (a study's grid needs no more)
     stream_evaluations: bool = True
     # the loop runs in the Tune trial's own process (Train's local mode), which then holds its CPUs (and GPU):
     # on one machine and one worker, 10 s less start-up per trial; Tune, not Train, restarts a failed trial
@@ -79,8 +79,9 @@ def trial_driver(config: dict, settings: TrialSettings) -> None:
     start = time.perf_counter()
     trainer = make_trainer(_loop, {**trial.loop_config, "mlflow_run_id": run_id}, f"train-{key}",
                            Path(settings.out) / "ray", settings.workers, settings.gpu, trial.cfg.threads or 1,
-                           settings.max_failures, callbacks=[evaluations_to_tune()] if settings.stream_evaluations else None,
-                           in_process=settings.in_process)
+                           settings.max_failures, in_process=settings.in_process,
+                           callbacks=[evaluations_to_tune()] if settings.stream_evaluations and not settings.in_process else None,
+                           on_report=evaluation_to_tune if settings.stream_evaluations and settings.in_process else None)
     result = trainer.fit()
     summary = summarise(trial, result, time.perf_counter() - start, run_id)
     if spec.result_dir:
@@ -100,6 +101,13 @@ def evaluations_to_tune():
                 super().after_report(run_context, metrics, checkpoint)
 
     return EvaluationsToTune()
+
+
+def evaluation_to_tune(metrics: dict) -> None:
+    """``evaluations_to_tune`` for a loop in the trial's own process: a report with a validation score goes to
+    Tune, whose scheduler may stop the trial right here (Tune then ends this thread)."""
+    if "miou" in metrics:
+        ray.tune.report(metrics)
 
 
 def tune_trainable(settings: TrialSettings):
