@@ -301,14 +301,20 @@ def _tune_grid(cfg: StudyConfig, todo: list[Trial], data: Path, out: Path, sde_m
     trial's error by trial key."""
     import ray.tune
 
-    from segsde.orchestration.trials import MlflowStatusCallback, ReadyFirst, TrialSettings, TrialSpec, fresh_run_config, tune_trainable
+    from segsde.orchestration.trials import (
+        MlflowStatusCallback,
+        ReadyFirst,
+        TrialSettings,
+        TrialSpec,
+        fresh_run_config,
+        runs_in_process,
+        tune_trainable,
+    )
 
     start_ray(cfg.profile, cfg.rows[0], cfg.train, cfg.concurrency, cfg.workers, cfg.gpu, address)
-    # on local Ray a one-worker trial runs its loop in its Tune trial process: no Train controller and worker
-    # group to start (10 s per quick trial, README); on a cluster, Train places the workers on GPU nodes
     settings = TrialSettings(cfg.profile, str(data), str(out), tracking.uri, tracking.experiment, tracking.parent_run_id,
                              str(sde_model) if sde_model else None, cfg.workers, cfg.gpu, address, dict(cfg.train),
-                             stream_evaluations=False, in_process=cfg.workers == 1 and not address,
+                             stream_evaluations=False, in_process=runs_in_process(cfg.workers, address),
                              threads=train_config(cfg.profile, cfg.rows[0], cfg.train).threads or 1)
     stages_running = (lambda: stages.alive()) if stages is not None else (lambda: False)
     searcher = ReadyFirst([({"trial": asdict(TrialSpec(t.row, t.budget, t.seed, t.key, str(t.result_dir),
@@ -322,7 +328,7 @@ def _tune_grid(cfg: StudyConfig, todo: list[Trial], data: Path, out: Path, sde_m
     tuner = ray.tune.Tuner(tune_trainable(settings), tune_config=ray.tune.TuneConfig(
                                search_alg=searcher, num_samples=len(todo), max_concurrent_trials=cfg.concurrency, reuse_actors=True),
                            run_config=fresh_run_config(storage, name, MlflowStatusCallback(tracking.uri, tracking.experiment),
-                                                       max_failures=settings.max_failures if settings.in_process else 0))
+                                                       max_failures=settings.tune_max_failures))
     errors = {}
     # trials waiting for a stage job's output are not trials short of resources: no Tune warning about those
     with _environ({f"TUNE_WARN_INSUFFICENT_RESOURCE_THRESHOLD_S{s}": "86400" for s in ("", "_AUTOSCALER")} if stages is not None else {}):

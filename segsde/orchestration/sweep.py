@@ -175,7 +175,7 @@ def _tune_budget(cfg, name, space, tc, data, out, sde_model, selection, tracking
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from segsde.orchestration.trials import MlflowStatusCallback, TrialSettings, TrialSpec, fresh_run_config, tune_trainable
+    from segsde.orchestration.trials import MlflowStatusCallback, TrialSettings, TrialSpec, fresh_run_config, runs_in_process, tune_trainable
 
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
     finished = sum(t.state.is_finished() for t in study.trials)
@@ -188,7 +188,7 @@ def _tune_budget(cfg, name, space, tc, data, out, sde_model, selection, tracking
         return
     settings = TrialSettings(cfg.profile, str(data), str(out), tracking.uri, tracking.experiment, tracking.parent_run_id,
                              str(sde_model) if sde_model else None, cfg.workers, cfg.gpu, address, dict(cfg.train),
-                             in_process=cfg.workers == 1 and not address, threads=tc.threads or 1)  # as a study's trials
+                             in_process=runs_in_process(cfg.workers, address), threads=tc.threads or 1)
     searcher = AshaAwareOptunaSearch(space=space, metric=METRIC, mode="max", sampler=optuna.samplers.TPESampler(seed=cfg.seed),
                                      points_to_evaluate=None if study.trials else [defaults(cfg, space)],
                                      study_name=name, storage=storage, full_steps=tc.steps, interrupted=interrupted[:samples])
@@ -201,7 +201,7 @@ def _tune_budget(cfg, name, space, tc, data, out, sde_model, selection, tracking
                    tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=samples,
                                                    max_concurrent_trials=cfg.concurrency),
                    run_config=fresh_run_config(out / "tune", name, MlflowStatusCallback(tracking.uri, tracking.experiment, tc.steps),
-                                               max_failures=settings.max_failures if settings.in_process else 0)).fit()
+                                               max_failures=settings.tune_max_failures)).fit()
 
 
 def _summarise_budget(cfg: SweepConfig, name: str, storage, tracking: StageTracking, out: Path, log) -> dict:

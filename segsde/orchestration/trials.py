@@ -33,7 +33,7 @@ class TrialSettings:
     gpu: bool = False
     address: str | None = None
     overrides: dict = field(default_factory=dict)   # the study's or sweep's train overrides (steps, ...)
-    max_failures: int = 1           # Ray Train restarts of a trial's worker group
+    max_failures: int = 1           # restarts of a failed trial: Train's of its worker group, or Tune's of the trial
     # every evaluation to Tune as it happens (a scheduler such as ASHA acts on them; from Train workers through a
     # queue actor per trial); otherwise the driver reports the final scores once, at the end (a study's grid needs no more)
     stream_evaluations: bool = True
@@ -41,6 +41,18 @@ class TrialSettings:
     # on one machine and one worker, 10 s less start-up per trial; Tune, not Train, restarts a failed trial
     in_process: bool = False
     threads: int = 1                # the CPUs an in-process trial holds
+
+    @property
+    def tune_max_failures(self) -> int:
+        """Tune's restarts of a failed trial: none where Train restarts the worker group instead."""
+        return self.max_failures if self.in_process else 0
+
+
+def runs_in_process(workers: int, address: str | None) -> bool:
+    """Whether trials run their loop in their own Tune trial process: on local Ray with one worker a trial
+    then starts no Train controller and worker group (10 s per quick trial, README); with DDP, or on a
+    cluster (where Train places the workers on GPU nodes), Train workers run it."""
+    return workers == 1 and not address
 
 
 @dataclass(frozen=True)
