@@ -144,6 +144,15 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     _client(uri).set_terminated(run_id, status=status)
 
 
+def kill_running_children(uri: str, experiment: str, parent_run_id: str) -> None:
+    """Mark KILLED the child runs of ``parent_run_id`` still RUNNING after a Ctrl-C: Tune tells no callback
+    about the trials an interrupt ends (a rerun finds every run again by its key)."""
+    client = _client(uri)
+    found = client.get_experiment_by_name(experiment)
+    for run in client.search_runs([found.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"):
+        client.set_terminated(run.info.run_id, "KILLED")
+
+
 @contextlib.contextmanager
 def tracked_run(uri: str, experiment: str, run_name: str, config: dict, tags: dict | None = None):
     """Yields the id of a new run and always closes it: FINISHED, KILLED on Ctrl-C, else FAILED, unless

@@ -70,6 +70,10 @@ def main(argv=None) -> int:
     except SegSDEError as exc:
         print(f"run_ablation: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("run_ablation: interrupted; its MLflow runs are KILLED, and a rerun with --resume goes on from the "
+              "cached stages and the trials' checkpoints", file=sys.stderr)
+        return 130
     return 1 if result.get("failed") else 0  # the table is printed either way, failed cells marked
 
 

@@ -50,6 +50,10 @@ def main(argv=None) -> int:
     except SegSDEError as exc:
         print(f"run_sweep: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("run_sweep: interrupted; its MLflow runs are KILLED, and a rerun with --resume goes on from the "
+              "cached stages and the trials' checkpoints", file=sys.stderr)
+        return 130
     return 0
 
 

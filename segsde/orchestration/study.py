@@ -111,7 +111,7 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Path | None = None, force:
               address: str | None = None, tracking_uri: str | None = None, experiment: str | None = None,
               resume: bool = False, dry_run: bool = False, log=print) -> dict:
     """Run (or, with ``dry_run``, print) the study; return the trial records and where the report went."""
-    from segsde.tracking import RunLogger, end_run, get_or_create_run, resolve_tracking_uri
+    from segsde.tracking import RunLogger, end_run, get_or_create_run, kill_running_children, resolve_tracking_uri
 
     out = Path(out).absolute()
     start = time.perf_counter()
@@ -174,8 +174,8 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Path | None = None, force:
                 "tracking_uri": tracking.uri, "experiment": experiment, "failed": failed}
     except KeyboardInterrupt:
         status = "KILLED"
-        if stages is not None and stages.alive():  # its job dies with this process, before it could close its run
-            _end_running_stage_runs(tracking)
+        if tracking is not None:  # a stage job in the stage thread dies with this process before it could close its run
+            kill_running_children(tracking.uri, tracking.experiment, tracking.parent_run_id)
         raise
     finally:
         if tracking is not None:
@@ -202,19 +202,6 @@ def _planned_model_stages(stage_args: tuple, cfg: StudyConfig) -> tuple[bool, Pa
     said = []
     sde_model, selections = model_stages(*stage_args, True, said.append, None, cfg.sde, cfg.select)
     return any(" would " in line for line in said), sde_model, selections
-
-
-def _end_running_stage_runs(tracking: StageTracking) -> None:
-    """Mark KILLED the stage runs of this study that are still RUNNING (a rerun finds them again by key)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking.uri)
-    experiment = client.get_experiment_by_name(tracking.experiment)
-    running = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{tracking.parent_run_id}' "
-                                 "and attributes.status = 'RUNNING'")
-    for run in running:
-        if run.data.tags.get("segsde.stage") != "train":
-            client.set_terminated(run.info.run_id, "KILLED")
 
 
 def _needs_ray(cfg: StudyConfig, train_configs: list, out: Path, data_root: Path | None, force) -> bool:

@@ -130,7 +130,7 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Path | None = None, addres
               tracking_uri: str | None = None, experiment: str | None = None, resume: bool = False, log=print) -> dict:
     """One sweep per budget; returns, per budget, the best settings and where the study lives."""
     from segsde.orchestration.study import input_stages, start_ray
-    from segsde.tracking import end_run, get_or_create_run, resolve_tracking_uri
+    from segsde.tracking import end_run, get_or_create_run, kill_running_children, resolve_tracking_uri
 
     out = Path(out).absolute()
     experiment = experiment or f"segsde-sweep-{cfg.profile}"
@@ -163,6 +163,7 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Path | None = None, addres
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
+            kill_running_children(uri, experiment, parent)
             raise
         finally:
             end_run(uri, parent, status)
@@ -202,6 +203,8 @@ def _tune_budget(cfg, name, space, tc, data, out, sde_model, selection, tracking
                                                    max_concurrent_trials=cfg.concurrency),
                    run_config=fresh_run_config(out / "tune", name, MlflowStatusCallback(tracking.uri, tracking.experiment, tc.steps),
                                                max_failures=settings.tune_max_failures)).fit()
+    if any(t.state == optuna.trial.TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
+        raise KeyboardInterrupt  # Tune took a Ctrl-C and ended the trials early (an ended trial is told to Optuna)
 
 
 def _summarise_budget(cfg: SweepConfig, name: str, storage, tracking: StageTracking, out: Path, log) -> dict:

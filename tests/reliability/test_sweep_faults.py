@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -65,3 +66,24 @@ def test_a_killed_sweep_resumes_its_optuna_studies_without_duplicates(tmp_path):
         assert (tmp_path / "sweep" / name / "summary.json").is_file()
     train_runs = sorted(p.name for p in (tmp_path / "ray").glob("train-*"))  # the killed trials went on in theirs
     assert train_runs == [f"train-{name}-t{n}" for name in sorted(studies) for n in (0, 1)]
+
+
+def test_ctrl_c_ends_the_sweep_with_its_runs_killed_and_no_later_budget_started(tmp_path):
+    """Tune takes the Ctrl-C and returns as if the budget were done; the sweep must not summarise it as
+    finished nor go on to the next budget, and no MLflow run may stay RUNNING."""
+    args = [sys.executable, str(ROOT / "tune" / "run_sweep.py"), "--profile", "smoke", "--budgets", "2,4", "--samples", "2",
+            "--out", str(tmp_path), "--set", "steps=3000", "--set", "eval_interval=1000", "--set", "checkpoint_interval=1000"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen, deadline = [], time.monotonic() + 300
+    while sum("[train] step" in line for line in seen) < 4:  # both trials train
+        assert time.monotonic() < deadline and proc.poll() is None, "".join(seen)[-3000:]
+        seen.append(proc.stdout.readline())
+    os.kill(proc.pid, signal.SIGINT)
+    rest = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 130 and "run_sweep: interrupted" in rest, rest[-3000:]
+    assert "segsde-sweep-smoke-pseudolabel-b4" not in rest  # the second budget never started
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("segsde-sweep-smoke").experiment_id])
+    assert {r.info.status for r in runs} == {"KILLED"} and len(runs) == 3, [(r.info.run_name, r.info.status) for r in runs]
+    study = optuna.load_study(study_name="segsde-sweep-smoke-pseudolabel-b2", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.RUNNING] * 2  # what --resume hands out again
