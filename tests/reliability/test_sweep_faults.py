@@ -73,13 +73,17 @@ def test_ctrl_c_ends_the_sweep_with_its_runs_killed_and_no_later_budget_started(
     finished nor go on to the next budget, and no MLflow run may stay RUNNING."""
     args = [sys.executable, str(ROOT / "tune" / "run_sweep.py"), "--profile", "smoke", "--budgets", "2,4", "--samples", "2",
             "--out", str(tmp_path), "--set", "steps=3000", "--set", "eval_interval=1000", "--set", "checkpoint_interval=1000"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen, deadline = [], time.monotonic() + 300
-    while sum("[train] step" in line for line in seen) < 4:  # both trials train
-        assert time.monotonic() < deadline and proc.poll() is None, "".join(seen)[-3000:]
-        seen.append(proc.stdout.readline())
-    os.kill(proc.pid, signal.SIGINT)
-    rest = proc.communicate(timeout=180)[0]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        seen, deadline = [], time.monotonic() + 300
+        while sum("[train] step" in line for line in seen) < 4:  # both trials train
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(seen)[-3000:]
+            seen.append(proc.stdout.readline())
+        os.kill(proc.pid, signal.SIGINT)  # to the driver alone, as `kill -INT`
+        rest = proc.communicate(timeout=180)[0]
+    finally:
+        if proc.poll() is None:  # a sweep that went on: not left running beside the other tests
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130 and "run_sweep: interrupted" in rest, rest[-3000:]
     assert "segsde-sweep-smoke-pseudolabel-b4" not in rest  # the second budget never started
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
