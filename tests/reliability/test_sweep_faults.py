@@ -76,7 +76,7 @@ def test_ctrl_c_ends_the_sweep_with_its_runs_killed_and_no_later_budget_started(
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         seen, deadline = [], time.monotonic() + 300
-        while sum("[train] step" in line for line in seen) < 4:  # both trials train
+        while sum("[train] step" in line for line in seen) < 4:  # the budget's trials are training (both handed out)
             assert time.monotonic() < deadline and proc.poll() is None, "".join(seen)[-3000:]
             seen.append(proc.stdout.readline())
         os.kill(proc.pid, signal.SIGINT)  # to the driver alone, as `kill -INT`
