@@ -89,6 +89,12 @@ def check_resources(workers: int, gpu: bool, address: str | None) -> None:
         raise SegSDEError("--gpu was given but this machine has no CUDA device: drop --gpu or pass --address of a GPU cluster")
 
 
+def loop_resources(threads: int, gpu: bool) -> dict:
+    """What one training loop holds in Ray: its CPU threads and, with ``gpu``, one GPU (a Train worker's, or
+    an in-process loop's Tune trial's)."""
+    return {"CPU": threads, **({"GPU": 1} if gpu else {})}
+
+
 def make_trainer(loop, loop_config: dict, name: str, storage: Path | str, workers: int = 1, gpu: bool = False,
                  threads: int = 1, max_failures: int = 2, callbacks: list | None = None, in_process: bool = False,
                  on_report=None):
@@ -104,7 +110,7 @@ def make_trainer(loop, loop_config: dict, name: str, storage: Path | str, worker
     if in_process:  # not Train's line per run inviting bug reports about local mode: it is chosen here, deliberately
         logging.getLogger("ray.train.v2.api.config").setLevel(logging.WARNING)
     scaling = ScalingConfig(num_workers=0) if in_process else \
-        ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker={"CPU": threads, **({"GPU": 1} if gpu else {})})
+        ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=loop_resources(threads, gpu))
     trainer_class = _in_process_trainer(Path(storage) / name, on_report) if in_process else _trainer_class()
     return trainer_class(
         loop, train_loop_config=loop_config, scaling_config=scaling,

@@ -125,7 +125,9 @@ def evaluation_to_tune(metrics: dict) -> None:
 def tune_trainable(settings: TrialSettings):
     """``trial_driver`` bound to ``settings``, scheduled on the driver resource: with 0 CPU when its loop
     runs on Train workers (which hold their own), else with the loop's CPUs (and GPU)."""
-    loop = {"CPU": settings.threads, **({"GPU": 1} if settings.gpu else {})} if settings.in_process else {"CPU": 0}
+    from segsde.orchestration.ray_job import loop_resources
+
+    loop = loop_resources(settings.threads, settings.gpu) if settings.in_process else {"CPU": 0}
     return ray.tune.with_resources(ray.tune.with_parameters(trial_driver, settings=settings), {**loop, DRIVER_RESOURCE: 1})
 
 
