@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 
 from segsde.errors import SegSDEError
@@ -24,13 +25,36 @@ def config_from_dict(cls, values: dict, where: str):
     if unknown:
         raise SegSDEError(f"unknown key '{unknown[0]}' in {where}: {closest_hint(unknown[0], fields)}")
     hints = typing.get_type_hints(cls)
-    values = {k: tuple(v) if isinstance(v, list) and "tuple" in str(hints[k]) else v for k, v in values.items()}
+    values = {k: _typed(k, v, hints[k], where) for k, v in values.items()}
     try:
         cfg = cls(**values)
     except TypeError as exc:
         raise SegSDEError(f"{where}: {exc}") from exc
     cfg.validate(where)
     return cfg
+
+
+def _typed(key: str, value, hint, where: str):
+    """``value`` as the field's scalar type where the YAML gave it otherwise: YAML 1.1 reads ``1e-3`` (no dot) as
+    a string, which would otherwise fail deep inside a worker; a value of the wrong kind is a one-line error."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None and type(None) in args:
+        return None
+    if isinstance(value, list) and any(typing.get_origin(a) is tuple for a in args):
+        return tuple(value)
+    for kind in (bool, int, float):
+        if kind not in args:
+            continue
+        numeric = int if kind is int else (int, float)
+        if isinstance(value, bool) if kind is bool else (isinstance(value, numeric) and not isinstance(value, bool)):
+            return float(value) if kind is float else value
+        if kind is float and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise SegSDEError(f"{where}: {key} must be {'true or false' if kind is bool else f'a number ({kind.__name__})'}, not {value!r}")
+    return value
 
 
 def check(checks: list[tuple[bool, str]], where: str) -> None:
