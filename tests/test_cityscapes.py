@@ -100,3 +100,11 @@ def test_corrupt_png(tree, tmp_path):
     path = tree / "leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png"
     path.write_bytes(path.read_bytes()[:300])
     _expect_error(tree, tmp_path, str(path), "corrupt")
+
+
+def test_sde_oracles_refuse_a_dataset_without_ground_truth(tree, tmp_path):
+    out = tmp_path / "cs"
+    run_cli("data", "cityscapes", "--root", tree, "--out", out, "--size", "128x64")
+    proc = run_cli("sde", "--data", out, "--out", tmp_path / "o", "--profile", "smoke", "--set", "oracle=depth", check=False)
+    assert proc.returncode == 2 and proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "needs the synthetic testbed's ground truth" in proc.stderr and not (tmp_path / "o").exists()

@@ -5,7 +5,7 @@ import torch
 
 from segsde.data.dataset import SegSDEDataset
 from segsde.sde.geometry import backproject, disp_to_depth, pose_from_params, project, warp
-from segsde.sde.losses import min_reprojection, photometric_error, smoothness, ssim
+from segsde.sde.losses import min_reprojection, photometric_error, scale_invariant_log, smoothness, ssim
 
 K = torch.tensor([[[100.0, 0, 63.5], [0, 100.0, 31.5], [0, 0, 1]]])
 
@@ -109,6 +109,16 @@ def test_view_synthesis_loss_honours_the_automask_switch(automask):
         assert out["photometric"] < 1e-3 and out["automask_ratio"] == 0
     else:
         assert out["photometric"] > 0.01 and out["automask_ratio"] == 1
+
+
+def test_scale_invariant_log_hand_computed_and_blind_to_one_global_scale():
+    gt = torch.tensor([[[[1.0, 2.0], [4.0, 0.0]]]])  # the 0 is invalid
+    pred = torch.tensor([[[[2.0, 2.0], [2.0, 99.0]]]])
+    g = torch.tensor([2.0, 1.0, 0.5]).log()  # log pred - log gt on the three valid pixels
+    expected = (g.pow(2).mean() - 0.85 * g.mean() ** 2).sqrt()
+    assert torch.isclose(scale_invariant_log(pred, gt), expected)
+    assert scale_invariant_log(3 * gt.clamp(min=1), gt, variance_focus=1.0) < 1e-6  # one factor off: no error
+    assert scale_invariant_log(3 * gt.clamp(min=1), gt) > 0.1  # with 0.85 the log-mean offset still counts a little
 
 
 @pytest.mark.parametrize("value", [0.2, 3.0])

@@ -30,6 +30,15 @@ def test_depth_metrics_hand_computed():
     assert empty[-1] == 0  # an image without valid pixels does not count
 
 
+def test_an_exponent_without_a_dot_is_a_number_not_a_string():
+    import yaml
+
+    value = yaml.safe_load("1e-3")  # YAML 1.1 (PyYAML) reads this as the string '1e-3'
+    assert value == "1e-3"
+    cfg = sde_config("smoke", {"lr_phase2": value, "lr_phase1": 1})
+    assert cfg.lr_phase2 == 1e-3 and isinstance(cfg.lr_phase1, float) and cfg.lr(cfg.phase1_steps) == 1e-3
+
+
 def test_batch_order_is_seeded_disjoint_across_ranks_and_covers_epochs():
     n, batch, world = 10, 2, 2
     steps = [[batch_indices(n, s, batch, r, world, seed=3) for r in range(world)] for s in range(5)]
@@ -57,6 +66,43 @@ def test_loss_decreases_when_training_on_the_testbed(smoke_data):
         opt.step()
         losses.append(out["loss"].item())
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses
+
+
+def test_depth_oracle_learns_the_ground_truth_and_leaves_the_pose_net_alone(smoke_data):
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    cfg = sde_config("smoke", {"phase1_steps": 0, "phase2_steps": 20, "lr_phase2": 1e-3, "oracle": "depth"})
+    model = SDEModel(cfg)
+    net, opt = _optimiser(model, cfg, 2, Worker(0, 1, torch.device("cpu")))
+    _set_mode(model, 2)
+    batch = StepBatches(str(smoke_data), cfg, 0, 0, 1)[0]
+    assert batch["truth"]["depth"].shape == batch["frames"][:, 1, 0].shape and (batch["truth"]["depth"] > 0).any()
+    losses = []
+    for _ in range(cfg.total_steps):
+        out = net(batch["frames"], batch["K"], None, 0.0, batch["truth"])
+        opt.zero_grad()
+        out["loss"].backward()
+        assert all(p.grad is None for p in model.pose.parameters())
+        opt.step()
+        losses.append(out["loss"].item())
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+
+
+def test_pose_oracle_warps_with_the_testbed_s_poses(smoke_data):
+    from segsde.sde.model import view_synthesis_loss
+
+    cfg = sde_config("smoke", {"oracle": "poses"})
+    model = SDEModel(cfg).eval()
+    batch = StepBatches(str(smoke_data), cfg, 0, 0, 1)[0]
+    poses = batch["truth"]["poses"]
+    assert poses.shape == (cfg.batch_size, 2, 4, 4)
+    torch.manual_seed(1)  # the automask's tie-break noise
+    out = model(batch["frames"], batch["K"], None, 0.0, batch["truth"])
+    torch.manual_seed(1)
+    disps = model.disparity(batch["frames"][:, 1])
+    assert torch.allclose(out["loss"], view_synthesis_loss(batch["frames"], batch["K"], disps, [poses[:, 0], poses[:, 1]], cfg)["loss"])
+    out["loss"].backward()
+    assert all(p.grad is None for p in model.pose.parameters()) and any(p.grad is not None for p in model.decoder.parameters())
 
 
 def test_validation_leaves_a_frozen_encoder_in_eval_mode(smoke_data):
@@ -152,6 +198,10 @@ def test_a_resumed_ddp_run_continues_exactly(ddp_run, smoke_data, tmp_path):
     (["--data", "{data}", "--out", "{tmp}/o", "--set", "phase2_step=3"], "unknown key 'phase2_step'.*did you mean 'phase2_steps'"),
     (["--data", "{data}", "--out", "{tmp}/o", "--set", "batch_size=1"], "batch_size must be >= 2"),
     (["--data", "{data}", "--out", "{tmp}/o", "--profile", "quik"], "did you mean 'quick'"),
+    (["--data", "{data}", "--out", "{tmp}/o", "--set", "lr_phase2=fast"], "lr_phase2 must be a number"),
+    (["--data", "{data}", "--out", "{tmp}/o", "--set", "oracle=pose"], "oracle must be one of"),
+    (["--data", "{data}", "--out", "{tmp}/o", "--set", "oracle=poses", "--set", "normalise_disparity=true"],
+     "set normalise_disparity=false"),
 ])
 def test_bad_sde_input_is_one_line_and_starts_nothing(args, message, smoke_data, tmp_path):
     import re

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from segsde.configs import PRECISIONS, check, config_from_dict
 
+ORACLES = ("none", "poses", "depth")
+
 
 @dataclass(frozen=True)
 class SDEConfig:
@@ -25,6 +27,10 @@ class SDEConfig:
     automask: bool = True
     normalise_disparity: bool = False        # [ours] divide each image's disparity by its mean before warping
     photometric_resolution: str = "full"     # "full": monodepth2 (every scale upsampled); "scale": monodepth1 (each at its own)
+    # a diagnosis on the synthetic testbed, not a method: "poses" warps with its ground-truth relative poses
+    # instead of the pose net's, "depth" trains on its ground-truth depth (scale-invariant log loss) instead of
+    # view synthesis; what the same network, data and steps reach with that ground truth bounds the method
+    oracle: str = "none"
     # schedule: phase 1 trains decoder + pose with a frozen encoder, phase 2 everything
     phase1_steps: int = 300_000
     phase2_steps: int = 50_000
@@ -72,6 +78,9 @@ class SDEConfig:
             (0 < self.pose_input_scale <= 1, "pose_input_scale must be in (0, 1]"),
             (self.pose_output_scale > 0, "pose_output_scale must be > 0"),
             (self.photometric_resolution in ("full", "scale"), "photometric_resolution must be 'full' or 'scale'"),
+            (self.oracle in ORACLES, f"oracle must be one of {ORACLES}"),
+            (not (self.oracle == "poses" and self.normalise_disparity),
+             "oracle 'poses' gives metric translations, which a mean-normalised disparity cannot match: set normalise_disparity=false"),
             (self.feature_distance >= 0 and self.smoothness >= 0, "loss weights must be >= 0"),
             (0 <= self.color_jitter <= 1, "color_jitter is a probability in [0, 1]"),
             (self.crop is None or (self.crop[0] % 32 == 0 and self.crop[1] % 32 == 0), "crop sides must be multiples of 32"),

@@ -61,3 +61,12 @@ def smoothness(disp: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     ix = (image[..., :, 1:] - image[..., :, :-1]).abs().mean(1, keepdim=True)
     iy = (image[..., 1:, :] - image[..., :-1, :]).abs().mean(1, keepdim=True)
     return (dx * torch.exp(-ix)).mean() + (dy * torch.exp(-iy)).mean()
+
+
+def scale_invariant_log(depth: torch.Tensor, gt: torch.Tensor, variance_focus: float = 0.85) -> torch.Tensor:
+    """Eigen et al.'s scale-invariant log error (in the form of BTS / AdaBins) of depth [B, 1, H, W] against
+    gt [B, 1, H, W] (metres, 0 = invalid): sqrt(mean(g^2) - variance_focus * mean(g)^2), g = log depth - log gt
+    over the valid pixels. With variance_focus 1 a depth off by one global factor scores 0."""
+    valid = gt > 0
+    g = depth[valid].log() - gt[valid].log()
+    return (g.pow(2).mean() - variance_focus * g.mean().pow(2)).clamp(min=0).sqrt()

@@ -12,7 +12,7 @@ from segsde.models.encoder import FrozenFeatures, ResNetEncoder, feature_distanc
 from segsde.models.pose import PoseNet, mirror_pose_params
 from segsde.sde.config import SDEConfig
 from segsde.sde.geometry import disp_to_depth, pose_from_params, warp
-from segsde.sde.losses import min_reprojection, photometric_error, smoothness
+from segsde.sde.losses import min_reprojection, photometric_error, scale_invariant_log, smoothness
 
 
 class SDEModel(nn.Module):
@@ -20,6 +20,9 @@ class SDEModel(nn.Module):
 
     frames [B, 3, 3, H, W] (t-1, t, t+1) in [0, 1] for the loss; net_frames the same frames after colour
     augmentation, which only the networks see (monodepth2's convention); K [B, 3, 3] for (H, W).
+    With ``cfg.oracle`` (a diagnosis on the testbed), ``truth`` holds the batch's ground truth: ``poses``
+    [B, 2, 4, 4] (T(t->t-1), T(t->t+1)) replace the pose net's, or ``depth`` [B, H, W] in metres supervises
+    the disparities instead of view synthesis.
     """
 
     def __init__(self, cfg: SDEConfig):
@@ -42,11 +45,15 @@ class SDEModel(nn.Module):
         return frame_poses(self.pose, net_frames, self.cfg)
 
     def forward(self, frames: torch.Tensor, K: torch.Tensor, net_frames: torch.Tensor | None = None,
-                feature_weight: float = 0.0) -> dict[str, torch.Tensor]:
+                feature_weight: float = 0.0, truth: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         net_frames = frames if net_frames is None else net_frames
         maps = self.encoder(net_frames[:, 1])
         disps = self.decoder(maps, size=frames.shape[-2:])
-        out = view_synthesis_loss(frames, K, disps, self.poses(net_frames), self.cfg)
+        if self.cfg.oracle == "depth":
+            out = supervised_depth_loss(disps, truth["depth"], self.cfg)
+        else:
+            poses = list(truth["poses"].unbind(1)) if self.cfg.oracle == "poses" else self.poses(net_frames)
+            out = view_synthesis_loss(frames, K, disps, poses, self.cfg)
         if feature_weight > 0 and self.reference is not None:
             dist, frobenius = feature_distance(maps[4], self.reference(net_frames[:, 1]))
             out["feature_distance"], out["feature_distance_frobenius"] = dist, frobenius.detach()
@@ -82,6 +89,20 @@ def _view_synthesis_loss(frames, K, disps, T, cfg: SDEConfig) -> dict[str, torch
     out = {"photometric": photometric / len(disps), "smoothness": smooth / len(disps), "automask_ratio": automask_ratio}
     out["loss"] = out["photometric"] + cfg.smoothness * out["smoothness"]
     return out
+
+
+def supervised_depth_loss(disps: list[torch.Tensor], gt: torch.Tensor, cfg: SDEConfig) -> dict[str, torch.Tensor]:
+    """The depth oracle's objective: each scale's sigmoid disparity [B, 1, h, w], upsampled to gt [B, H, W]
+    (metres, 0 = invalid; the testbed's sky and bonnet), against the ground truth, scale-invariant log error
+    averaged over scales. float32, as the view synthesis."""
+    with torch.autocast(gt.device.type, enabled=False):
+        gt, loss = gt.float()[:, None], 0.0
+        gt = torch.where(gt < cfg.eval_max_depth, gt, torch.zeros_like(gt))  # the range the metrics judge
+        for disp in disps:
+            disp = F.interpolate(disp.float(), size=gt.shape[-2:], mode="bilinear", align_corners=False)
+            loss = loss + scale_invariant_log(disp_to_depth(disp, cfg.min_depth, cfg.max_depth)[1], gt)
+        loss = loss / len(disps)
+        return {"loss": loss, "depth_silog": loss.detach()}
 
 
 def scale_reprojection(target: torch.Tensor, sources: list[torch.Tensor], K: torch.Tensor, disp: torch.Tensor,

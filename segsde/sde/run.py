@@ -50,6 +50,9 @@ def run_sde(data: Path, out: Path, profile: str = "quick", workers: int = 1, gpu
     manifest = read_manifest(data)
     if "train" not in manifest["splits"] or "val" not in manifest["splits"]:
         raise SegSDEError(f"{data} needs 'train' and 'val' splits for SDE training (it has {sorted(manifest['splits'])}): rebuild it")
+    if cfg.oracle != "none" and manifest["source"] != "synthetic":
+        raise SegSDEError(f"oracle '{cfg.oracle}' needs the synthetic testbed's ground truth, and {data} is "
+                          f"{manifest['source']}: drop --set oracle or use a `segsde data synth` dataset")
     if resume_from is not None and not (Path(resume_from) / CHECKPOINT_FILE).is_file():
         raise SegSDEError(f"--resume-from {resume_from} is not a checkpoint directory (no {CHECKPOINT_FILE}): pass one under {out}/ray")
     check_resources(workers, gpu, address)

@@ -28,7 +28,8 @@ class StepBatches(torch.utils.data.Dataset):
     """Item k = the whole batch of step ``start + k`` for one rank: frames, K and the step's colour-jitter
     draw (applied by ``network_frames`` where the batch trains: on a GPU, colour jitter in a CPU loader
     cost 6x the network step). Computing a batch from its step alone keeps the data identical whatever the
-    loader worker count."""
+    loader worker count. With ``cfg.oracle`` the item also holds ``truth``: the samples' ground-truth poses or
+    depth."""
 
     def __init__(self, data: str, cfg: SDEConfig, start: int, rank: int, world: int):
         self.dataset = SegSDEDataset(data, "train", augment=Augment(cfg.resize, cfg.crop, random=True), sequence=True)
@@ -43,7 +44,10 @@ class StepBatches(torch.utils.data.Dataset):
         torch.manual_seed(step_seed(cfg.seed, self.rank, step))
         items = [self.dataset[i] for i in batch_indices(len(self.dataset), step, cfg.batch_size, self.rank, self.world, cfg.seed)]
         frames, K = torch.stack([it["frames"] for it in items]), torch.stack([it["K"] for it in items])
-        return {"step": step, "frames": frames, "K": K, "jitter": self.jitter.forward_parameters(frames[:, 1].shape)}
+        batch = {"step": step, "frames": frames, "K": K, "jitter": self.jitter.forward_parameters(frames[:, 1].shape)}
+        if cfg.oracle != "none":
+            batch["truth"] = {cfg.oracle: torch.stack([it[cfg.oracle] for it in items])}
+        return batch
 
 
 def colour_jitter(cfg: SDEConfig):
@@ -126,7 +130,8 @@ def _optimiser(model: SDEModel, cfg: SDEConfig, phase: int, worker):
     net = model
     if worker.world > 1:  # re-wrapped per phase: DDP fixes the set of trained parameters at construction
         ids = [worker.device.index] if worker.device.type == "cuda" else None
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        # an oracle leaves the pose net without a gradient
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=cfg.oracle != "none")
     return net, optimiser
 
 
@@ -179,8 +184,9 @@ def train_loop_per_worker(config: dict) -> None:
         torch.manual_seed(step_seed(cfg.seed, worker.rank, step) + 1)  # the automask tie-break noise
         frames, K = (batch[k].to(worker.device, non_blocking=True) for k in ("frames", "K"))
         net_frames = network_frames(jitter, frames, batch["jitter"])
+        truth = {k: v.to(worker.device, non_blocking=True) for k, v in batch["truth"].items()} if "truth" in batch else None
         with autocast(worker.device, cfg.precision):
-            out = net(frames, K, net_frames, cfg.feature_distance if phase == 2 else 0.0)
+            out = net(frames, K, net_frames, cfg.feature_distance if phase == 2 else 0.0, truth)
         loss = out["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"SDE loss is {loss.item()} at step {step}: lower the learning rate or check the data")
