@@ -3,6 +3,7 @@ closest valid key, YAML lists become tuples, and each config validates itself.""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import types
@@ -42,19 +43,19 @@ def _typed(key: str, value, hint, where: str):
         return None
     if isinstance(value, list) and any(typing.get_origin(a) is tuple for a in args):
         return tuple(value)
-    for kind in (bool, int, float):
-        if kind not in args:
-            continue
-        numeric = int if kind is int else (int, float)
-        if isinstance(value, bool) if kind is bool else (isinstance(value, numeric) and not isinstance(value, bool)):
-            return float(value) if kind is float else value
-        if kind is float and isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+    kind = next((k for k in (bool, int, float) if k in args), None)  # the field's scalar type, if it has one
+    if kind is None:
+        return value
+    if kind is float and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    if kind is bool:
+        fits = isinstance(value, bool)
+    else:  # a bool is an int to Python, never a number here
+        fits = isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
+    if not fits:
         raise SegSDEError(f"{where}: {key} must be {'true or false' if kind is bool else f'a number ({kind.__name__})'}, not {value!r}")
-    return value
+    return float(value) if kind is float else value
 
 
 def check(checks: list[tuple[bool, str]], where: str) -> None:
