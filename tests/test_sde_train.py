@@ -48,43 +48,43 @@ def test_batch_order_is_seeded_disjoint_across_ranks_and_covers_epochs():
     assert steps != [[batch_indices(n, s, batch, r, world, seed=4) for r in range(world)] for s in range(5)]
 
 
-def test_loss_decreases_when_training_on_the_testbed(smoke_data):
+def _fit_one_batch(smoke_data, overrides: dict, jitter: bool = True, after_backward=lambda model: None) -> list[float]:
+    """Phase-2 steps of the smoke profile (with ``overrides``) on step 0's batch; the loss of each step.
+    ``after_backward(model)`` runs between each step's backward and its optimiser step."""
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    cfg = sde_config("smoke", {"phase1_steps": 0, "phase2_steps": 30, "lr_phase2": 3e-4})
+    cfg = sde_config("smoke", {"phase1_steps": 0, **overrides})
     model = SDEModel(cfg)
     net, opt = _optimiser(model, cfg, 2, Worker(0, 1, torch.device("cpu")))
     _set_mode(model, 2)
     batches = StepBatches(str(smoke_data), cfg, 0, 0, 1)
     fixed = batches[0]
-    net_frames = network_frames(batches.jitter, fixed["frames"], fixed["jitter"])
+    net_frames = network_frames(batches.jitter, fixed["frames"], fixed["jitter"]) if jitter else None
     losses = []
     for _ in range(cfg.total_steps):
-        out = net(fixed["frames"], fixed["K"], net_frames)
+        out = net(fixed["frames"], fixed["K"], net_frames, 0.0, fixed.get("truth"))
         opt.zero_grad()
         out["loss"].backward()
+        after_backward(model)
         opt.step()
         losses.append(out["loss"].item())
+    return losses
+
+
+def test_loss_decreases_when_training_on_the_testbed(smoke_data):
+    losses = _fit_one_batch(smoke_data, {"phase2_steps": 30, "lr_phase2": 3e-4})
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses
 
 
 def test_depth_oracle_learns_the_ground_truth_and_leaves_the_pose_net_alone(smoke_data):
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
-    cfg = sde_config("smoke", {"phase1_steps": 0, "phase2_steps": 20, "lr_phase2": 1e-3, "oracle": "depth"})
-    model = SDEModel(cfg)
-    net, opt = _optimiser(model, cfg, 2, Worker(0, 1, torch.device("cpu")))
-    _set_mode(model, 2)
-    batch = StepBatches(str(smoke_data), cfg, 0, 0, 1)[0]
+    overrides = {"phase2_steps": 20, "lr_phase2": 1e-3, "oracle": "depth"}
+    batch = StepBatches(str(smoke_data), sde_config("smoke", {"phase1_steps": 0, **overrides}), 0, 0, 1)[0]
     assert batch["truth"]["depth"].shape == batch["frames"][:, 1, 0].shape and (batch["truth"]["depth"] > 0).any()
-    losses = []
-    for _ in range(cfg.total_steps):
-        out = net(batch["frames"], batch["K"], None, 0.0, batch["truth"])
-        opt.zero_grad()
-        out["loss"].backward()
+
+    def pose_net_untouched(model):
         assert all(p.grad is None for p in model.pose.parameters())
-        opt.step()
-        losses.append(out["loss"].item())
+
+    losses = _fit_one_batch(smoke_data, overrides, jitter=False, after_backward=pose_net_untouched)
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
 
 
