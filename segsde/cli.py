@@ -106,6 +106,8 @@ def cmd_sde_export(args) -> dict:
 
 
 def cmd_train(args) -> dict:
+    from segsde.orchestration.stages import trial_selection
+    from segsde.storage import storage_uri
     from segsde.trainer.run import run_train
 
     missing = [flag for flag, value in (("--data", args.data), ("--out", args.out)) if value is None]
@@ -113,10 +115,11 @@ def cmd_train(args) -> dict:
         raise SegSDEError(f"segsde train needs {' and '.join(missing)}: e.g. segsde train --data data/synth --row baseline --out runs/t")
     overrides = dict(args.set)
     overrides.update({k: v for k, v in (("budget", args.budget), ("seed", args.seed)) if v is not None})
+    overrides, selection = trial_selection(args.selection, args.profile, args.row, overrides, args.data,
+                                           storage_uri(args.storage, "outputs"), args.sde_model, args.tracking_uri)
     return run_train(args.data, args.out, row=args.row, profile=args.profile, overrides=overrides, sde_model=args.sde_model,
-                     selection=args.selection, workers=args.workers, gpu=args.gpu, address=args.address,
-                     tracking_uri=args.tracking_uri, experiment=args.experiment, fresh=args.fresh, resume_from=args.resume_from,
-                     cache_root=args.cache)
+                     selection=selection, workers=args.workers, gpu=args.gpu, address=args.address,
+                     tracking_uri=args.tracking_uri, experiment=args.experiment, fresh=args.fresh, resume_from=args.resume_from)
 
 
 def _budgets(text: str) -> list[int]:
@@ -127,15 +130,20 @@ def _budgets(text: str) -> list[int]:
 
 
 def cmd_select(args) -> dict:
-    from segsde.selection.run import run_select
+    from segsde.orchestration.stages import select_inputs
+    from segsde.selection.run import check_method, run_select
+    from segsde.storage import storage_uri
 
     missing = [flag for flag, value in (("--data", args.data), ("--method", args.method), ("--out", args.out)) if value is None]
     if missing:
         raise SegSDEError(f"segsde select needs {' and '.join(missing)}: e.g. segsde select --data data/synth --method sde --out sel.parquet")
+    check_method(args.method)
     overrides = dict(args.set)
     overrides.update({k: v for k, v in (("budgets", args.budgets), ("seed", args.seed)) if v is not None})
-    return run_select(args.data, args.method, args.out, sde_checkpoint=args.sde_checkpoint, profile=args.profile,
-                      overrides=overrides, cache_root=args.cache, workers=args.workers, gpu=args.gpu, address=args.address,
+    sde_model = select_inputs(args.method, args.profile, args.data, storage_uri(args.storage, "outputs"), args.sde_checkpoint,
+                              args.tracking_uri)
+    return run_select(args.data, args.method, args.out, sde_checkpoint=sde_model, profile=args.profile,
+                      overrides=overrides, workers=args.workers, gpu=args.gpu, address=args.address,
                       tracking_uri=args.tracking_uri, experiment=args.experiment, fresh=args.fresh)
 
 
@@ -208,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Train the SDE model (phase 1: frozen encoder; phase 2: everything) and print its validation "
                                      "depth metrics as one JSON line. Writes OUT/model.pt, OUT/metrics.json, Ray checkpoints under "
                                      "OUT/ray and, without MLFLOW_TRACKING_URI or --tracking-uri, MLflow runs in OUT/mlflow.db.")
-    sde.add_argument("--data", type=Path, help="dataset directory (segsde format) with train and val splits")
-    sde.add_argument("--out", type=Path, help="output directory")
+    sde.add_argument("--data", help="dataset directory or storage URI (segsde format) with train and val splits")
+    sde.add_argument("--out", help="output directory or storage URI (s3://bucket/prefix)")
     _job_flags(sde, "segsde-sde", "phase2_steps=500")
     sde.set_defaults(func=cmd_sde)
     export = sde.add_subparsers(dest="sde_command").add_parser(
@@ -223,16 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="one semi-supervised segmentation trial (a component-study row) on Ray Train",
                            description="Train one row of ablations/component_study.yaml and print its final validation scores "
                                        "(mIoU over the classes present, pixel accuracy, best mIoU) as one JSON line.")
-    train.add_argument("--data", type=Path, help="dataset directory (segsde format) with train and val splits")
-    train.add_argument("--out", type=Path, help="output directory")
+    train.add_argument("--data", help="dataset directory or storage URI (segsde format) with train and val splits")
+    train.add_argument("--out", help="output directory or storage URI (s3://bucket/prefix)")
     train.add_argument("--row", default="baseline", help="row id in ablations/component_study.yaml")
     train.add_argument("--budget", type=int, default=None, help="labeled images (default: the profile's)")
     train.add_argument("--seed", type=int, default=None, help="seed of the labeled subset, weights and batches (default 0)")
-    train.add_argument("--sde-model", type=Path, default=None, help="model.pt of `segsde sde` (transfer, mtl, combination)")
+    train.add_argument("--sde-model", default=None, help="model.pt of `segsde sde` (transfer, mtl, combination)")
     train.add_argument("--selection", default=None,
                        help="label a prefix of this ordered id list (.txt/.parquet) or of this method's selection "
                             "(sde | diversity | difficulty | entropy | random, cached under CACHE)")
-    train.add_argument("--cache", type=Path, default=Path("outputs"), help="stage cache root for selections and SDE (default ./outputs)")
+    train.add_argument("--storage", "--cache", dest="storage", default=None,
+                       help="storage root whose stage cache holds a --selection METHOD's list (default: $SEGSDE_STORAGE, else ./outputs)")
     _job_flags(train, "segsde-train", "steps=300")
     train.set_defaults(func=cmd_train)
 
@@ -241,14 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
                                         "difficulty, the paper's ds_us), diversity, difficulty, entropy (active learning, "
                                         "labels in the loop) or random. Every budget is a prefix of the list. Writes OUT "
                                         "(Parquet: id, rank, round, score parts) and prints a JSON summary line.")
-    select.add_argument("--data", type=Path, help="dataset directory (segsde format) with a train split")
+    select.add_argument("--data", help="dataset directory or storage URI (segsde format) with a train split")
     select.add_argument("--method", help="sde | diversity | difficulty | entropy | random")
-    select.add_argument("--out", type=Path, help="the selection file to write (.parquet)")
-    select.add_argument("--sde-checkpoint", type=Path, default=None,
+    select.add_argument("--out", help="the selection file to write (.parquet; a path or storage URI)")
+    select.add_argument("--sde-checkpoint", default=None,
                         help="model.pt of `segsde sde` (default: train or reuse the profile's SDE stage under CACHE)")
     select.add_argument("--budgets", type=_budgets, default=None, help="rounds as comma-separated budgets, e.g. 25,50,100 (default: the profile's)")
     select.add_argument("--seed", type=int, default=None, help="selection seed (default 0)")
-    select.add_argument("--cache", type=Path, default=Path("outputs"), help="stage cache root (default ./outputs, as tune/run_ablation.py)")
+    select.add_argument("--storage", "--cache", dest="storage", default=None,
+                        help="storage root of the stage cache (default: $SEGSDE_STORAGE, else ./outputs, as tune/run_ablation.py)")
     _job_flags(select, "segsde-select", "student_steps=200", resume=False)
     select.set_defaults(func=cmd_select)
     return parser

@@ -13,14 +13,19 @@ from segsde.errors import SegSDEError
 REPO = Path(__file__).resolve().parent.parent
 
 
-def resolve_tracking_uri(out: Path, uri: str | None = None) -> str:
-    """``uri``, else ``$MLFLOW_TRACKING_URI``, else an absolute sqlite file under ``out`` (mlflow >= 3.13
-    refuses the file store, and a relative sqlite path would follow Ray's working-directory changes)."""
+def resolve_tracking_uri(out, uri: str | None = None) -> str:
+    """``uri``, else ``$MLFLOW_TRACKING_URI``, else an absolute sqlite file under the local directory ``out``
+    (mlflow >= 3.13 refuses the file store, and a relative sqlite path would follow Ray's working-directory changes)."""
+    from segsde.storage import as_location
+
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         check_tracking_uri(uri)
         return uri
-    out = Path(out).absolute()
+    if not as_location(out).is_local:
+        raise SegSDEError(f"{out} is not a local directory and cannot hold an MLflow store: pass --tracking-uri "
+                          "(an MLflow server, mlflow/serve.sh) or set MLFLOW_TRACKING_URI")
+    out = Path(as_location(out).path)
     out.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{out / 'mlflow.db'}"
 

@@ -159,8 +159,8 @@ def _counting_loop(config: dict) -> None:
 
 
 def test_an_in_process_trainer_keeps_its_newest_checkpoint_where_a_rerun_goes_on_from_it(tmp_path):
-    from segsde.orchestration.ray_job import make_trainer
     from segsde.runtime import current_worker, load_state, train_utils
+    from segsde.runtime.ray_job import make_trainer
 
     first = make_trainer(_counting_loop, {"stop": 3}, "train-key", tmp_path, in_process=True).fit()
     assert first.metrics == {"step": 3, "started_at": 0}  # NaN scores are not reported

@@ -48,9 +48,12 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu", action="store_true", default=None, help="one GPU per Train worker")
     parser.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                         help="override a trainer setting of every trial, e.g. --set epsilon=0.05 (repeatable)")
-    parser.add_argument("--data-root", type=Path, default=None, help="an existing segsde dataset instead of the testbed")
+    parser.add_argument("--data-root", default=None, help="an existing segsde dataset (a path or storage URI) instead of the testbed")
     parser.add_argument("--data-seed", type=int, default=None, help="seed of the testbed dataset (default 0)")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="output directory (default ./outputs)")
+    parser.add_argument("--storage", default=None,
+                        help="storage root of every durable artifact: a path every node mounts, or s3://bucket/prefix "
+                             "(?endpoint_override=URL for S3-compatible servers), gs://... (default: $SEGSDE_STORAGE, else OUT)")
     parser.add_argument("--address", default=None, help="Ray cluster address (`auto` on a `ray up` cluster; default: local Ray)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or OUT/mlflow.db)")
     parser.add_argument("--experiment", default=None, help="MLflow experiment (default segsde-study-PROFILE)")
@@ -65,7 +68,7 @@ def main(argv=None) -> int:
 
         cfg = study_config(args.profile, rows=args.rows, budgets=args.budgets, seeds=args.seeds, concurrency=args.concurrency,
                            workers=args.workers, gpu=args.gpu, data_seed=args.data_seed, train=train_overrides(args.profile, "study", args.set))
-        result = run_study(cfg, args.out, data_root=args.data_root, force=tuple(args.force), address=args.address,
+        result = run_study(cfg, args.out, data_root=args.data_root, storage=args.storage, force=tuple(args.force), address=args.address,
                            tracking_uri=args.tracking_uri, experiment=args.experiment, resume=args.resume, dry_run=args.dry_run)
     except SegSDEError as exc:
         print(f"run_ablation: error: {exc}", file=sys.stderr)

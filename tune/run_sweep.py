@@ -31,8 +31,11 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu", action="store_true", default=None, help="one GPU per Train worker")
     parser.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                         help="override a trainer setting that is not swept, e.g. --set steps=300 (repeatable)")
-    parser.add_argument("--data-root", type=Path, default=None, help="an existing segsde dataset instead of the testbed")
+    parser.add_argument("--data-root", default=None, help="an existing segsde dataset (a path or storage URI) instead of the testbed")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="output directory (default ./outputs)")
+    parser.add_argument("--storage", default=None,
+                        help="storage root of every durable artifact: a path every node mounts, or s3://bucket/prefix "
+                             "(?endpoint_override=URL for S3-compatible servers), gs://... (default: $SEGSDE_STORAGE, else OUT)")
     parser.add_argument("--address", default=None, help="Ray cluster address (`auto` on a `ray up` cluster)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or OUT/mlflow.db)")
     parser.add_argument("--experiment", default=None, help="MLflow experiment and Optuna study prefix (default segsde-sweep-PROFILE)")
@@ -45,7 +48,7 @@ def main(argv=None) -> int:
         cfg = sweep_config(args.profile, row=args.row, budgets=args.budgets, samples=args.samples, params=args.params,
                            seed=args.seed, concurrency=args.concurrency, workers=args.workers, gpu=args.gpu,
                            train=train_overrides(args.profile, "sweep", args.set))
-        run_sweep(cfg, args.out, data_root=args.data_root, address=args.address, tracking_uri=args.tracking_uri,
+        run_sweep(cfg, args.out, data_root=args.data_root, storage=args.storage, address=args.address, tracking_uri=args.tracking_uri,
                   experiment=args.experiment, resume=args.resume)
     except SegSDEError as exc:
         print(f"run_sweep: error: {exc}", file=sys.stderr)

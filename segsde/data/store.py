@@ -26,6 +26,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from segsde.errors import SegSDEError
+from segsde.storage import Location, atomic_write_bytes, localize
+
+__all__ = ["atomic_write_bytes"]  # re-exported: the dataset format's writers and older callers import it from here
 
 FORMAT = "segsde-dataset"
 VERSION = 1
@@ -103,14 +106,6 @@ def atomic_directory(out: Path, overwrite: bool = False):
             tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def atomic_savefig(fig, path: Path, dpi: int = 110) -> None:
@@ -205,6 +200,12 @@ def read_side_column(root: Path, name: str) -> dict[str, bytes] | None:
         return None
     table = pq.read_table(path)
     return dict(zip(table["id"].to_pylist(), table[name].to_pylist()))
+
+
+def local_dataset(data: Location | str | Path) -> Path:
+    """The dataset ``data`` (a storage location) readable on this node: itself on a local or shared-mount
+    root, else a copy in the node's cache whose shards were checked against the manifest's checksums."""
+    return localize(data, verify=lambda p: read_manifest(p, verify=True))
 
 
 def split_ids(root: Path, split: str) -> list[str]:

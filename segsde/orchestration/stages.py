@@ -1,20 +1,25 @@
-"""Cached stages: a stage's output lives under ``<out>/cache/<stage>-<key>``, where the key hashes the
-stage's configuration, so an unchanged stage is reused and never recomputed."""
+"""Cached stages: a stage's output lives under ``<storage>/cache/<stage>-<key>``, where the key hashes the
+stage's configuration and the keys of its input stages (never where the storage is), so an unchanged stage is
+reused and never recomputed, also from another --out or storage root. An entry counts only once its marker is
+there (a dataset's manifest, an SDE model's metrics file, a selection's Parquet metadata)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from segsde.data.store import read_manifest, read_side_meta
+from segsde.data.store import MANIFEST, local_dataset, read_manifest
 from segsde.data.synth.scene import SynthConfig
 from segsde.errors import SegSDEError
 from segsde.profiles import DataProfile
+from segsde.storage import Location, as_location, cache_key, localize
 
 DATA_FORMAT_VERSION = 1  # bump when the renderer changes what a seed produces
+__all__ = ["cache_key", "dataset_stage", "sde_stage", "export_stage", "selection_stage", "select_inputs", "input_id"]
 
 
 @dataclass(frozen=True)
@@ -25,17 +30,17 @@ class StageTracking:
     experiment: str
     parent_run_id: str
 
-    def run_kwargs(self, stage: str, path: Path) -> dict:
+    def run_kwargs(self, stage: str, path: Location) -> dict:
         """What run_sde / run_select need to make their own run that child run."""
         return {"tracking_uri": self.uri, "experiment": self.experiment, "parent_run_id": self.parent_run_id,
                 "run_key": stage_key(stage, path)}
 
 
-def stage_key(stage: str, path: Path) -> str:
-    return f"{stage}:{Path(path).name}"
+def stage_key(stage: str, path: Location) -> str:
+    return f"{stage}:{as_location(path).name}"
 
 
-def record_stage(tracking: StageTracking | None, stage: str, path: Path, hit: bool, info: dict | None = None) -> None:
+def record_stage(tracking: StageTracking | None, stage: str, path: Location, hit: bool, info: dict | None = None) -> None:
     """Close the stage's child run (the one its job made, else a new one) with where its output is and
     whether it was reused."""
     if tracking is None:
@@ -43,7 +48,7 @@ def record_stage(tracking: StageTracking | None, stage: str, path: Path, hit: bo
     from segsde.tracking import RunLogger, end_run, get_or_create_run
 
     tags = {"segsde.stage": stage, "mlflow.parentRunId": tracking.parent_run_id, "segsde.cache_hit": str(hit).lower()}
-    name = Path(path).name
+    name = as_location(path).name
     run_id, _ = get_or_create_run(tracking.uri, tracking.experiment, stage_key(stage, path), name if name.startswith(stage) else f"{stage}-{name}",
                                   {"stage": stage, "path": str(path)}, tags)
     numbers = {k: float(v) for k, v in (info or {}).items() if isinstance(v, (int, float))}
@@ -52,27 +57,38 @@ def record_stage(tracking: StageTracking | None, stage: str, path: Path, hit: bo
     end_run(tracking.uri, run_id)
 
 
-def cache_key(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+def input_id(where: Location | str | None) -> str | None:
+    """What a cache key records of an input: a stage entry by its own name (``cache/sde-KEY/model.pt`` ->
+    ``sde-KEY/model.pt``, which hashes that stage's inputs in turn), any other dataset by its manifest's
+    hash (which holds every shard's checksum); never the storage root it lies under."""
+    if where is None:
+        return None
+    where = as_location(where)
+    parts = where.uri.partition("?")[0].rstrip("/").split("/")
+    if "cache" in parts[:-1]:
+        return "/".join(parts[parts.index("cache") + 1:])
+    return "dataset-" + hashlib.sha256(where.child(MANIFEST).read_bytes()).hexdigest()[:12]
 
 
-def dataset_stage(profile: DataProfile, out: Path, seed: int, data_root: Path | None = None,
-                  force: bool = False, dry_run: bool = False, log=print, tracking: StageTracking | None = None) -> Path:
+def dataset_stage(profile: DataProfile, storage: Location, seed: int, data_root: Location | None = None,
+                  force: bool = False, dry_run: bool = False, log=print, tracking: StageTracking | None = None) -> Location:
     """The study's dataset: the synthetic testbed rendered once per configuration, or a built Cityscapes dataset."""
     if data_root is not None:
-        source = read_manifest(data_root)["source"]
+        data_root = as_location(data_root)
+        source = read_manifest(local_dataset(data_root))["source"]
         log(f"[data] using the {source} dataset at {data_root}")
-        record_stage(tracking, "data", Path(data_root).absolute(), True, {"source": source})
-        return Path(data_root).absolute()
+        record_stage(tracking, "data", data_root, True, {"source": source})
+        return data_root
     if profile.source == "cityscapes":
         raise SegSDEError("the cityscapes profile needs --data-root: build one with `segsde data cityscapes --root ... --out DIR`")
     h, w = profile.size
     synth = SynthConfig(height=h, width=w)
     config = {"stage": "data", "version": DATA_FORMAT_VERSION, "train": profile.train, "val": profile.val,
               "seed": seed, "generator": asdict(synth)}
-    path = Path(out).absolute() / "cache" / f"data-{cache_key(config)}"
-    if (path / "manifest.json").is_file() and not force:
-        read_manifest(path)
+    path = as_location(storage).child("cache", f"data-{cache_key(config)}")
+    if path.child(MANIFEST).is_file() and not force:
+        if not dry_run:
+            local_dataset(path)
         log(f"[data] cache hit: reusing {path}")
         record_stage(tracking, "data", path, True)
         return path
@@ -83,24 +99,30 @@ def dataset_stage(profile: DataProfile, out: Path, seed: int, data_root: Path | 
 
     log(f"[data] rendering {profile.train} train + {profile.val} val samples at {h}x{w} into {path}")
     start = time.perf_counter()
-    generate(path, profile.train, profile.val, synth, seed, overwrite=force)
+    if path.is_local:
+        generate(Path(path.path), profile.train, profile.val, synth, seed, overwrite=force)
+    else:  # rendered here, then published with its manifest last
+        with tempfile.TemporaryDirectory(prefix="segsde-render-") as tmp:
+            generate(Path(tmp) / "data", profile.train, profile.val, synth, seed)
+            path.delete()
+            path.upload_dir(Path(tmp) / "data", marker=MANIFEST)
     record_stage(tracking, "data", path, False, {"seconds": time.perf_counter() - start, "train": profile.train, "val": profile.val})
     return path
 
 
-def sde_stage(profile: str, data: Path, out: Path, tracking_uri: str | None = None, force: bool = False,
+def sde_stage(profile: str, data: Location, storage: Location, tracking_uri: str | None = None, force: bool = False,
               dry_run: bool = False, log=print, tracking: StageTracking | None = None,
-              overrides: dict | None = None) -> Path:
+              overrides: dict | None = None) -> Location:
     """SDE pre-training on ``data`` (the profile's sde section with ``overrides``), cached by its config and
-    dataset; returns the directory with model.pt. An interrupted run of the same configuration continues
+    dataset; returns the entry holding model.pt. An interrupted run of the same configuration continues
     from its last Ray Train checkpoint."""
     from segsde.sde.run import METRICS_FILE, MODEL_FILE, run_sde, sde_config
 
     cfg = sde_config(profile, overrides)
-    config = {"stage": "sde", "config": asdict(cfg), "data": str(Path(data).absolute())}
-    path = Path(out).absolute() / "cache" / f"sde-{cache_key(config)}"
-    if (path / MODEL_FILE).is_file() and (path / METRICS_FILE).is_file() and not force:
-        metrics = json.loads((path / METRICS_FILE).read_text())
+    config = {"stage": "sde", "config": asdict(cfg), "data": input_id(data)}
+    path = as_location(storage).child("cache", f"sde-{cache_key(config)}")
+    if path.child(MODEL_FILE).is_file() and path.child(METRICS_FILE).is_file() and not force:
+        metrics = json.loads(path.child(METRICS_FILE).read_text())
         log(f"[sde] cache hit: reusing {path} (AbsRel {metrics.get('abs_rel', float('nan')):.3f})")
         record_stage(tracking, "sde", path, True)
         return path
@@ -117,37 +139,42 @@ def sde_stage(profile: str, data: Path, out: Path, tracking_uri: str | None = No
     return path
 
 
-def export_stage(sde: Path, data: Path, force: bool = False, dry_run: bool = False, log=print,
+def export_stage(model: Location, data: Location, force: bool = False, dry_run: bool = False, log=print,
                  tracking: StageTracking | None = None) -> None:
-    """Pseudo-depth of every sample from the SDE model (``sde``: its model.pt or the directory holding it),
-    written into the dataset unless that model's is there."""
+    """Pseudo-depth of every sample from the SDE model file ``model``, written into the dataset unless that
+    model's is there (its side files published with the metadata last)."""
     from segsde.data.dataset import PSEUDO_DEPTH
+    from segsde.data.store import SIDE_DIR
     from segsde.sde.export import export_pseudo_depth
-    from segsde.sde.run import MODEL_FILE
 
-    model = Path(sde).absolute()
-    model = model / MODEL_FILE if model.is_dir() else model
-    meta = read_side_meta(data, PSEUDO_DEPTH)
-    if meta is not None and meta.get("checkpoint") == str(model) and not force:
-        log(f"[export] cache hit: {data}/side/{PSEUDO_DEPTH}.parquet comes from {model}")
+    model, data = as_location(model), as_location(data)
+    source = input_id(model)
+    side = data.child(SIDE_DIR, f"{PSEUDO_DEPTH}.json")
+    meta = json.loads(side.read_text()) if side.is_file() else None
+    if meta is not None and meta.get("checkpoint") == source and not force:
+        log(f"[export] cache hit: {data}/{SIDE_DIR}/{PSEUDO_DEPTH}.parquet comes from {source}")
         record_stage(tracking, "export", model.parent, True)
         return
     if dry_run:
-        log(f"[export] would write the pseudo-depth of {model} into {data}")
+        log(f"[export] would write the pseudo-depth of {source} into {data}")
         return
     start = time.perf_counter()
-    result = export_pseudo_depth(model, data)
-    log(f"[export] wrote the pseudo-depth of {result['images']} images to {result['out']}")
+    local = local_dataset(data)
+    result = export_pseudo_depth(localize(model), local, source=source)
+    if not data.is_local:  # the column first, its metadata (what readers check) last
+        for name in (f"{PSEUDO_DEPTH}.parquet", f"{PSEUDO_DEPTH}.json"):
+            data.child(SIDE_DIR, name).upload_file(local / SIDE_DIR / name)
+    log(f"[export] wrote the pseudo-depth of {result['images']} images to {data}/{SIDE_DIR}")
     record_stage(tracking, "export", model.parent, False, {"seconds": time.perf_counter() - start, "images": result["images"]})
 
 
-def selection_stage(method: str, profile: str, data: Path, out: Path, seed: int = 0, budget: int | None = None,
-                    sde_model: Path | None = None, tracking_uri: str | None = None, force: bool = False,
+def selection_stage(method: str, profile: str, data: Location, storage: Location, seed: int = 0, budget: int | None = None,
+                    sde_model: Location | None = None, tracking_uri: str | None = None, force: bool = False,
                     dry_run: bool = False, log=print, tracking: StageTracking | None = None,
-                    overrides: dict | None = None) -> Path:
+                    overrides: dict | None = None) -> Location:
     """The ordered selection list of ``method`` with the profile's schedule up to ``budget`` (see
     ``SelectionConfig.with_budget``) and the select section's ``overrides``, cached by configuration;
-    returns the Parquet file. Without ``sde_model`` the profile's cached SDE stage provides the depth teacher."""
+    returns the Parquet file. Methods that need the SDE model are given ``sde_model`` (see ``select_inputs``)."""
     from segsde.selection.config import NEEDS_FEATURES, NEEDS_STUDENT
     from segsde.selection.run import check_method, read_selection_meta, run_select, selection_config
 
@@ -155,9 +182,9 @@ def selection_stage(method: str, profile: str, data: Path, out: Path, seed: int 
     cfg = selection_config(profile, {**(overrides or {}), "seed": seed})
     cfg = cfg.with_budget(budget) if budget is not None else cfg
     needs_sde = method in NEEDS_FEATURES + NEEDS_STUDENT
-    config = {"stage": "select", "method": method, "config": asdict(cfg), "data": str(Path(data).absolute()),
-              "sde_model": str(Path(sde_model).absolute()) if sde_model and needs_sde else None}
-    path = Path(out).absolute() / "cache" / f"select-{method}-s{seed}-{cache_key(config)}.parquet"
+    config = {"stage": "select", "method": method, "config": asdict(cfg), "data": input_id(data),
+              "sde_model": input_id(sde_model) if needs_sde else None}
+    path = as_location(storage).child("cache", f"select-{method}-s{seed}-{cache_key(config)}.parquet")
     if path.is_file() and read_selection_meta(path) is not None and not force:
         log(f"[select] cache hit: reusing {path}")
         record_stage(tracking, "select", path, True)
@@ -167,6 +194,43 @@ def selection_stage(method: str, profile: str, data: Path, out: Path, seed: int 
         return path
     job = tracking.run_kwargs("select", path) if tracking else {"tracking_uri": tracking_uri}
     result = run_select(data, method, path, sde_checkpoint=sde_model if needs_sde else None, profile=profile,
-                        overrides={**(overrides or {}), "seed": seed, "budgets": list(cfg.budgets)}, cache_root=out, fresh=force, log=log, **job)
+                        overrides={**(overrides or {}), "seed": seed, "budgets": list(cfg.budgets)}, fresh=force, log=log, **job)
     record_stage(tracking, "select", path, False, {"seconds": result["seconds"]})
     return path
+
+
+def select_inputs(method: str, profile: str, data: Location, storage: Location, sde_checkpoint: Location | None = None,
+                  tracking_uri: str | None = None, log=print) -> Location | None:
+    """What a selection by ``method`` reads besides the dataset, computed or reused: the SDE model (the given
+    one, else the profile's SDE stage) and, for the methods that train a student on it, its pseudo-depth.
+    Returns the SDE model, or None for a method without one."""
+    from segsde.sde.run import MODEL_FILE
+    from segsde.selection.config import NEEDS_FEATURES, NEEDS_STUDENT
+
+    if method not in NEEDS_FEATURES + NEEDS_STUDENT:
+        return None
+    if sde_checkpoint is not None:
+        model = as_location(sde_checkpoint)
+        if not model.is_file():
+            raise SegSDEError(f"--sde-checkpoint {model} does not exist: pass the model.pt written by `segsde sde`, or leave it out")
+    else:
+        model = sde_stage(profile, data, storage, tracking_uri=tracking_uri, log=log).child(MODEL_FILE)
+    if method in NEEDS_STUDENT:
+        export_stage(model, data, log=log)
+    return model
+
+
+def trial_selection(selection: str | None, profile: str, row: str, overrides: dict, data, storage, sde_model=None,
+                    tracking_uri: str | None = None, log=print) -> tuple[dict, Location | None]:
+    """`segsde train --selection`: a selection method becomes its cached list (computed if missing, with the
+    SDE model it reads); a file stays itself. Returns the overrides (the row labels that list's prefix) and the list."""
+    from segsde.selection.config import METHODS
+    from segsde.trainer.run import train_config
+
+    if selection is None or str(selection) not in METHODS:
+        return overrides, as_location(selection) if selection is not None else None
+    overrides = {**overrides, "labeled": "selection", "selection": str(selection)}
+    cfg = train_config(profile, row, overrides)
+    model = select_inputs(cfg.selection, profile, data, storage, sde_model, tracking_uri, log)
+    return overrides, selection_stage(cfg.selection, profile, data, storage, seed=cfg.seed, budget=cfg.budget,
+                                      sde_model=model, tracking_uri=tracking_uri, log=log)

@@ -1,27 +1,28 @@
 """The component study as a DAG of cached stages: dataset -> SDE pre-training -> pseudo-depth export ->
 data selection(s) -> component trials (rows x budgets x seeds, a Ray Tune grid of Ray Train jobs) -> the
-report. Every stage's output lives under ``<out>/cache`` keyed by a hash of its configuration and inputs,
-so a finished stage or trial is reused, never recomputed; MLflow holds one parent run per study with a
-child run for every stage and trial, all found again by stable keys."""
+report. Every stage's output lives under ``<storage>/cache`` keyed by a hash of its configuration and its
+inputs' keys, so a finished stage or trial is reused, never recomputed; MLflow holds one parent run per
+study with a child run for every stage and trial, all found again by stable keys."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from segsde.configs import check
+from segsde.data.store import MANIFEST
 from segsde.errors import SegSDEError
-from segsde.orchestration.stages import StageTracking, cache_key, dataset_stage, export_stage, sde_stage, selection_stage
+from segsde.orchestration.stages import StageTracking, dataset_stage, export_stage, input_id, sde_stage, selection_stage
 from segsde.profiles import data_profile, load_profile
 from segsde.runtime import Background
 from segsde.sde.run import sde_config
 from segsde.selection.run import selection_config
-from segsde.trainer.run import METRICS_FILE, study_rows, train_config
+from segsde.storage import Location, as_location, cache_key, storage_uri
+from segsde.trainer.run import METRICS_FILE, TrialPlan, study_rows, train_config
 
 STAGES = ("data", "sde", "export", "select", "train")
 
@@ -74,46 +75,57 @@ def study_config(profile: str, **flags) -> StudyConfig:
 
 @dataclass
 class Trial:
-    row: str
-    budget: int
-    seed: int
-    key: str
-    result_dir: Path
-    selection: Path | None
+    plan: TrialPlan
     cost: float = 0.0          # TrainConfig.relative_cost: the longest trials start first
     needs: frozenset = frozenset()  # trial_inputs: the stage outputs it waits for
 
     @property
     def name(self) -> str:
-        return f"{self.row}-b{self.budget}-s{self.seed}"
+        return self.plan.name
+
+    @property
+    def key(self) -> str:
+        return self.plan.key
+
+    @property
+    def result(self) -> Location:
+        return Location(self.plan.result)
 
     @property
     def done(self) -> bool:
-        return (self.result_dir / METRICS_FILE).is_file()
+        return self.result.child(METRICS_FILE).is_file()
 
 
-def plan_trials(cfg: StudyConfig, data: Path, out: Path, sde_model: Path | None, selections: dict) -> list[Trial]:
-    """Every (row, budget, seed) with its cache key: the trial's full config and inputs."""
+def plan_trials(cfg: StudyConfig, data: Location, storage: Location, sde_model: Location | None, selections: dict) -> list[Trial]:
+    """Every (row, budget, seed) planned once: its config, its inputs, and its cache key (the config and the
+    inputs' own keys, never where the storage is)."""
     trials = []
     for row in cfg.rows:
         for budget in cfg.budgets:
             for seed in cfg.seeds:
                 tc = train_config(cfg.profile, row, {**cfg.train, "budget": budget, "seed": seed})
                 selection = selections.get((tc.selection, seed)) if tc.labeled == "selection" else None
-                key = cache_key({"stage": "train", "row": row, "config": asdict(tc), "data": str(data), "workers": cfg.workers,
-                                 "sde_model": str(sde_model) if tc.needs_sde else None, "selection": str(selection) if selection else None})
-                trials.append(Trial(row, budget, seed, key, out / "cache" / f"train-{row}-b{budget}-s{seed}-{key}", selection,
-                                    tc.relative_cost, trial_inputs(tc, seed)))
+                model = sde_model if tc.needs_sde else None
+                key = cache_key({"stage": "train", "row": row, "config": asdict(tc), "data": input_id(data), "workers": cfg.workers,
+                                 "sde_model": input_id(model), "selection": input_id(selection)})
+                plan = TrialPlan(row, cfg.profile, tc, str(data), str(model) if model else None, str(selection) if selection else None,
+                                 key, str(storage.child("cache", f"train-{row}-b{budget}-s{seed}-{key}")))
+                trials.append(Trial(plan, tc.relative_cost, trial_inputs(tc, seed)))
     return trials
 
 
-def run_study(cfg: StudyConfig, out: Path, data_root: Path | None = None, force: tuple[str, ...] = (),
+def run_study(cfg: StudyConfig, out: Path, data_root: Location | str | None = None, force: tuple[str, ...] = (),
               address: str | None = None, tracking_uri: str | None = None, experiment: str | None = None,
-              resume: bool = False, dry_run: bool = False, log=print) -> dict:
-    """Run (or, with ``dry_run``, print) the study; return the trial records and where the report went."""
+              resume: bool = False, dry_run: bool = False, storage: str | None = None, log=print) -> dict:
+    """Run (or, with ``dry_run``, print) the study; return the trial records and where the report went.
+    ``out``: the driver's directory (report, default MLflow store); ``storage``: the root of every durable
+    artifact (default: ``$SEGSDE_STORAGE``, else ``out``)."""
+    from segsde.orchestration.preflight import preflight
     from segsde.tracking import RunLogger, end_run, get_or_create_run, kill_running_children, resolve_tracking_uri
 
     out = Path(out).absolute()
+    root = Location(storage_uri(storage, out))
+    data_root = as_location(data_root) if data_root is not None else None
     start = time.perf_counter()
     experiment = experiment or f"segsde-study-{cfg.profile}"
     train_configs = [train_config(cfg.profile, r, {**cfg.train, "budget": max(cfg.budgets), "seed": cfg.seeds[0]}) for r in cfg.rows]
@@ -122,9 +134,10 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Path | None = None, force:
         uri = resolve_tracking_uri(out, tracking_uri)  # an unusable store fails here, before anything starts
         # before any run exists, so an unreachable cluster leaves nothing behind; and before the stage jobs,
         # so they share the study's Ray (with the driver resource and the State API Train needs)
-        if address or _needs_ray(cfg, train_configs, out, data_root, force):
+        if address or _needs_ray(cfg, train_configs, root, data_root, force):
             start_ray(cfg.profile, cfg.rows[0], cfg.train, cfg.concurrency, cfg.workers, cfg.gpu, address)
-        study = {"study": asdict(cfg), "data_root": str(data_root) if data_root else None}
+            preflight(root, uri)  # every node reads the storage root and the tracking store, or nothing starts
+        study = {"study": asdict(cfg), "data_root": input_id(data_root)}
         parent, created = get_or_create_run(uri, experiment, f"study:{cache_key(study)}", f"study-{cfg.profile}", study,
                                             {"segsde.stage": "study", "segsde.profile": cfg.profile})
         tracking = StageTracking(uri, experiment, parent)
@@ -133,8 +146,8 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Path | None = None, force:
             log("[study] resuming: finished stages and trials are cache hits, interrupted ones go on from their checkpoints")
     status, stages = "FAILED", None
     try:
-        data = dataset_stage(data_profile(cfg.profile), out, cfg.data_seed, data_root, "data" in force, dry_run, log, tracking)
-        stage_args = (cfg.profile, train_configs, cfg.seeds, out, data, force)
+        data = dataset_stage(data_profile(cfg.profile), root, cfg.data_seed, data_root, "data" in force, dry_run, log, tracking)
+        stage_args = (cfg.profile, train_configs, cfg.seeds, root, data, force)
         ready = set()
         planned = None if dry_run or cfg.concurrency == 1 else _planned_model_stages(stage_args, cfg)
         if planned and planned[0]:
@@ -145,14 +158,14 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Path | None = None, force:
                                 name="study-stages")
         else:
             sde_model, selections = model_stages(*stage_args, dry_run, log, tracking, cfg.sde, cfg.select, ready.add)
-        trials = plan_trials(cfg, data, out, sde_model, selections)
+        trials = plan_trials(cfg, data, root, sde_model, selections)
         todo = [t for t in trials if "train" in force or not t.done]
         _log_trials(trials, todo, dry_run, log)
         if dry_run:
             log(f"[study] dry run: {len(trials)} trials, {len(trials) - len(todo)} cached; nothing was run")
             return {"trials": [t.name for t in trials], "todo": [t.name for t in todo]}
-        _clear_forced(todo, force, out)
-        errors = _tune_grid(cfg, todo, data, out, sde_model, tracking, address, log, ready, stages) if todo else {}
+        _clear_forced(todo, force, root)
+        errors = _tune_grid(cfg, todo, root, tracking, address, log, ready, stages) if todo else {}
         if stages is not None and not stages.alive():
             stages.result()  # a stage job's error, if one failed
         if any(not t.done and t.key not in errors for t in todo):
@@ -163,7 +176,7 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Path | None = None, force:
             if t.key in errors:
                 log(f"[trial] {t.name}: FAILED ({errors[t.key]}); the study goes on, its cell is marked")
         records = [_record(t) for t in trials]
-        report = _report(cfg, records, out, tracking, log)
+        report = _report(cfg, records, out, root, tracking, log)
         failed = sum(r.get("miou") is None for r in records)
         RunLogger(tracking.uri, tracking.parent_run_id).client.set_tag(tracking.parent_run_id, "segsde.failed_trials", str(failed))
         status = "FINISHED"
@@ -185,15 +198,15 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Path | None = None, force:
 def _log_trials(trials: list[Trial], todo: list[Trial], dry_run: bool, log) -> None:
     for t in trials:
         if t in todo:
-            log(f"[trial] {t.name}: {'would run' if dry_run else 'to run'} ({t.result_dir})")
+            log(f"[trial] {t.name}: {'would run' if dry_run else 'to run'} ({t.result})")
         else:
-            log(f"[trial] {t.name}: cache hit, reusing {t.result_dir}")
+            log(f"[trial] {t.name}: cache hit, reusing {t.result}")
 
 
-def _clear_forced(todo: list[Trial], force, out: Path) -> None:
+def _clear_forced(todo: list[Trial], force, storage: Location) -> None:
     if "train" in force:
         for t in todo:  # recompute, not resume from the finished Train run
-            shutil.rmtree(out / "ray" / f"train-{t.key}", ignore_errors=True)
+            storage.child("ray", f"train-{t.key}").delete()
 
 
 def _planned_model_stages(stage_args: tuple, cfg: StudyConfig) -> tuple[bool, Path | None, dict]:
@@ -204,50 +217,48 @@ def _planned_model_stages(stage_args: tuple, cfg: StudyConfig) -> tuple[bool, Pa
     return any(" would " in line for line in said), sde_model, selections
 
 
-def _needs_ray(cfg: StudyConfig, train_configs: list, out: Path, data_root: Path | None, force) -> bool:
+def _needs_ray(cfg: StudyConfig, train_configs: list, storage: Location, data_root: Location | None, force) -> bool:
     """Whether a stage job or a trial would run: a quiet dry run of the DAG (rendering needs no Ray)."""
-    data = dataset_stage(data_profile(cfg.profile), out, cfg.data_seed, data_root, "data" in force, True, lambda _: None)
-    stage_work, sde_model, selections = _planned_model_stages((cfg.profile, train_configs, cfg.seeds, out, data, force), cfg)
-    return stage_work or "train" in force or not all(t.done for t in plan_trials(cfg, data, out, sde_model, selections))
+    data = dataset_stage(data_profile(cfg.profile), storage, cfg.data_seed, data_root, "data" in force, True, lambda _: None)
+    stage_work, sde_model, selections = _planned_model_stages((cfg.profile, train_configs, cfg.seeds, storage, data, force), cfg)
+    return stage_work or "train" in force or not all(t.done for t in plan_trials(cfg, data, storage, sde_model, selections))
 
 
-def input_stages(profile: str, train_configs: list, seeds, out: Path, data_root: Path | None, data_seed: int,
+def input_stages(profile: str, train_configs: list, seeds, storage: Location, data_root: Location | None, data_seed: int,
                  force=(), dry_run: bool = False, log=print, tracking: StageTracking | None = None,
-                 sde_overrides: dict | None = None, select_overrides: dict | None = None) -> tuple[Path, Path | None, dict]:
+                 sde_overrides: dict | None = None, select_overrides: dict | None = None) -> tuple[Location, Location | None, dict]:
     """The stages every trial of ``train_configs`` needs, computed or reused: the dataset, then
     ``model_stages``. Returns (data, sde model or None, {(method, seed): list file})."""
-    data = dataset_stage(data_profile(profile), out, data_seed, data_root, "data" in force, dry_run, log, tracking)
-    return (data, *model_stages(profile, train_configs, seeds, out, data, force, dry_run, log, tracking, sde_overrides,
+    data = dataset_stage(data_profile(profile), storage, data_seed, data_root, "data" in force, dry_run, log, tracking)
+    return (data, *model_stages(profile, train_configs, seeds, storage, data, force, dry_run, log, tracking, sde_overrides,
                                 select_overrides))
 
 
-def model_stages(profile: str, train_configs: list, seeds, out: Path, data: Path, force=(), dry_run: bool = False, log=print,
-                 tracking: StageTracking | None = None, sde_overrides: dict | None = None,
-                 select_overrides: dict | None = None, ready=lambda name: None) -> tuple[Path | None, dict]:
+def model_stages(profile: str, train_configs: list, seeds, storage: Location, data: Location, force=(), dry_run: bool = False,
+                 log=print, tracking: StageTracking | None = None, sde_overrides: dict | None = None,
+                 select_overrides: dict | None = None, ready=lambda name: None) -> tuple[Location | None, dict]:
     """The stages after the dataset, computed or reused: the SDE model (the profile's sde section with
     ``sde_overrides``) and its pseudo-depth (when a row uses them) and each seed's selection list of every
     selection method (long enough for the largest budget), the one most rows use first. ``ready`` is called
     with each output's ``trial_inputs`` name once it exists. Returns (sde model or None, {(method, seed): list file})."""
-    from segsde.data.store import read_manifest
-
     largest = max(tc.budget for tc in train_configs)
-    if (Path(data) / "manifest.json").is_file() and largest > read_manifest(data)["splits"].get("train", 0):
-        raise SegSDEError(f"budget {largest} is larger than the {read_manifest(data)['splits'].get('train', 0)} "
-                          f"training images of {data}: lower --budgets")
+    manifest = data.child(MANIFEST)
+    available = json.loads(manifest.read_text())["splits"].get("train", 0) if manifest.is_file() else largest
+    if largest > available:
+        raise SegSDEError(f"budget {largest} is larger than the {available} training images of {data}: lower --budgets")
     sde_model = None
     if any(tc.needs_sde or tc.labeled == "selection" and tc.selection not in ("random", "entropy") for tc in train_configs):
         from segsde.sde.run import MODEL_FILE
 
-        sde_dir = sde_stage(profile, data, out, None, "sde" in force, dry_run, log, tracking, sde_overrides)
-        sde_model = sde_dir / MODEL_FILE
-        export_stage(sde_dir, data, bool({"export", "sde"} & set(force)), dry_run, log, tracking)
+        sde_model = sde_stage(profile, data, storage, None, "sde" in force, dry_run, log, tracking, sde_overrides).child(MODEL_FILE)
+        export_stage(sde_model, data, bool({"export", "sde"} & set(force)), dry_run, log, tracking)
         ready("sde")
     selections = {}
     methods = [tc.selection for tc in train_configs if tc.labeled == "selection" and tc.selection]
     for method in sorted(set(methods), key=lambda m: (-methods.count(m), m)):
         for seed in seeds:
             selections[(method, seed)] = selection_stage(
-                method, profile, data, out, seed=seed, budget=largest, sde_model=sde_model,
+                method, profile, data, storage, seed=seed, budget=largest, sde_model=sde_model,
                 force=bool({"select", "sde"} & set(force)), dry_run=dry_run, log=log, tracking=tracking,
                 overrides=select_overrides)
             ready(selection_input(method, seed))
@@ -271,8 +282,8 @@ def start_ray(profile: str, row: str, train: dict, concurrency: int, workers: in
     machine's cores, which the stage jobs use) plus the driver resource that caps concurrent trials."""
     import ray
 
-    from segsde.orchestration.ray_job import init_ray
     from segsde.orchestration.trials import DRIVER_RESOURCE
+    from segsde.runtime.ray_job import init_ray
 
     if ray.is_initialized() and not address and DRIVER_RESOURCE not in ray.cluster_resources():
         ray.shutdown()  # a stage job started local Ray without the driver resource the trials need
@@ -281,40 +292,29 @@ def start_ray(profile: str, row: str, train: dict, concurrency: int, workers: in
              num_gpus=concurrency * workers if gpu else None, resources={DRIVER_RESOURCE: concurrency})
 
 
-def _tune_grid(cfg: StudyConfig, todo: list[Trial], data: Path, out: Path, sde_model: Path | None,
-               tracking: StageTracking, address: str | None, log, ready: set, stages: Background | None) -> dict[str, str]:
+def _tune_grid(cfg: StudyConfig, todo: list[Trial], storage: Location, tracking: StageTracking, address: str | None,
+               log, ready: set, stages: Background | None) -> dict[str, str]:
     """The trials that are not cached, on Ray Tune: each starts once its inputs are in ``ready``, longest
     first, one fewer at a time while the ``stages`` job holds a core. Returns the last line of each failed
     trial's error by trial key."""
     import ray.tune
 
-    from segsde.orchestration.trials import (
-        MlflowStatusCallback,
-        ReadyFirst,
-        TrialSettings,
-        TrialSpec,
-        fresh_run_config,
-        runs_in_process,
-        tune_trainable,
-    )
+    from segsde.orchestration.trials import MlflowStatusCallback, ReadyFirst, TrialSettings, fresh_run_config, runs_in_process, tune_trainable
 
     start_ray(cfg.profile, cfg.rows[0], cfg.train, cfg.concurrency, cfg.workers, cfg.gpu, address)
-    settings = TrialSettings(cfg.profile, str(data), str(out), tracking.uri, tracking.experiment, tracking.parent_run_id,
-                             str(sde_model) if sde_model else None, cfg.workers, cfg.gpu, address, dict(cfg.train),
+    settings = TrialSettings(storage.uri, tracking.uri, tracking.experiment, tracking.parent_run_id, cfg.workers, cfg.gpu, address,
                              stream_evaluations=False, in_process=runs_in_process(cfg.workers, address),
                              threads=train_config(cfg.profile, cfg.rows[0], cfg.train).threads or 1)
     stages_running = (lambda: stages.alive()) if stages is not None else (lambda: False)
-    searcher = ReadyFirst([({"trial": asdict(TrialSpec(t.row, t.budget, t.seed, t.key, str(t.result_dir),
-                                                       str(t.selection) if t.selection else None))}, t.cost, t.needs)
-                           for t in todo], ready, lambda: cfg.concurrency - stages_running(), stages_running)
+    searcher = ReadyFirst([({"plan": t.plan.to_dict()}, t.cost, t.needs) for t in todo], ready,
+                          lambda: cfg.concurrency - stages_running(), stages_running)
     name = f"study-{cache_key({'keys': sorted(t.key for t in todo)})}"
-    storage = out / "tune"
     beside = ", one fewer while the stage jobs run, each once its inputs exist" if stages is not None else ""
-    log(f"[study] running {len(todo)} trials, {cfg.concurrency} at a time{beside} ({storage / name})")
-    # a trial process is reused by the next trial, its imports done: 3 s less CPU per trial (README)
+    log(f"[study] running {len(todo)} trials, {cfg.concurrency} at a time{beside} ({storage.child('tune', name)})")
+    # a trial process is reused by the next trial, its imports done: 3 s less CPU per trial
     tuner = ray.tune.Tuner(tune_trainable(settings), tune_config=ray.tune.TuneConfig(
                                search_alg=searcher, num_samples=len(todo), max_concurrent_trials=cfg.concurrency, reuse_actors=True),
-                           run_config=fresh_run_config(storage, name, MlflowStatusCallback(tracking.uri, tracking.experiment),
+                           run_config=fresh_run_config(storage.child("tune"), name, MlflowStatusCallback(tracking.uri, tracking.experiment),
                                                        max_failures=settings.tune_max_failures))
     errors = {}
     # trials waiting for a stage job's output are not trials short of resources: no Tune warning about those
@@ -323,7 +323,7 @@ def _tune_grid(cfg: StudyConfig, todo: list[Trial], data: Path, out: Path, sde_m
     for result in results:
         if result.error is not None:
             lines = str(result.error).strip().splitlines() or [type(result.error).__name__]
-            errors[result.config["trial"]["key"]] = lines[-1][:300]
+            errors[result.config["plan"]["key"]] = lines[-1][:300]
     return errors
 
 
@@ -339,19 +339,21 @@ def _environ(values: dict):
 
 
 def _record(trial: Trial) -> dict:
-    base = {"row": trial.row, "budget": trial.budget, "seed": trial.seed}
+    base = {"row": trial.plan.row, "budget": trial.plan.train.budget, "seed": trial.plan.train.seed}
     if not trial.done:
         return {**base, "miou": None}
-    return {**json.loads((trial.result_dir / METRICS_FILE).read_text()), **base}
+    return {**json.loads(trial.result.child(METRICS_FILE).read_text()), **base}
 
 
-def _report(cfg: StudyConfig, records: list[dict], out: Path, tracking: StageTracking, log) -> Path:
+def _report(cfg: StudyConfig, records: list[dict], out: Path, storage: Location, tracking: StageTracking, log) -> Path:
     from segsde.orchestration.report import write_report
     from segsde.tracking import RunLogger
 
     logger = RunLogger(tracking.uri, tracking.parent_run_id)
     where = out / "study" / f"{cfg.profile}-{cache_key({'study': asdict(cfg)})}"
     text = write_report(records, list(cfg.rows), list(cfg.budgets), where, logger)
+    if not storage.is_local:  # the driver's copy is for reading; the storage root keeps the durable one
+        storage.child("study", where.name).upload_dir(where)
     log(text)
     done = [r for r in records if r.get("miou") is not None]
     logger.metrics({f"study/{r['row']}/b{r['budget']}/s{r['seed']}/miou": 100 * r["miou"] for r in done}, step=0)

@@ -14,9 +14,10 @@ from ray.tune.search.optuna import OptunaSearch
 
 from segsde.configs import check
 from segsde.errors import SegSDEError
-from segsde.orchestration.stages import StageTracking, cache_key
+from segsde.orchestration.stages import StageTracking
 from segsde.profiles import ABLATIONS_DIR, load_profile, load_yaml
 from segsde.sde.run import sde_config
+from segsde.storage import Location, as_location, cache_key, storage_uri
 from segsde.trainer.run import study_rows, train_config
 
 SPACE_FILE = ABLATIONS_DIR / "sweep_space.yaml"
@@ -126,13 +127,18 @@ def optuna_storage(out: Path) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(f"sqlite:///{Path(out).absolute() / 'optuna.db'}")
 
 
-def run_sweep(cfg: SweepConfig, out: Path, data_root: Path | None = None, address: str | None = None,
-              tracking_uri: str | None = None, experiment: str | None = None, resume: bool = False, log=print) -> dict:
-    """One sweep per budget; returns, per budget, the best settings and where the study lives."""
+def run_sweep(cfg: SweepConfig, out: Path, data_root: Location | str | None = None, address: str | None = None,
+              tracking_uri: str | None = None, experiment: str | None = None, resume: bool = False,
+              storage: str | None = None, log=print) -> dict:
+    """One sweep per budget; returns, per budget, the best settings and where the study lives. The Optuna
+    study (the sweep's own state) is a sqlite file in the driver's ``out``; every other artifact goes to the
+    storage root (``storage``, else ``$SEGSDE_STORAGE``, else ``out``)."""
+    from segsde.orchestration.preflight import preflight
     from segsde.orchestration.study import input_stages, start_ray
     from segsde.tracking import end_run, get_or_create_run, kill_running_children, resolve_tracking_uri
 
     out = Path(out).absolute()
+    root = Location(storage_uri(storage, out))
     experiment = experiment or f"segsde-sweep-{cfg.profile}"
     space = search_space(cfg)
     uri = resolve_tracking_uri(out, tracking_uri)  # an unusable store fails here, before the Optuna store exists
@@ -145,7 +151,9 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Path | None = None, addres
                           "pass --resume to continue it, or --experiment NAME for a new sweep")
     configs = [train_config(cfg.profile, cfg.row, {**cfg.train, "budget": b, "seed": cfg.seed}) for b in cfg.budgets]
     start_ray(cfg.profile, cfg.row, cfg.train, cfg.concurrency, cfg.workers, cfg.gpu, address)  # stage jobs share it
-    data, sde_model, selections = input_stages(cfg.profile, configs, (cfg.seed,), out, data_root, cfg.data_seed, log=log,
+    preflight(root, uri)
+    data, sde_model, selections = input_stages(cfg.profile, configs, (cfg.seed,), root,
+                                                as_location(data_root) if data_root else None, cfg.data_seed, log=log,
                                                 sde_overrides=cfg.sde)
     results = {}
     for budget, tc in zip(cfg.budgets, configs):
@@ -158,7 +166,7 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Path | None = None, addres
         try:
             selection = selections.get((tc.selection, cfg.seed)) if tc.labeled == "selection" else None
             tracking = StageTracking(uri, experiment, parent)
-            _tune_budget(cfg, name, space, tc, data, out, sde_model, selection, tracking, storage, address, resume, log)
+            _tune_budget(cfg, name, space, tc, data, root, sde_model, selection, tracking, storage, address, resume, log)
             results[budget] = _summarise_budget(cfg, name, storage, tracking, out, log)
             status = "FINISHED"
         except KeyboardInterrupt:
@@ -170,13 +178,14 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Path | None = None, addres
     return {"budgets": results, "tracking_uri": uri, "experiment": experiment, "optuna_storage": str(out / "optuna.db")}
 
 
-def _tune_budget(cfg, name, space, tc, data, out, sde_model, selection, tracking, storage, address, resume, log) -> None:
+def _tune_budget(cfg, name, space, tc, data, root, sde_model, selection, tracking, storage, address, resume, log) -> None:
     """One Tuner over the trials the Optuna study still lacks. The study is the sweep's only state (see
     ``fresh_run_config``): a resumed sweep starts a new Tuner that hands the interrupted Optuna trials out again."""
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from segsde.orchestration.trials import MlflowStatusCallback, TrialSettings, TrialSpec, fresh_run_config, runs_in_process, tune_trainable
+    from segsde.orchestration.trials import MlflowStatusCallback, TrialSettings, fresh_run_config, runs_in_process, tune_trainable
+    from segsde.trainer.run import TrialPlan
 
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
     finished = sum(t.state.is_finished() for t in study.trials)
@@ -187,21 +196,21 @@ def _tune_budget(cfg, name, space, tc, data, out, sde_model, selection, tracking
             f"{len(interrupted)} interrupted (they go on from their last checkpoint)")
     if samples <= 0:
         return
-    settings = TrialSettings(cfg.profile, str(data), str(out), tracking.uri, tracking.experiment, tracking.parent_run_id,
-                             str(sde_model) if sde_model else None, cfg.workers, cfg.gpu, address, dict(cfg.train),
+    settings = TrialSettings(root.uri, tracking.uri, tracking.experiment, tracking.parent_run_id, cfg.workers, cfg.gpu, address,
                              in_process=runs_in_process(cfg.workers, address), threads=tc.threads or 1)
     searcher = AshaAwareOptunaSearch(space=space, metric=METRIC, mode="max", sampler=optuna.samplers.TPESampler(seed=cfg.seed),
                                      points_to_evaluate=None if study.trials else [defaults(cfg, space)],
                                      study_name=name, storage=storage, full_steps=tc.steps, interrupted=interrupted[:samples])
     scheduler = ASHAScheduler(time_attr="step", metric=METRIC, mode="max", max_t=tc.steps, grace_period=tc.eval_interval,
                               reduction_factor=cfg.reduction_factor)
-    spec = asdict(TrialSpec(cfg.row, tc.budget, cfg.seed, selection=str(selection) if selection else None))
+    plan = TrialPlan(cfg.row, cfg.profile, tc, str(data), str(sde_model) if sde_model and tc.needs_sde else None,
+                     str(selection) if selection else None)
     log(f"[sweep] {samples} trials of row '{cfg.row}' over {sorted(k.removeprefix('params/') for k in space)}, "
         f"ASHA on {METRIC} every {tc.eval_interval} of {tc.steps} steps, {cfg.concurrency} at a time")
-    ray.tune.Tuner(tune_trainable(settings), param_space={"trial": spec},
+    ray.tune.Tuner(tune_trainable(settings), param_space={"plan": plan.to_dict()},
                    tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=samples,
                                                    max_concurrent_trials=cfg.concurrency),
-                   run_config=fresh_run_config(out / "tune", name, MlflowStatusCallback(tracking.uri, tracking.experiment, tc.steps),
+                   run_config=fresh_run_config(root.child("tune"), name, MlflowStatusCallback(tracking.uri, tracking.experiment, tc.steps),
                                                max_failures=settings.tune_max_failures)).fit()
     if any(t.state == optuna.trial.TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
         raise KeyboardInterrupt  # Tune took a Ctrl-C and ended the trials early (an ended trial is told to Optuna)

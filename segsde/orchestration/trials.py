@@ -5,15 +5,14 @@ callback that closes those runs whatever the trial's fate (finished, stopped ear
 from __future__ import annotations
 
 import json
-import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray.tune
 from ray.tune.search import Searcher
 
-from segsde.data.store import atomic_write_bytes
+from segsde.storage import Location, as_location
 
 DRIVER_RESOURCE = "train_driver"  # custom resource: caps concurrent trial drivers without taking CPUs from workers
 TRIAL_ID_TAG = "ray_trial_id"
@@ -21,18 +20,14 @@ TRIAL_ID_TAG = "ray_trial_id"
 
 @dataclass(frozen=True)
 class TrialSettings:
-    """What every trial of one Tuner shares."""
-    profile: str
-    data: str
-    out: str                        # cache and checkpoints of the study live under here
+    """What every trial of one Tuner shares (each trial's own config and inputs are its ``TrialPlan``)."""
+    storage: str                    # the storage root: Train checkpoints go under its ray/
     tracking_uri: str
     experiment: str
     parent_run_id: str
-    sde_model: str | None = None
     workers: int = 1
     gpu: bool = False
     address: str | None = None
-    overrides: dict = field(default_factory=dict)   # the study's or sweep's train overrides (steps, ...)
     max_failures: int = 1           # restarts of a failed trial: Train's of its worker group, or Tune's of the trial
     # every evaluation to Tune as it happens (a scheduler such as ASHA acts on them; from Train workers through a
     # queue actor per trial); otherwise the driver reports the final scores once, at the end (a study's grid needs no more)
@@ -50,54 +45,41 @@ class TrialSettings:
 
 def runs_in_process(workers: int, address: str | None) -> bool:
     """Whether trials run their loop in their own Tune trial process: on local Ray with one worker a trial
-    then starts no Train controller and worker group (10 s per quick trial, README); with DDP, or on a
+    then starts no Train controller and worker group (about 10 s per quick trial); with DDP, or on a
     cluster (where Train places the workers on GPU nodes), Train workers run it."""
     return workers == 1 and not address
 
 
-@dataclass(frozen=True)
-class TrialSpec:
-    """One trial: ``key`` is stable (the trial's cache key); None in a sweep, where the searcher's
-    ``trial_key`` (study name and Optuna trial number, the same in a resumed sweep) makes it."""
-    row: str
-    budget: int
-    seed: int
-    key: str | None = None
-    result_dir: str | None = None   # metrics.json goes here (the trial's cache entry)
-    selection: str | None = None    # an ordered id list (the DAG's selection stage)
-
-
 def trial_driver(config: dict, settings: TrialSettings) -> None:
-    """The Tune trainable: ``config["trial"]`` is a TrialSpec as a dict, ``config.get("params")`` the
-    values a searcher proposed (train config keys) and ``config.get("trial_key")`` its name for the trial."""
-    from segsde.orchestration.ray_job import make_trainer
+    """The Tune trainable: ``config["plan"]`` is the trial's TrialPlan as a dict; in a sweep,
+    ``config["params"]`` holds the values the searcher proposed and ``config["trial_key"]`` its name for the trial."""
     from segsde.runtime import progress
+    from segsde.runtime.ray_job import make_trainer
+    from segsde.storage import Location
     from segsde.tracking import RunLogger, get_or_create_run
-    from segsde.trainer.run import METRICS_FILE, _loop, prepare_trial, summarise
+    from segsde.trainer.run import METRICS_FILE, TrialPlan, _loop, prepare_trial, summarise
 
-    spec = TrialSpec(**config["trial"])
+    plan = TrialPlan.from_dict(config["plan"])
+    if "params" in config:
+        plan = plan.with_params(config["params"], config["trial_key"])
     trial_id = ray.tune.get_context().get_trial_id()
-    key = spec.key or config["trial_key"]
-    overrides = {**settings.overrides, **config.get("params", {}), "budget": spec.budget, "seed": spec.seed}
-    trial = prepare_trial(settings.data, spec.row, settings.profile, overrides, settings.sde_model, spec.selection,
-                          settings.workers, settings.gpu, settings.address, settings.tracking_uri,
-                          cache_root=Path(settings.out), log=None)
+    trial = prepare_trial(plan, settings.workers, settings.gpu, settings.address, settings.tracking_uri)
     tags = {**trial.tags, "mlflow.parentRunId": settings.parent_run_id, TRIAL_ID_TAG: trial_id}
-    run_id, created = get_or_create_run(settings.tracking_uri, settings.experiment, key, trial.run_name,
+    run_id, created = get_or_create_run(settings.tracking_uri, settings.experiment, plan.key, trial.run_name,
                                         {**trial.params, "params": config.get("params", {})}, tags)
     if created:
         RunLogger(settings.tracking_uri, run_id).client.log_text(run_id, "\n".join(trial.labeled) + "\n", "labeled_ids.txt")
     progress(f"[trial] {trial.run_name}: MLflow run {run_id}{'' if created else ' (found again)'}")
     start = time.perf_counter()
-    trainer = make_trainer(_loop, {**trial.loop_config, "mlflow_run_id": run_id}, f"train-{key}",
-                           Path(settings.out) / "ray", settings.workers, settings.gpu, trial.cfg.threads or 1,
+    trainer = make_trainer(_loop, {**trial.loop_config, "mlflow_run_id": run_id}, f"train-{plan.key}",
+                           Location(settings.storage).child("ray"), settings.workers, settings.gpu, plan.train.threads or 1,
                            settings.max_failures, in_process=settings.in_process,
                            callbacks=[evaluations_to_tune()] if settings.stream_evaluations and not settings.in_process else None,
                            on_report=evaluation_to_tune if settings.stream_evaluations and settings.in_process else None)
     result = trainer.fit()
     summary = summarise(trial, result, time.perf_counter() - start, run_id)
-    if spec.result_dir:
-        atomic_write_bytes(Path(spec.result_dir) / METRICS_FILE, json.dumps(summary, indent=1).encode())
+    if plan.result:
+        Location(plan.result).child(METRICS_FILE).write_text(json.dumps(summary, indent=1))
     if not settings.stream_evaluations:
         ray.tune.report({k: v for k, v in summary.items() if isinstance(v, (int, float)) and v == v})
 
@@ -125,20 +107,23 @@ def evaluation_to_tune(metrics: dict) -> None:
 def tune_trainable(settings: TrialSettings):
     """``trial_driver`` bound to ``settings``, scheduled on the driver resource: with 0 CPU when its loop
     runs on Train workers (which hold their own), else with the loop's CPUs (and GPU)."""
-    from segsde.orchestration.ray_job import loop_resources
+    from segsde.runtime.ray_job import loop_resources
 
     loop = loop_resources(settings.threads, settings.gpu) if settings.in_process else {"CPU": 0}
     return ray.tune.with_resources(ray.tune.with_parameters(trial_driver, settings=settings), {**loop, DRIVER_RESOURCE: 1})
 
 
-def fresh_run_config(storage: Path, name: str, callback: ray.tune.Callback, max_failures: int = 0) -> ray.tune.RunConfig:
+def fresh_run_config(storage: Location, name: str, callback: ray.tune.Callback, max_failures: int = 0) -> ray.tune.RunConfig:
     """The RunConfig of a new Tune experiment ``storage/name``, its earlier files removed. Studies and sweeps
     never ``Tuner.restore``: Tune copies its experiment files to storage behind the trials, so after a kill
     they can be out of step with each other (a sweep resumed that way left Optuna trials RUNNING). A rerun
     finds what it needs elsewhere: the stage cache, the Optuna study, Train checkpoints by trial key.
     ``max_failures``: Tune's restarts of a failed trial; none where Train restarts its workers (TrialSettings)."""
-    shutil.rmtree(Path(storage) / name, ignore_errors=True)
-    return ray.tune.RunConfig(name=name, storage_path=str(storage), verbose=1,
+    from segsde.runtime.ray_job import ray_storage
+
+    storage = as_location(storage)
+    storage.child(name).delete()
+    return ray.tune.RunConfig(name=name, **ray_storage(storage), verbose=1,
                               failure_config=ray.tune.FailureConfig(max_failures=max_failures), callbacks=[callback])
 
 

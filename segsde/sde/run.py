@@ -1,5 +1,6 @@
-"""The SDE stage's driver: start (or join) Ray, run the worker loop in a TorchTrainer, keep MLflow's run
-in step with the outcome, and leave ``<out>/model.pt`` + ``<out>/metrics.json`` behind on success."""
+"""The SDE job: start (or join) Ray, run the worker loop in a TorchTrainer, keep MLflow's run in step with the
+outcome, and publish ``<out>/model.pt``, then ``<out>/metrics.json`` (the entry's marker), on success. ``data``
+and ``out`` are storage locations (local paths or URIs)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-from segsde.data.store import atomic_write_bytes, read_manifest
+from segsde.data.store import read_manifest
 from segsde.errors import SegSDEError
 from segsde.profiles import load_profile
 from segsde.runtime import CHECKPOINT_FILE, load_state
 from segsde.sde.config import SDEConfig
+from segsde.storage import Location, as_location, localize
 
 MODEL_FILE, METRICS_FILE = "model.pt", "metrics.json"
 
@@ -28,26 +30,26 @@ def sde_config(profile: str, overrides: dict | None = None) -> SDEConfig:
     return SDEConfig.from_dict({**section, **(overrides or {})}, where=f"profile '{profile}' sde section")
 
 
-def save_model(path: Path, state: dict) -> None:
+def save_model(path: Location | Path, state: dict) -> None:
     """Weights for later stages (no optimiser, no frozen reference copy) + the config that built them."""
     weights = {k: v for k, v in state["model"].items() if not k.startswith("reference.")}
     buf = io.BytesIO()
     torch.save({"model": weights, "config": state["config"], "step": state["step"]}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    as_location(path).write_bytes(buf.getvalue())
 
 
-def run_sde(data: Path, out: Path, profile: str = "quick", workers: int = 1, gpu: bool = False,
+def run_sde(data: Location | Path, out: Location | Path, profile: str = "quick", workers: int = 1, gpu: bool = False,
             overrides: dict | None = None, resume_from: Path | None = None, fresh: bool = False,
             address: str | None = None, tracking_uri: str | None = None, experiment: str = "segsde-sde",
             stop_after: int | None = None, parent_run_id: str | None = None, run_key: str | None = None,
             log=sys.stderr) -> dict:
     """Train the SDE model on ``data``; return the final validation metrics and where the model went."""
-    from segsde.orchestration.ray_job import check_resources, fit
+    from segsde.runtime.ray_job import check_resources, fit
     from segsde.tracking import RunLogger, resolve_tracking_uri, study_tags, tracked_run
 
     cfg = sde_config(profile, overrides)
-    data, out = Path(data).absolute(), Path(out).absolute()
-    manifest = read_manifest(data)
+    data, out = as_location(data), as_location(out)
+    manifest = read_manifest(localize(data))
     if "train" not in manifest["splits"] or "val" not in manifest["splits"]:
         raise SegSDEError(f"{data} needs 'train' and 'val' splits for SDE training (it has {sorted(manifest['splits'])}): rebuild it")
     if cfg.oracle != "none" and manifest["source"] != "synthetic":
@@ -56,7 +58,6 @@ def run_sde(data: Path, out: Path, profile: str = "quick", workers: int = 1, gpu
     if resume_from is not None and not (Path(resume_from) / CHECKPOINT_FILE).is_file():
         raise SegSDEError(f"--resume-from {resume_from} is not a checkpoint directory (no {CHECKPOINT_FILE}): pass one under {out}/ray")
     check_resources(workers, gpu, address)
-    out.mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(out, tracking_uri)
     config = {"sde": asdict(cfg), "data": str(data), "profile": profile, "workers": workers, "gpu": gpu}
     start = time.perf_counter()
@@ -64,17 +65,17 @@ def run_sde(data: Path, out: Path, profile: str = "quick", workers: int = 1, gpu
         print(f"[sde] MLflow run {run_id} in {uri}", file=log, flush=True)
         loop_config = {"sde": asdict(cfg), "data": str(data), "tracking_uri": uri, "mlflow_run_id": run_id,
                        "resume_from": str(resume_from) if resume_from else None, "stop_after": stop_after}
-        result = fit(_loop, loop_config, "sde", out / "ray", workers, gpu, cfg.threads or 1, fresh, address)
+        result = fit(_loop, loop_config, "sde", out.child("ray"), workers, gpu, cfg.threads or 1, fresh, address)
         if result.checkpoint is None:
-            raise SegSDEError(f"SDE training reported no checkpoint: rerun with --fresh to start over in {out / 'ray'}")
+            raise SegSDEError(f"SDE training reported no checkpoint: rerun with --fresh to start over in {out.child('ray')}")
         with result.checkpoint.as_directory() as d:
             state = load_state(d)
-        save_model(out / MODEL_FILE, state)
+        save_model(out.child(MODEL_FILE), state)
         metrics = {k: v for k, v in result.metrics.items() if k.startswith("val_") or k in ("step", "images_per_s")}
         summary = {**{k.removeprefix("val_"): v for k, v in metrics.items()}, "seconds": round(time.perf_counter() - start, 1),
-                   "model": str(out / MODEL_FILE), "checkpoint": result.checkpoint.path, "mlflow_run_id": run_id}
-        atomic_write_bytes(out / METRICS_FILE, json.dumps(summary, indent=1).encode())
-        RunLogger(uri, run_id).artifact(out / MODEL_FILE, "model")
+                   "model": str(out.child(MODEL_FILE)), "checkpoint": result.checkpoint.path, "mlflow_run_id": run_id}
+        RunLogger(uri, run_id).artifact(localize(out.child(MODEL_FILE)), "model")
+        out.child(METRICS_FILE).write_text(json.dumps(summary, indent=1))
         return summary
 
 

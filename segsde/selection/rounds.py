@@ -17,10 +17,12 @@ import numpy as np
 import torch
 
 from segsde.data.splits import random_order
+from segsde.data.store import local_dataset
 from segsde.runtime import progress, report, resume_state, start_worker
 from segsde.selection.config import NEEDS_FEATURES, NEEDS_STUDENT, SelectionConfig
 from segsde.selection.ifp import farthest_points, random_projection, standardise
 from segsde.selection.jobs import broadcast, compute_features, score_candidates, train_round
+from segsde.storage import localize
 
 RESULT_FILE = "selection.pt"
 
@@ -46,6 +48,8 @@ def selection_loop(config: dict) -> None:
     and mean score in RESULT_FILE."""
     cfg = SelectionConfig.from_dict(config["select"])
     worker = start_worker(cfg.threads, cfg.seed, cfg.precision)
+    config = {**config, "data": str(local_dataset(config["data"])),  # read from this node's copies
+              "sde_model": str(localize(config["sde_model"])) if config.get("sde_model") else None}
     rounds = Rounds(config["method"], cfg, config["data"], config["pool"], config.get("sde_model"), worker,
                     resume_state(None, worker.device) or {})
     records = rounds.run()

@@ -1,16 +1,17 @@
 """The data-selection driver: run the selection as one Ray Train job (segsde/selection/rounds.py: features,
 rounds, picks), write the ordered list and log it to MLflow.
 
-Every method returns one ordered id list whose prefixes are the smaller budgets. The job's checkpoints
-live in ``<out>.work/`` (after the features, after each round and every ``checkpoint_interval`` steps), so
-an interrupted selection continues where it stopped; the Parquet file appears only when the whole list is
-done, and the work directory is removed then.
+Every method returns one ordered id list whose prefixes are the smaller budgets. The job takes resolved
+inputs (the dataset and, for the SDE-based methods, the SDE model and its pseudo-depth: see
+``orchestration.stages.select_inputs``). Its checkpoints live in ``<out>.work/`` under the same storage root
+(after the features, after each round and every ``checkpoint_interval`` steps), so an interrupted selection
+continues where it stopped; the Parquet file appears only when the whole list is done, and the work
+directory is removed then.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -22,10 +23,11 @@ import pyarrow.parquet as pq
 import torch
 
 from segsde.data.splits import random_order
-from segsde.data.store import atomic_write_bytes, read_manifest, split_ids
+from segsde.data.store import local_dataset, read_manifest, read_side_meta, split_ids
 from segsde.errors import SegSDEError
 from segsde.profiles import load_profile
-from segsde.selection.config import METHODS, NEEDS_STUDENT, SelectionConfig
+from segsde.selection.config import METHODS, NEEDS_FEATURES, NEEDS_STUDENT, SelectionConfig
+from segsde.storage import Location, as_location, cache_key, localize
 
 COLUMNS = ("id", "rank", "round", "score", "distance", "difficulty", "entropy")
 
@@ -75,66 +77,64 @@ def class_balance(counts: np.ndarray, chosen: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum() / np.log(present.sum())) if present.sum() > 1 else 1.0
 
 
-def write_selection(path: Path, records: list[dict], meta: dict) -> None:
+def write_selection(path: Location | Path, records: list[dict], meta: dict) -> None:
     table = pa.table({c: [r.get(c) for r in records] for c in COLUMNS},
                      schema=pa.schema([("id", pa.string()), ("rank", pa.int64()), ("round", pa.int64())] +
                                       [(c, pa.float64()) for c in COLUMNS[3:]]))
     table = table.replace_schema_metadata({"segsde.selection": json.dumps(meta)})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    as_location(path).write_bytes(sink.getvalue().to_pybytes())
 
 
-def read_selection_meta(path: Path) -> dict | None:
+def read_selection_meta(path: Location | Path) -> dict | None:
+    path = as_location(path)
     try:
-        meta = pq.read_schema(path).metadata or {}
+        meta = pq.read_schema(path.path, filesystem=path.filesystem).metadata or {}
     except (OSError, pa.ArrowInvalid):
         return None
     raw = meta.get(b"segsde.selection")
     return json.loads(raw) if raw else None
 
 
-def run_select(data: Path, method: str, out: Path, sde_checkpoint: Path | None = None, profile: str = "quick",
-               overrides: dict | None = None, cache_root: Path = Path("outputs"), workers: int = 1, gpu: bool = False,
+def run_select(data: Location | Path, method: str, out: Location | Path, sde_checkpoint: Location | Path | None = None,
+               profile: str = "quick", overrides: dict | None = None, workers: int = 1, gpu: bool = False,
                address: str | None = None, tracking_uri: str | None = None, experiment: str = "segsde-select",
                fresh: bool = False, parent_run_id: str | None = None, run_key: str | None = None, log=None) -> dict:
     """Select ``cfg.budgets[-1]`` images of ``data``'s training split with ``method``; write ``out``."""
-    from segsde.orchestration.ray_job import check_resources
+    from segsde.runtime.ray_job import check_resources
     from segsde.tracking import RunLogger, resolve_tracking_uri, study_tags, tracked_run
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     check_method(method)
     cfg = selection_config(profile, overrides)
-    data, out = Path(data).absolute(), Path(out).absolute()
-    if out.suffix != ".parquet":
+    data, out = as_location(data), as_location(out)
+    if not out.name.endswith(".parquet"):
         raise SegSDEError(f"--out {out} must end in .parquet (the selection is written as id, rank, round, score parts)")
-    manifest = read_manifest(data)
+    local = local_dataset(data)
+    manifest = read_manifest(local)
     if "train" not in manifest["splits"]:
         raise SegSDEError(f"{data} has no 'train' split to select from (it has {sorted(manifest['splits'])}): rebuild it")
-    pool = sorted(split_ids(data, "train"))
+    pool = sorted(split_ids(local, "train"))
     if cfg.budgets[-1] > len(pool):
         raise SegSDEError(f"the largest budget {cfg.budgets[-1]} exceeds the pool of {len(pool)} images: lower --budgets")
     check_resources(workers, gpu, address)
-    counts = class_pixels(data, pool)
+    counts = class_pixels(local, pool)
     if method == "entropy" and counts is None:
         raise SegSDEError(f"the entropy baseline trains on the labels it selects, and {data} has unlabeled training images: "
                           "use a labeled pool or another method")
-    sde_model = None
-    if method != "random" and method != "entropy":
-        sde_model = _sde_model(sde_checkpoint, profile, data, cache_root, tracking_uri, log)
-        if method in NEEDS_STUDENT:
-            from segsde.orchestration.stages import export_stage
-
-            export_stage(sde_model, data, log=log)
-    from segsde.orchestration.stages import cache_key
-
+    sde_model = as_location(sde_checkpoint) if sde_checkpoint is not None and method in NEEDS_FEATURES + NEEDS_STUDENT else None
+    if method in NEEDS_FEATURES + NEEDS_STUDENT and sde_model is None:
+        raise SegSDEError(f"method '{method}' needs the SDE model: pass --sde-checkpoint MODEL.pt (written by `segsde sde`)")
+    if method in NEEDS_STUDENT and read_side_meta(local, "pseudo_depth") is None:
+        raise SegSDEError(f"method '{method}' trains its student on the SDE pseudo-depth, which {data} lacks: run "
+                          "`segsde sde export --checkpoint MODEL.pt --data DIR` first")
     meta = {"method": method, "config": asdict(cfg), "data": str(data), "sde_model": str(sde_model) if sde_model else None}
     work = out.with_name(out.name + ".work")
     key = cache_key(meta)
-    if fresh or not (work / "key").is_file() or (work / "key").read_text() != key:
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        (work / "key").write_text(key)
+    if fresh or not work.child("key").is_file() or work.child("key").read_text() != key:
+        work.delete()
+        work.child("key").write_text(key)
     else:
         log(f"[select] continuing the interrupted selection in {work}")
     uri = resolve_tracking_uri(out.parent, tracking_uri)
@@ -146,26 +146,26 @@ def run_select(data: Path, method: str, out: Path, sde_checkpoint: Path | None =
         records = _select(method, cfg, data, pool, sde_model, work, job, logger)
         coverage = _log_selection(logger, records, cfg, method, pool, counts)
         write_selection(out, records, {**meta, "seed": cfg.seed, "budgets": list(cfg.budgets)})
-        logger.artifact(out, "selection")
-    shutil.rmtree(work, ignore_errors=True)
+        logger.artifact(localize(out), "selection")
+    work.delete()
     seconds = round(time.perf_counter() - start, 1)
     log(f"[select] '{method}' chose {len(records)} of {len(pool)} images in {seconds:.0f} s -> {out}")
     return {"out": str(out), "method": method, "seed": cfg.seed, "budgets": list(cfg.budgets), "ids": len(records),
             "first": [r["id"] for r in records[:3]], "class_coverage": coverage, "seconds": seconds, "mlflow_run_id": run_id}
 
 
-def _select(method: str, cfg: SelectionConfig, data: Path, pool: list[str], sde_model: Path | None, work: Path,
+def _select(method: str, cfg: SelectionConfig, data: Location, pool: list[str], sde_model: Location | None, work: Location,
             job: dict, logger) -> list[dict]:
     """The ordered records: a seeded permutation for `random`, else one Ray Train job (segsde/selection/rounds.py)
     whose checkpoints under ``work`` let a rerun continue an interrupted selection."""
-    from segsde.orchestration.ray_job import fit
+    from segsde.runtime.ray_job import fit
     from segsde.selection.rounds import RESULT_FILE, new_record, ranked
 
     if method == "random":
         return ranked([new_record(sid) for sid in random_order(pool, cfg.seed)[: cfg.budgets[-1]]], cfg.budgets)
     config = {"select": asdict(cfg), "method": method, "data": str(data), "pool": pool,
               "sde_model": str(sde_model) if sde_model else None}
-    result = fit(_selection_job, config, "selection", work / "ray", fresh=False, **job)
+    result = fit(_selection_job, config, "selection", work.child("ray"), fresh=False, **job)
     if result.checkpoint is None:
         raise SegSDEError(f"the selection job in {work} reported no result: rerun with --fresh")
     with result.checkpoint.as_directory() as d:
@@ -174,20 +174,6 @@ def _select(method: str, cfg: SelectionConfig, data: Path, pool: list[str], sde_
     for stat in payload["rounds"]:
         logger.metrics({"select/round_seconds": stat["seconds"], f"select/mean_{score}": stat["mean_score"]}, step=stat["round"])
     return payload["records"]
-
-
-def _sde_model(checkpoint: Path | None, profile: str, data: Path, cache_root: Path, tracking_uri: str | None, log) -> Path:
-    from segsde.sde.run import MODEL_FILE
-
-    if checkpoint is not None:
-        if not Path(checkpoint).is_file():
-            raise SegSDEError(f"--sde-checkpoint {checkpoint} does not exist: pass the model.pt written by `segsde sde`, or leave it out")
-        return Path(checkpoint).absolute()
-    from segsde.orchestration.stages import sde_stage
-    from segsde.tracking import resolve_tracking_uri
-
-    cache_root = Path(cache_root).absolute()
-    return sde_stage(profile, data, cache_root, tracking_uri=resolve_tracking_uri(cache_root, tracking_uri), log=log) / MODEL_FILE
 
 
 def _log_selection(logger, records: list[dict], cfg: SelectionConfig, method: str, pool: list[str], counts) -> dict:

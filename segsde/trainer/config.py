@@ -128,3 +128,11 @@ class TrainConfig:
             (self.eval_interval >= 1 and self.checkpoint_interval >= 1 and self.log_interval >= 1, "intervals must be >= 1"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
         ], where)
+
+
+SCORE_KEYS = ("miou", "best_miou", "pixel_accuracy", "full_miou", "full_pixel_accuracy")
+
+
+def final_scores(metrics: dict) -> dict:
+    """The scores of a trial's report that make its result: SCORE_KEYS and the class IoUs."""
+    return {k: v for k, v in metrics.items() if k in SCORE_KEYS or k.startswith("iou/")}

@@ -20,14 +20,15 @@ import torch.nn.functional as F
 
 from segsde.data.dataset import SegSDEDataset, validation_split
 from segsde.data.labels import CLASS_NAMES
+from segsde.data.store import local_dataset
 from segsde.metrics.segmentation import confusion_matrix, iou_table, scores
 from segsde.runtime import autocast, evaluation_mode, place, progress, report, resume_state, start_worker, step_seed
 from segsde.ssl.augment import StrongAugment
 from segsde.ssl.teacher import ema_update, make_teacher
-from segsde.trainer.config import TrainConfig
+from segsde.storage import localize
+from segsde.trainer.config import TrainConfig, final_scores
 from segsde.trainer.data import TrialBatches
 from segsde.trainer.model import build_network, load_transfer, parameter_groups
-from segsde.trainer.run import final_scores
 from segsde.trainer.step import pseudo_label_loss, supervised_loss
 
 
@@ -76,6 +77,8 @@ def train_loop_per_worker(config: dict) -> None:
     ``mlflow_run_id``, ``full_resolution_root``, ``resume_from`` and ``stop_after``."""
     cfg = TrainConfig.from_dict(config["train"])
     worker = start_worker(cfg.threads, cfg.seed, cfg.precision)
+    config = {**config, "data": str(local_dataset(config["data"])),  # read from this node's copies
+              "sde_model": str(localize(config["sde_model"])) if config.get("sde_model") else None}
     gpu = worker.device.type == "cuda"
     model = build_network(cfg)
     sde_cfg = load_transfer(model, Path(config["sde_model"]), cfg) if cfg.transfer else None

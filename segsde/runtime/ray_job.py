@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from segsde.errors import SegSDEError
+from segsde.storage import Location, as_location
 
 # Ray Train's controller polls its workers (start, reports, end) every 2 s by default; locally a poll is
-# cheap, and at 0.5 s a quick trial's start-up fell from 19.8 to 15.9 s (README: overhead). On one machine
+# cheap, and a quick trial starts about 4 s sooner at 0.5 s. On one machine
 # there is no node to lose to a preemption, and nobody scrapes Train's Prometheus metrics: the watcher is one
 # more Python process per Train run (2 s of CPU each, 24 s in the default study) and both cost CPU the trials need
 LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
@@ -95,7 +95,14 @@ def loop_resources(threads: int, gpu: bool) -> dict:
     return {"CPU": threads, **({"GPU": 1} if gpu else {})}
 
 
-def make_trainer(loop, loop_config: dict, name: str, storage: Path | str, workers: int = 1, gpu: bool = False,
+def ray_storage(storage: Location) -> dict:
+    """``storage`` as Ray's RunConfig takes it: a local path alone, else the path inside its filesystem."""
+    storage = as_location(storage)
+    return {"storage_path": storage.path} if storage.is_local else \
+        {"storage_path": storage.path, "storage_filesystem": storage.filesystem}
+
+
+def make_trainer(loop, loop_config: dict, name: str, storage: Location, workers: int = 1, gpu: bool = False,
                  threads: int = 1, max_failures: int = 2, callbacks: list | None = None, in_process: bool = False,
                  on_report=None):
     """A TorchTrainer for ``loop`` on ``workers`` Ray Train workers (one GPU each with ``gpu``) whose
@@ -111,10 +118,11 @@ def make_trainer(loop, loop_config: dict, name: str, storage: Path | str, worker
         logging.getLogger("ray.train.v2.api.config").setLevel(logging.WARNING)
     scaling = ScalingConfig(num_workers=0) if in_process else \
         ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=loop_resources(threads, gpu))
-    trainer_class = _in_process_trainer(Path(storage) / name, on_report) if in_process else _trainer_class()
+    storage = as_location(storage)
+    trainer_class = _in_process_trainer(storage.child(name), on_report) if in_process else _trainer_class()
     return trainer_class(
         loop, train_loop_config=loop_config, scaling_config=scaling,
-        run_config=RunConfig(name=name, storage_path=str(storage), failure_config=FailureConfig(max_failures=max_failures),
+        run_config=RunConfig(name=name, **ray_storage(storage), failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=callbacks or None))
 
 
@@ -138,7 +146,7 @@ def _trainer_class():
     return TrainerWithoutUnusedDatasets
 
 
-def _in_process_trainer(run_dir: Path, on_report=None):
+def _in_process_trainer(run_dir: Location, on_report=None):
     """TorchTrainer in Train's local mode (``num_workers=0``: the loop runs in ``fit``'s process; no Train
     controller, worker group or placement group, which cost a quick trial 10 s of start-up), except that
     the loop's checkpoints are kept as Train keeps them: the newest in ``run_dir/checkpoint_*``, where
@@ -175,7 +183,10 @@ def _in_process_trainer(run_dir: Path, on_report=None):
     return InProcessTrainer
 
 
-def keep_checkpoint(source: Path, run_dir: Path):
+CHECKPOINT_DONE = "checkpoint.complete"  # written last: on an object store a checkpoint without it is partial
+
+
+def keep_checkpoint(source: Path, run_dir: Location):
     """A copy of the checkpoint directory ``source`` as ``run_dir``'s only checkpoint (named as Ray Train
     names them), written whole before the older one goes."""
     from datetime import datetime
@@ -183,28 +194,27 @@ def keep_checkpoint(source: Path, run_dir: Path):
     from ray.train import Checkpoint
 
     name = f"checkpoint_{datetime.now():%Y-%m-%d_%H-%M-%S.%f}"
-    partial = run_dir / f".{name}.partial"
-    shutil.copytree(source, partial)
-    partial.rename(run_dir / name)
-    for old in [*run_dir.glob("checkpoint_*"), *run_dir.glob(".checkpoint_*.partial")]:
-        if old.name != name:
-            shutil.rmtree(old, ignore_errors=True)
-    return Checkpoint.from_directory(run_dir / name)
+    run_dir.child(name).upload_dir(source)
+    run_dir.child(name, CHECKPOINT_DONE).write_bytes(b"")
+    for old in run_dir.children():
+        if old != name and old.startswith(("checkpoint_", ".checkpoint_")):
+            run_dir.child(old).delete()
+    return Checkpoint(run_dir.child(name).path, filesystem=run_dir.filesystem)
 
 
-def latest_checkpoint(run_dir: Path):
-    """The newest ``run_dir/checkpoint_*`` as a Checkpoint, or None."""
+def latest_checkpoint(run_dir: Location):
+    """The newest complete ``run_dir/checkpoint_*`` as a Checkpoint, or None."""
     from ray.train import Checkpoint
 
-    found = sorted(run_dir.glob("checkpoint_*"))
-    return Checkpoint.from_directory(found[-1]) if found else None
+    found = [n for n in run_dir.children() if n.startswith("checkpoint_") and run_dir.child(n, CHECKPOINT_DONE).is_file()]
+    return Checkpoint(run_dir.child(max(found)).path, filesystem=run_dir.filesystem) if found else None
 
 
-def fit(loop, loop_config: dict, name: str, storage: Path, workers: int = 1, gpu: bool = False, threads: int = 1,
+def fit(loop, loop_config: dict, name: str, storage: Location, workers: int = 1, gpu: bool = False, threads: int = 1,
         fresh: bool = False, address: str | None = None, max_failures: int = 2):
     """Fit ``loop`` as a Ray Train job (see ``make_trainer``); ``fresh`` deletes earlier checkpoints first."""
     if fresh:
-        shutil.rmtree(Path(storage) / name, ignore_errors=True)
+        as_location(storage).child(name).delete()
     init_ray(address, num_cpus=max(workers * threads, 1), num_gpus=workers if gpu else 0)
     return fit_interruptibly(make_trainer(loop, loop_config, name, storage, workers, gpu, threads, max_failures))
 
