@@ -67,7 +67,10 @@ class Location:
             object.__setattr__(self, "uri", str(Path(self.uri).absolute()))
 
     def __str__(self) -> str:
-        return self.uri
+        """The URI for log lines and MLflow params, with any credentials in it (``s3://KEY:SECRET@bucket``) masked."""
+        scheme, sep, rest = self.uri.partition("://")
+        authority, slash, tail = rest.partition("/")
+        return f"{scheme}{sep}***@{authority.rpartition('@')[2]}{slash}{tail}" if sep and "@" in authority else self.uri
 
     @property
     def _base_query(self) -> tuple[str, str]:

@@ -278,6 +278,12 @@ class RunLogger:
         directory = str(Path(path).parent) if Path(path).parent != Path(".") else None
         self._call(lambda: self.client.log_artifact(self.run_id, str(file), directory))
 
+    def tags(self, values: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(k, str(v)) for k, v in values.items()]
+        self._call(lambda: self.client.log_batch(self.run_id, tags=batch))
+
     def artifact(self, path: Path, directory: str | None = None) -> None:
         self._call(lambda: self.client.log_artifact(self.run_id, str(path), directory))
 

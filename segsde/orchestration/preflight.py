@@ -12,22 +12,19 @@ from segsde.storage import Location
 MARKER_DIR = ".segsde-preflight"
 
 
-def probe(marker_uri: str, token: str, tracking_uri: str) -> str | None:
-    """On one node: None when it reads ``token`` back from the marker and reaches the tracking store, else
-    what failed (a Ray task; it imports nothing that a node without the project's data would lack)."""
-    import os
+def probe(markers: dict[str, str], token: str, tracking_uri: str) -> str | None:
+    """On one node: None when it reads ``token`` back from every marker ({location: what it stands for}: one
+    under the storage root, one beside a sqlite store) and reaches a tracking server, else what failed."""
     import socket
     from urllib.parse import urlsplit
 
-    try:
-        if Location(marker_uri).read_text() != token:
-            return f"reads another marker at {marker_uri}"
-    except Exception as exc:  # any failure to read is the answer here
-        return f"cannot read the storage root ({type(exc).__name__}: {str(exc)[:200]})"
-    if tracking_uri.startswith("sqlite:///"):
-        if not os.path.isfile(tracking_uri.removeprefix("sqlite:///")):
-            return f"cannot see the MLflow store {tracking_uri}"
-    elif tracking_uri.startswith(("http://", "https://")):
+    for uri, what in markers.items():
+        try:
+            if Location(uri).read_text() != token:
+                return f"reads another marker at {uri}"
+        except Exception as exc:  # any failure to read is the answer here
+            return f"cannot read {what} ({type(exc).__name__}: {str(exc)[:200]})"
+    if tracking_uri.startswith(("http://", "https://")):
         url = urlsplit(tracking_uri)
         try:
             socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
@@ -40,14 +37,22 @@ def preflight(storage: Location, tracking_uri: str, timeout_s: float = 120.0) ->
     """Check every alive node of the Ray cluster this process is connected to (see ``probe``); a node that
     fails is a one-line error naming it and the fix. Returns the number of nodes checked. A single-node
     cluster is checked by the driver alone: its own reads are what every later step uses."""
+    import os
+
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    marker = storage.child(MARKER_DIR, uuid.uuid4().hex)
     token = uuid.uuid4().hex
+    markers = {storage.child(MARKER_DIR, token): "the storage root"}
+    if tracking_uri.startswith("sqlite:///"):  # workers log to it too: they must see its directory
+        folder = Location(os.path.dirname(tracking_uri.removeprefix("sqlite:///")))
+        markers[folder.child(f"{MARKER_DIR}-{token}")] = f"the MLflow store {tracking_uri}"
     try:
-        marker.write_text(token)
+        for marker in markers:
+            marker.write_text(token)
     except Exception as exc:
+        for marker in markers:
+            marker.delete()
         raise SegSDEError(f"cannot write the storage root {storage} ({type(exc).__name__}: {str(exc)[:200]}): "
                           "check the path or bucket and its credentials (--storage, SEGSDE_STORAGE)") from None
     try:
@@ -56,7 +61,7 @@ def preflight(storage: Location, tracking_uri: str, timeout_s: float = 120.0) ->
             return len(nodes)
         task = ray.remote(num_cpus=0, max_retries=0)(probe)
         refs = {n["NodeID"]: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                .remote(marker.uri, token, tracking_uri) for n in nodes}
+                .remote({m.uri: what for m, what in markers.items()}, token, tracking_uri) for n in nodes}
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
         for node in nodes:
             ref = refs[node["NodeID"]]
@@ -68,4 +73,5 @@ def preflight(storage: Location, tracking_uri: str, timeout_s: float = 120.0) ->
                                   "an MLflow server every node reaches (--tracking-uri http://HEAD:5000)")
         return len(nodes)
     finally:
-        marker.delete()
+        for marker in markers:
+            marker.delete()

@@ -152,7 +152,7 @@ def export_stage(model: Location, data: Location, force: bool = False, dry_run: 
     side = data.child(SIDE_DIR, f"{PSEUDO_DEPTH}.json")
     meta = json.loads(side.read_text()) if side.is_file() else None
     if meta is not None and meta.get("checkpoint") == source and not force:
-        log(f"[export] cache hit: {data}/{SIDE_DIR}/{PSEUDO_DEPTH}.parquet comes from {source}")
+        log(f"[export] cache hit: {data.child(SIDE_DIR, PSEUDO_DEPTH + '.parquet')} comes from {source}")
         record_stage(tracking, "export", model.parent, True)
         return
     if dry_run:
@@ -164,7 +164,7 @@ def export_stage(model: Location, data: Location, force: bool = False, dry_run: 
     if not data.is_local:  # the column first, its metadata (what readers check) last
         for name in (f"{PSEUDO_DEPTH}.parquet", f"{PSEUDO_DEPTH}.json"):
             data.child(SIDE_DIR, name).upload_file(local / SIDE_DIR / name)
-    log(f"[export] wrote the pseudo-depth of {result['images']} images to {data}/{SIDE_DIR}")
+    log(f"[export] wrote the pseudo-depth of {result['images']} images to {data.child(SIDE_DIR)}")
     record_stage(tracking, "export", model.parent, False, {"seconds": time.perf_counter() - start, "images": result["images"]})
 
 

@@ -108,8 +108,8 @@ def plan_trials(cfg: StudyConfig, data: Location, storage: Location, sde_model: 
                 model = sde_model if tc.needs_sde else None
                 key = cache_key({"stage": "train", "row": row, "config": asdict(tc), "data": input_id(data), "workers": cfg.workers,
                                  "sde_model": input_id(model), "selection": input_id(selection)})
-                plan = TrialPlan(row, cfg.profile, tc, str(data), str(model) if model else None, str(selection) if selection else None,
-                                 key, str(storage.child("cache", f"train-{row}-b{budget}-s{seed}-{key}")))
+                plan = TrialPlan(row, cfg.profile, tc, data.uri, model.uri if model else None, selection.uri if selection else None,
+                                 key, storage.child("cache", f"train-{row}-b{budget}-s{seed}-{key}").uri)
                 trials.append(Trial(plan, tc.relative_cost, trial_inputs(tc, seed)))
     return trials
 

@@ -203,8 +203,8 @@ def _tune_budget(cfg, name, space, tc, data, root, sde_model, selection, trackin
                                      study_name=name, storage=storage, full_steps=tc.steps, interrupted=interrupted[:samples])
     scheduler = ASHAScheduler(time_attr="step", metric=METRIC, mode="max", max_t=tc.steps, grace_period=tc.eval_interval,
                               reduction_factor=cfg.reduction_factor)
-    plan = TrialPlan(cfg.row, cfg.profile, tc, str(data), str(sde_model) if sde_model and tc.needs_sde else None,
-                     str(selection) if selection else None)
+    plan = TrialPlan(cfg.row, cfg.profile, tc, data.uri, sde_model.uri if sde_model and tc.needs_sde else None,
+                     selection.uri if selection else None)
     log(f"[sweep] {samples} trials of row '{cfg.row}' over {sorted(k.removeprefix('params/') for k in space)}, "
         f"ASHA on {METRIC} every {tc.eval_interval} of {tc.steps} steps, {cfg.concurrency} at a time")
     ray.tune.Tuner(tune_trainable(settings), param_space={"plan": plan.to_dict()},

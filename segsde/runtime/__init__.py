@@ -24,6 +24,16 @@ class Worker:
         return self.rank == 0
 
 
+def ray_node_id() -> str:
+    """The Ray node this process runs on ("local" outside Ray): what a run records to show where it trained."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    except Exception:  # no runtime context in this process
+        return "local"
+
+
 def train_utils():
     """Ray Train's utilities of the loop running in this process, or None outside a Train loop. Used in place of
     ``ray.train.get_context``/``report``/``get_checkpoint``, which refuse to run inside a Tune trial: that is

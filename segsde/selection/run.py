@@ -163,8 +163,8 @@ def _select(method: str, cfg: SelectionConfig, data: Location, pool: list[str], 
 
     if method == "random":
         return ranked([new_record(sid) for sid in random_order(pool, cfg.seed)[: cfg.budgets[-1]]], cfg.budgets)
-    config = {"select": asdict(cfg), "method": method, "data": str(data), "pool": pool,
-              "sde_model": str(sde_model) if sde_model else None}
+    config = {"select": asdict(cfg), "method": method, "data": data.uri, "pool": pool,
+              "sde_model": sde_model.uri if sde_model else None}
     result = fit(_selection_job, config, "selection", work.child("ray"), fresh=False, **job)
     if result.checkpoint is None:
         raise SegSDEError(f"the selection job in {work} reported no result: rerun with --fresh")

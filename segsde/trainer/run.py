@@ -73,8 +73,10 @@ class TrialPlan:
     def make(cls, profile: str, row: str, overrides: dict | None, data, sde_model=None, selection=None,
              key: str | None = None, result=None) -> TrialPlan:
         cfg = train_config(profile, row, overrides)
-        return cls(row, profile, cfg, str(data), str(sde_model) if sde_model else None,
-                   str(selection) if selection and cfg.labeled == "selection" else None, key, str(result) if result else None)
+        def uri(where):
+            return as_location(where).uri if where is not None else None
+
+        return cls(row, profile, cfg, uri(data), uri(sde_model), uri(selection) if cfg.labeled == "selection" else None, key, uri(result))
 
     @classmethod
     def from_dict(cls, values: dict) -> TrialPlan:
