@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def main() -> None:
     from segsde.orchestration.study import input_stages, run_study, study_config
+    from segsde.storage import Location
     from segsde.trainer.run import train_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -38,7 +39,7 @@ def main() -> None:
     cfg = study_config(args.profile, rows=args.rows.split(",") if args.rows else None, concurrency=args.concurrency, train=train)
     configs = [train_config(cfg.profile, r, {**cfg.train, "budget": max(cfg.budgets), "seed": cfg.seeds[0]}) for r in cfg.rows]
     # computed or reused, untimed: with the study's own stage overrides, or the timed study would find other stages to compute
-    input_stages(cfg.profile, configs, cfg.seeds, Path(args.out).absolute(), None, cfg.data_seed,
+    input_stages(cfg.profile, configs, cfg.seeds, Location(str(Path(args.out).absolute())), None, cfg.data_seed,
                  sde_overrides=cfg.sde, select_overrides=cfg.select)
     start = time.perf_counter()
     result = run_study(cfg, args.out, force=("train",))  # every trial runs again

@@ -9,8 +9,9 @@
 set -euo pipefail
 port="${1:-5000}"
 out="$(realpath -m "${2:-outputs}")"
-mkdir -p "$out/mlartifacts"
-args=(--backend-store-uri "sqlite:///$out/mlflow.db" --artifacts-destination "$out/mlartifacts"
+artifacts="${ARTIFACTS:-$out/mlartifacts}"   # on a cluster: ARTIFACTS=$SEGSDE_STORAGE/mlflow (the storage root)
+[[ "$artifacts" == *://* ]] || mkdir -p "$artifacts"
+args=(--backend-store-uri "sqlite:///$out/mlflow.db" --artifacts-destination "$artifacts"
       --host "${HOST:-127.0.0.1}" --port "$port" --workers 1)
 [ -n "${ALLOWED_HOSTS:-}" ] && args+=(--allowed-hosts "$ALLOWED_HOSTS")
 [ -n "${MLFLOW_AUTH:-}" ] && args+=(--app-name basic-auth)

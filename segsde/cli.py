@@ -131,7 +131,7 @@ def _budgets(text: str) -> list[int]:
 
 def cmd_select(args) -> dict:
     from segsde.orchestration.stages import select_inputs
-    from segsde.selection.run import check_method, run_select
+    from segsde.selection.run import check_method, run_select, selection_config
     from segsde.storage import storage_uri
 
     missing = [flag for flag, value in (("--data", args.data), ("--method", args.method), ("--out", args.out)) if value is None]
@@ -140,6 +140,7 @@ def cmd_select(args) -> dict:
     check_method(args.method)
     overrides = dict(args.set)
     overrides.update({k: v for k, v in (("budgets", args.budgets), ("seed", args.seed)) if v is not None})
+    selection_config(args.profile, overrides)  # a bad setting is a one-line error before the SDE stage could run
     sde_model = select_inputs(args.method, args.profile, args.data, storage_uri(args.storage, "outputs"), args.sde_checkpoint,
                               args.tracking_uri)
     return run_select(args.data, args.method, args.out, sde_checkpoint=sde_model, profile=args.profile,

@@ -63,10 +63,13 @@ def test_study_runs_a_tune_grid_caches_every_stage_and_never_duplicates_runs(tmp
 def test_the_quick_study_plans_its_longest_trials_first(tmp_path):
     from segsde.orchestration.study import plan_trials, study_config
 
+    from segsde.storage import Location
+
     cfg = study_config("quick")
-    selections = {("entropy", 0): tmp_path / "entropy.parquet", ("sde", 0): tmp_path / "sde.parquet"}
-    trials = plan_trials(cfg, tmp_path / "data", tmp_path, tmp_path / "sde.pt", selections)
-    cost = {t.row: t.cost for t in trials}
+    cache = Location(str(tmp_path)).child("cache")
+    selections = {("entropy", 0): cache.child("select-entropy.parquet"), ("sde", 0): cache.child("select-sde.parquet")}
+    trials = plan_trials(cfg, cache.child("data-0123456789ab"), Location(str(tmp_path)), cache.child("sde-x", "model.pt"), selections)
+    cost = {t.plan.row: t.cost for t in trials}
     assert cost["combination"] > cost["mtl"] > cost["depthmix"] == cost["classmix"] == cost["pseudolabel"] > cost["baseline"]
     assert cost["baseline"] == cost["transfer"] == cost["al_entropy"] == cost["autoselect"]
 
@@ -83,7 +86,8 @@ def test_the_study_and_sweep_sections_override_the_sde_stage_and_share_it(tmp_pa
     study, sweep = study_config("quick"), sweep_config("quick")
     assert sde_config("quick").batch_size == 16 and sde_config("quick", study.sde).batch_size == 8
     said = []
-    paths = [sde_stage("quick", tmp_path / "data", tmp_path, dry_run=True, log=said.append, overrides=o)
+    data = tmp_path / "cache" / "data-0123456789ab"  # a dataset entry of the stage cache: keyed by its name
+    paths = [sde_stage("quick", data, tmp_path, dry_run=True, log=said.append, overrides=o)
              for o in (study.sde, sweep.sde, None)]
     assert paths[0] == paths[1] != paths[2] and all("would train 280 steps" in s for s in said)
     assert not (tmp_path / "cache").exists()

@@ -4,6 +4,7 @@ method, and one-line errors for bad input."""
 
 import math
 import re
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -84,7 +85,7 @@ def selections(smoke_study, tmp_path_factory):
     ray.shutdown()  # a local Ray started by another module may have too few CPUs for two workers
     root = tmp_path_factory.mktemp("selections")
     out = {m: run_select(smoke_study["data"], m, root / f"{m}.parquet", sde_checkpoint=smoke_study["sde"], profile="smoke",
-                         cache_root=root, workers=2 if m == "sde" else 1, log=lambda line: None) for m in METHODS}
+                         workers=2 if m == "sde" else 1, log=lambda line: None) for m in METHODS}
     yield {"root": root, "results": out}
     ray.shutdown()
 
@@ -146,8 +147,7 @@ def test_an_interrupted_selection_continues_from_its_last_round(selections, smok
 
     overrides = {"budgets": [2, 4, 6], "student_steps": 20}
     reference = run_select(smoke_study["data"], "difficulty", tmp_path / "reference" / "difficulty.parquet",
-                           sde_checkpoint=smoke_study["sde"], profile="smoke", cache_root=tmp_path / "reference",
-                           overrides=overrides, log=lambda line: None)
+                           sde_checkpoint=smoke_study["sde"], profile="smoke", overrides=overrides, log=lambda line: None)
     out = tmp_path / "difficulty.parquet"
     cmd = [str(BIN / "segsde"), "select", "--data", str(smoke_study["data"]), "--method", "difficulty", "--out", str(out),
            "--sde-checkpoint", str(smoke_study["sde"]), "--profile", "smoke", "--cache", str(tmp_path), "--budgets", "2,4,6",
@@ -182,10 +182,14 @@ def test_an_interrupted_selection_continues_from_its_last_round(selections, smok
 def test_trainer_labels_a_prefix_of_a_selection_method(selections, smoke_study, tmp_path):
     from mlflow.tracking import MlflowClient
 
+    from segsde.orchestration.stages import trial_selection
     from segsde.trainer.run import run_train
 
-    result = run_train(smoke_study["data"], tmp_path / "t", row="baseline", profile="smoke", sde_model=smoke_study["sde"],
-                       selection="diversity", cache_root=tmp_path / "cache")
+    # `segsde train --selection diversity`: the orchestration resolves the method into its cached list, the job reads it
+    overrides, selection = trial_selection("diversity", "smoke", "baseline", {}, smoke_study["data"], tmp_path / "cache",
+                                           smoke_study["sde"])
+    result = run_train(smoke_study["data"], tmp_path / "t", row="baseline", profile="smoke", overrides=overrides,
+                       sde_model=smoke_study["sde"], selection=selection)
     cached = list((tmp_path / "cache" / "cache").glob("select-diversity-s0-*.parquet"))
     assert len(cached) == 1
     order = read_order(cached[0])
@@ -200,7 +204,7 @@ def test_trainer_labels_a_prefix_of_a_selection_method(selections, smoke_study, 
     lines = []
     hit = selection_stage("diversity", "smoke", smoke_study["data"], tmp_path / "cache", seed=0, budget=8,
                           sde_model=smoke_study["sde"], log=lines.append)
-    assert hit == cached[0] and lines == [f"[select] cache hit: reusing {hit}"]
+    assert Path(hit.path) == cached[0] and lines == [f"[select] cache hit: reusing {hit}"]
 
 
 @pytest.mark.parametrize("args,message", [

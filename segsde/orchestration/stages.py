@@ -59,14 +59,16 @@ def record_stage(tracking: StageTracking | None, stage: str, path: Location, hit
 
 def input_id(where: Location | str | None) -> str | None:
     """What a cache key records of an input: a stage entry by its own name (``cache/sde-KEY/model.pt`` ->
-    ``sde-KEY/model.pt``, which hashes that stage's inputs in turn), any other dataset by its manifest's
-    hash (which holds every shard's checksum); never the storage root it lies under."""
+    ``sde-KEY/model.pt``, which hashes that stage's inputs in turn), any other file by its content's hash
+    and any other dataset by its manifest's (which holds every shard's checksum); never where it lies."""
     if where is None:
         return None
     where = as_location(where)
     parts = where.uri.partition("?")[0].rstrip("/").split("/")
     if "cache" in parts[:-1]:
         return "/".join(parts[parts.index("cache") + 1:])
+    if where.is_file():
+        return f"file-{hashlib.sha256(where.read_bytes()).hexdigest()[:12]}"
     return "dataset-" + hashlib.sha256(where.child(MANIFEST).read_bytes()).hexdigest()[:12]
 
 
