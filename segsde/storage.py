@@ -21,7 +21,6 @@ import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
@@ -30,6 +29,20 @@ from segsde.errors import SegSDEError
 STORAGE_ENV = "SEGSDE_STORAGE"
 NODE_CACHE_ENV = "SEGSDE_NODE_CACHE"
 FETCHED = ".segsde-fetched.json"  # in a node-local copy: the remote listing it was made from
+
+
+def open_root(uri: str) -> Location:
+    """The storage root at ``uri``, reached once: an unknown scheme, a bucket that cannot be reached or
+    credentials that are refused become one line (the URI masked), before anything starts."""
+    root = Location(uri)
+    try:
+        root.exists()
+    except SegSDEError:
+        raise
+    except Exception as exc:  # pyarrow raises OSError and ArrowInvalid variants with the store's reason
+        raise SegSDEError(f"cannot reach the storage root {root} ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}): "
+                          "check --storage (or SEGSDE_STORAGE) and the credentials in the environment") from None
+    return root
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -84,7 +97,8 @@ class Location:
         try:
             return pafs.FileSystem.from_uri(self.uri)
         except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for a bad scheme or unknown options
-            raise SegSDEError(f"storage {self.uri} cannot be opened ({exc}): use a local path, s3://bucket/prefix or gs://bucket/prefix") from None
+            reason = str(exc).replace(self.uri, str(self))
+            raise SegSDEError(f"storage {self} cannot be opened ({reason}): use a local path, s3://bucket/prefix or gs://bucket/prefix") from None
 
     @property
     def filesystem(self) -> pafs.FileSystem:
@@ -256,11 +270,3 @@ def _fetch_file(location: Location, target: Path) -> None:
     with location.filesystem.open_input_stream(location.path) as src, open(tmp, "wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
     os.replace(tmp, target)
-
-
-def check_scheme(uri: str) -> None:
-    """A one-line error for a storage URI that pyarrow cannot open."""
-    scheme = urlsplit(uri).scheme if "://" in uri else "file"
-    if scheme not in ("file", "s3", "gs", "gcs", "hdfs", "abfs", "abfss"):
-        raise SegSDEError(f"storage {uri}: unknown scheme '{scheme}': use a local path, s3://bucket/prefix or gs://bucket/prefix")
-    Location(uri).filesystem  # noqa: B018 - builds the filesystem, raising a one-line error if it cannot

@@ -62,7 +62,6 @@ def test_study_runs_a_tune_grid_caches_every_stage_and_never_duplicates_runs(tmp
 
 def test_the_quick_study_plans_its_longest_trials_first(tmp_path):
     from segsde.orchestration.study import plan_trials, study_config
-
     from segsde.storage import Location
 
     cfg = study_config("quick")

@@ -21,7 +21,7 @@ from segsde.profiles import data_profile, load_profile
 from segsde.runtime import Background
 from segsde.sde.run import sde_config
 from segsde.selection.run import selection_config
-from segsde.storage import Location, as_location, cache_key, storage_uri
+from segsde.storage import Location, as_location, cache_key, open_root, storage_uri
 from segsde.trainer.run import METRICS_FILE, TrialPlan, study_rows, train_config
 
 STAGES = ("data", "sde", "export", "select", "train")
@@ -124,7 +124,7 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Location | str | None = No
     from segsde.tracking import RunLogger, end_run, get_or_create_run, kill_running_children, resolve_tracking_uri
 
     out = Path(out).absolute()
-    root = Location(storage_uri(storage, out))
+    root = open_root(storage_uri(storage, out))
     data_root = as_location(data_root) if data_root is not None else None
     start = time.perf_counter()
     experiment = experiment or f"segsde-study-{cfg.profile}"

@@ -17,7 +17,7 @@ from segsde.errors import SegSDEError
 from segsde.orchestration.stages import StageTracking
 from segsde.profiles import ABLATIONS_DIR, load_profile, load_yaml
 from segsde.sde.run import sde_config
-from segsde.storage import Location, as_location, cache_key, storage_uri
+from segsde.storage import Location, as_location, cache_key, open_root, storage_uri
 from segsde.trainer.run import study_rows, train_config
 
 SPACE_FILE = ABLATIONS_DIR / "sweep_space.yaml"
@@ -138,7 +138,7 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Location | str | None = No
     from segsde.tracking import end_run, get_or_create_run, kill_running_children, resolve_tracking_uri
 
     out = Path(out).absolute()
-    root = Location(storage_uri(storage, out))
+    root = open_root(storage_uri(storage, out))
     experiment = experiment or f"segsde-sweep-{cfg.profile}"
     space = search_space(cfg)
     uri = resolve_tracking_uri(out, tracking_uri)  # an unusable store fails here, before the Optuna store exists

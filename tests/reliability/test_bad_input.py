@@ -35,6 +35,10 @@ def _assert_refused(code: int, out: str, err: str, message: str, where: Path) ->
     (["--address", "127.0.0.1:9"], r"cannot reach the Ray cluster at 127.0.0.1:9.*drop --address"),
     (["--tracking-uri", "http://127.0.0.1:9"], r"tracking server at http://127.0.0.1:9 is unreachable.*drop --tracking-uri"),
     (["--tracking-uri", "sqlite:///{tmp}/no/such/dir/mlflow.db"], r"directory that does not exist"),
+    (["--storage", "ftp://host/segsde"], r"storage ftp://host/segsde cannot be opened .*use a local path, s3://bucket/prefix"),
+    # credentials in a URI are never printed
+    (["--storage", "s3://AKIAEXAMPLE:s3cr3t@bucket/x?endpoint_override=http://127.0.0.1:9"],
+     r"^run_ablation: error: cannot reach the storage root s3://\*\*\*@bucket/x\?endpoint_override=http://127.0.0.1:9 (?!.*s3cr3t).*check --storage"),
 ])
 def test_study_refuses_bad_input_before_anything_runs(args, message, tmp_path, capsys):
     out = tmp_path / "out"
