@@ -89,7 +89,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 # the files that take minutes go first, so that the two test processes (pytest-xdist, whole files each)
 # finish together instead of one waiting on a long file that came last
-SLOW_FIRST = ("test_cluster.py", "test_storage.py", "test_sweep_faults.py", "test_faults.py", "test_selection.py", "test_trainer.py", "test_sde_train.py", "test_run_ablation.py",
+SLOW_FIRST = ("test_cluster.py", "test_storage.py", "test_sweep_faults.py", "test_faults.py", "test_selection.py", "test_trainer.py",
+              "test_sde_train.py", "test_run_ablation.py",
               "test_tracking_outage.py")
 
 
