@@ -148,7 +148,7 @@ class Location:
             with self.filesystem.open_input_stream(self.path) as f:
                 return f.read()
         except FileNotFoundError:
-            raise SegSDEError(f"{self.uri} does not exist") from None
+            raise SegSDEError(f"{self} does not exist") from None
 
     def read_text(self) -> str:
         return self.read_bytes().decode()
@@ -247,7 +247,7 @@ def localize(location: Location | str, verify=None) -> Path:
                 stamp.write_text(now)
             return target
         if info.type == pafs.FileType.NotFound:
-            raise SegSDEError(f"{location.uri} does not exist on this node's view of the storage root: check --storage")
+            raise SegSDEError(f"{location} does not exist on this node's view of the storage root: check --storage")
         remote = location.listing()
         stamp = target / FETCHED
         had = {k: tuple(v) for k, v in json.loads(stamp.read_text()).items()} if stamp.is_file() else {}

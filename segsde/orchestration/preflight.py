@@ -21,7 +21,7 @@ def probe(markers: dict[str, str], token: str, tracking_uri: str) -> str | None:
     for uri, what in markers.items():
         try:
             if Location(uri).read_text() != token:
-                return f"reads another marker at {uri}"
+                return f"reads another marker at {Location(uri)}"
         except Exception as exc:  # any failure to read is the answer here
             return f"cannot read {what} ({type(exc).__name__}: {str(exc)[:200]})"
     if tracking_uri.startswith(("http://", "https://")):
