@@ -15,11 +15,10 @@ from segsde.errors import SegSDEError
 from segsde.profiles import ABLATIONS_DIR, load_profile, load_yaml
 from segsde.runtime import CHECKPOINT_FILE
 from segsde.storage import Location, as_location, localize
-from segsde.trainer.config import SCORE_KEYS, TrainConfig, final_scores
+from segsde.trainer.config import TrainConfig, final_scores
 
 STUDY_FILE = ABLATIONS_DIR / "component_study.yaml"
 METRICS_FILE = "metrics.json"
-__all__ = ["SCORE_KEYS", "final_scores"]
 
 
 def study_rows(path: Path = STUDY_FILE) -> dict[str, dict]:
