@@ -41,6 +41,29 @@ def test_mixing_any_batch_size(batch):
     assert StrongAugment((8, 12))(mixed).shape == mixed.shape
 
 
+def test_strong_augmentation_is_one_draw_per_batch_with_the_originals_hue():
+    """Colour jitter (p 0.8) and blur are drawn once per batch, as the original's; the hue strength 0.25 is in
+    the original's radians (today's kornia takes turns, where 0.25 would be +-90 degrees)."""
+    from kornia.augmentation import ColorJitter
+    from kornia.color import rgb_to_hsv
+
+    from segsde.ssl.augment import hue_turns
+
+    torch.manual_seed(0)
+    augment = StrongAugment((16, 16))
+    images = torch.rand(1, 3, 16, 16).repeat(6, 1, 1, 1)
+    outputs = [augment(images) for _ in range(50)]
+    assert all(torch.allclose(y[0], y[k]) for y in outputs for k in range(6))  # the same draw for the whole batch
+    changed = sum(not torch.allclose(y, images) for y in outputs)
+    assert 35 <= changed <= 50  # jitter p 0.8 or blur p 0.5: about 90 % of the batches change
+    assert augment.jitter.hue == pytest.approx(hue_turns(0.25)) and hue_turns(0.25) * 360 == pytest.approx(14.32, abs=0.01)
+    colour = torch.tensor([0.9, 0.3, 0.1])[None, :, None, None].expand(64, 3, 1, 1).contiguous()
+    hue_only = ColorJitter(0, 0, 0, hue_turns(0.25), p=1.0)
+    shift = (rgb_to_hsv(hue_only(colour))[:, 0] - rgb_to_hsv(colour)[:, 0]).flatten()
+    shift = torch.remainder(shift + torch.pi, 2 * torch.pi) - torch.pi  # hue is an angle in radians
+    assert shift.abs().max() <= 0.25 + 1e-3 and shift.abs().max() > 0.15
+
+
 def test_depthmix_mask_on_testbed_ground_truth(synth_root):
     ds = SegSDEDataset(synth_root, "train")
     items = [ds[i] for i in range(6)]
@@ -121,9 +144,11 @@ def test_pseudo_labels_per_pixel_and_batch_fraction():
 
 
 def test_miou_matches_brute_force():
+    """METHOD.md 5.2: a class absent from the ground truth but predicted scores 0 and counts in the mean;
+    only a class absent from both is skipped."""
     g = torch.Generator().manual_seed(0)
     gt = torch.randint(0, 6, (3, 20, 30), generator=g)
-    gt[gt == 5] = IGNORE_INDEX                      # ignore pixels
+    gt[gt == 5] = IGNORE_INDEX                      # ignore pixels (class 5 is then only predicted)
     pred = torch.randint(0, 8, (3, 20, 30), generator=g)  # predicts classes 6, 7 that are absent from gt
     conf = confusion_matrix(pred[:2], gt[:2]) + confusion_matrix(pred[2:], gt[2:])  # accumulated over batches
     result = scores(conf)
@@ -131,15 +156,18 @@ def test_miou_matches_brute_force():
     ious = []
     for c in range(19):
         g_c, p_c = (gt == c) & valid, (pred == c) & valid
-        if g_c.any():
+        if g_c.any() or p_c.any():
             ious.append(((g_c & p_c).sum() / (g_c | p_c).sum()).item())
         else:
-            assert result["iou"][c] != result["iou"][c]  # NaN: absent from the ground truth
+            assert result["iou"][c] != result["iou"][c]  # NaN: neither in the ground truth nor predicted
+    assert len(ious) == 8 and result["iou"][5] == result["iou"][6] == result["iou"][7] == 0.0
     assert result["miou"] == pytest.approx(sum(ious) / len(ious))
+    assert result["miou"] < sum(ious[:5]) / 5  # the false classes cost mIoU
     assert result["pixel_accuracy"] == pytest.approx(((pred == gt) & valid).sum().item() / valid.sum().item())
     assert [c for c, p in enumerate(result["present"]) if p] == [0, 1, 2, 3, 4]
     table = iou_table(result)
-    assert table["class"][0] == "road" and table["iou"][0] == pytest.approx(round(100 * ious[0], 2)) and table["iou"][6] is None
+    assert table["class"][0] == "road" and table["iou"][0] == pytest.approx(round(100 * ious[0], 2))
+    assert table["iou"][6] == 0.0 and table["iou"][8] is None
 
 
 def test_confusion_counts_every_valid_pixel_once():

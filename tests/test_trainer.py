@@ -73,6 +73,39 @@ def test_networks_shapes_and_gates():
     assert not hasattr(single.decoder, "heads") or len(single.decoder.heads) == 0
 
 
+def test_multitask_head_is_one_classifier_and_its_depth_loss_two_means(study):
+    """The original's multi-task net: one 1x1 classifier on stage 0 (no projection), and the SDE loss of the
+    labeled and of the pool triplets back-propagated as two means of weight 1 each."""
+    from segsde.sde.model import frame_poses, view_synthesis_loss
+    from segsde.trainer.step import supervised_loss
+
+    cfg = train_config("smoke", "mtl")
+    net = build_network(cfg)
+    assert isinstance(net.head, torch.nn.Conv2d) and net.head.kernel_size == (1, 1) and net.head.out_channels == 19
+    sde_cfg = load_transfer(net, study["sde"], cfg)
+    ds = SegSDEDataset(study["data"], "train", sequence=True)
+    items = [ds[i] for i in range(4)]
+    batch = {k: torch.stack([it[k] for it in items]) for k in ("image", "label", "frames", "K")}
+    labeled, pool = {k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}
+    net.train()
+    torch.manual_seed(0)
+    _, logs, _ = supervised_loss(net, labeled, pool, cfg, sde_cfg)
+    torch.manual_seed(0)
+    out = net(batch["frames"][:, 1])  # the same forward: both batches through the net at once
+    poses = frame_poses(net.pose, batch["frames"], sde_cfg)
+    halves = [view_synthesis_loss(batch["frames"][p], batch["K"][p], [d[p] for d in out["disparities"]], [t[p] for t in poses], sde_cfg)["loss"]
+              for p in (slice(0, 2), slice(2, 4))]
+    assert float(logs["sde"]) == pytest.approx(float(halves[0] + halves[1]), rel=1e-5)
+    one_mean = view_synthesis_loss(batch["frames"], batch["K"], out["disparities"], poses, sde_cfg)["loss"]
+    assert float(logs["sde"]) == pytest.approx(2 * float(one_mean), rel=0.05)  # twice the weight of one mean over both
+
+
+def test_rows_with_a_teacher_mix_from_one_pool():
+    """ClassMix, DepthMix and the pseudo-label rows differ by their mask alone, not by what they mix."""
+    pools = {row: train_config("smoke", row).mix_pool for row in study_rows() if train_config("smoke", row).teacher}
+    assert {"pseudolabel", "classmix", "depthmix", "combination"} <= set(pools) and set(pools.values()) == {"unlabeled"}
+
+
 @pytest.mark.parametrize("profile", sorted(load_yaml(PROFILES_FILE)))
 def test_every_profile_trains_transfer_on_its_sde_network(profile):
     """`transfer` starts from the SDE model, so each profile's sde and train sections must agree."""

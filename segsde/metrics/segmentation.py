@@ -20,21 +20,20 @@ def confusion_matrix(pred: torch.Tensor, gt: torch.Tensor, num_classes: int = NU
 def scores(conf: torch.Tensor) -> dict:
     """Per-class IoU, mIoU and pixel accuracy of a confusion matrix.
 
-    IoU_c = C_cc / (row_c + col_c - C_cc). A class with no ground-truth pixel in the evaluated set gets
-    NaN and stays out of the mean (``miou`` averages the classes present in the validation set), so the
-    number does not depend on which classes a dataset happens to contain. Predictions of such a class
-    still cost the present classes their false negatives.
+    IoU_c = C_cc / (row_c + col_c - C_cc). A class absent from both the ground truth and the predictions
+    gets NaN and stays out of the mean; one that is predicted but absent from the ground truth scores 0
+    (METHOD.md 5.2), so predicting a class that is not there costs mIoU. ``present``: in the ground truth.
     """
     conf = conf.double()
     tp = conf.diag()
     gt_count, pred_count = conf.sum(1), conf.sum(0)
     union = gt_count + pred_count - tp
-    iou = torch.where(gt_count > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
-    present = gt_count > 0
+    scored = union > 0
+    iou = torch.where(scored, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
     total = conf.sum()
-    return {"miou": float(iou[present].mean()) if present.any() else float("nan"),
+    return {"miou": float(iou[scored].mean()) if scored.any() else float("nan"),
             "pixel_accuracy": float(tp.sum() / total) if total > 0 else float("nan"),
-            "iou": iou.tolist(), "present": present.tolist()}
+            "iou": iou.tolist(), "present": (gt_count > 0).tolist()}
 
 
 def iou_table(result: dict, names: tuple[str, ...] = CLASS_NAMES) -> dict[str, list]:

@@ -6,8 +6,9 @@
 ``MultiTaskNet`` (the paper's multi-task decoder): a depth and a segmentation decoder over one encoder,
 both run stages 4-2 (1/4 resolution, ``channels[2]`` wide), exchange features there through gated
 convolutions (seg' = seg + G_d(depth), depth' = depth + G_s(seg); nothing detached), then finish stages
-1-0 from the exchanged maps. Outputs: logits, a side output (1x1 classifier on the pre-exchange
-segmentation map, upsampled) and sigmoid disparities at 4 scales; the pose net serves the SDE loss.
+1-0 from the exchanged maps. Outputs: logits (one 1x1 classifier on stage 0, no projection), a side output
+(1x1 classifier on the pre-exchange segmentation map, upsampled) and sigmoid disparities at 4 scales; the
+pose net serves the SDE loss.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class MultiTaskNet(nn.Module):
         self.depth = UNetDecoder(self.encoder.channels, ch, disparity_scales=4)
         self.seg = UNetDecoder(self.encoder.channels, ch, disparity_scales=0)
         self.gate_to_seg, self.gate_to_depth = Gate(ch[2]), Gate(ch[2])  # G_d and G_s
-        self.head = ClassifierHead(ch[0])
+        self.head = nn.Conv2d(ch[0], NUM_CLASSES, 1)  # the original's multi-task head: one 1x1 classifier, no projection
         self.side = nn.Conv2d(ch[2], NUM_CLASSES, 1)
         self.pose = PoseNet(None)
 

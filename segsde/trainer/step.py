@@ -1,7 +1,7 @@
 """One training step of the component study, as two losses that are back-propagated in turn.
 
 1. ``supervised_loss``: cross-entropy on the labeled batch (multi-task: mean of final and side output,
-   plus the SDE loss on the labeled and pool triplets, whose scale-0 disparity DepthMix may use).
+   plus the SDE losses of the labeled and of the pool triplets, whose scale-0 disparity DepthMix may use).
 2. ``pseudo_label_loss`` (with a teacher): the eval-mode EMA teacher labels the pool batch, images and
    soft targets are mixed with one mask (all ones, ClassMix or DepthMix), the mixed images get strong
    augmentation, and the student is trained on the confident pseudo-labels.
@@ -33,10 +33,20 @@ def supervised_loss(net, labeled: dict, pool: dict | None, cfg: TrainConfig, sde
     ce = (F.cross_entropy(out["logits"][:n].float(), labeled["label"], ignore_index=IGNORE_INDEX)
           + F.cross_entropy(out["side"][:n].float(), labeled["label"], ignore_index=IGNORE_INDEX)) / 2
     module = net.module if hasattr(net, "module") else net
-    sde = view_synthesis_loss(frames, K, out["disparities"], frame_poses(module.pose, frames, sde_cfg), sde_cfg)
-    loss = cfg.seg_weight * ce + cfg.sde_weight * sde["loss"]
+    sde = batchwise_sde_loss(frames, K, out["disparities"], frame_poses(module.pose, frames, sde_cfg), sde_cfg, n)
+    loss = cfg.seg_weight * ce + cfg.sde_weight * sde
     disparity = out["disparities"][0][n:, 0].detach().float() if pool is not None else None
-    return loss, {"supervised": ce.detach(), "sde": sde["loss"].detach()}, disparity
+    return loss, {"supervised": ce.detach(), "sde": sde.detach()}, disparity
+
+
+def batchwise_sde_loss(frames: torch.Tensor, K: torch.Tensor, disparities: list[torch.Tensor], poses: list[torch.Tensor],
+                       cfg: SDEConfig, n: int) -> torch.Tensor:
+    """The SDE loss of the labeled batch (the first ``n`` of frames [B, 3, 3, H, W]) plus that of the pool batch
+    (the rest), each its own mean with weight 1, as the original back-propagates them: one mean over both
+    batches would give each half the weight."""
+    parts = [slice(0, n)] + ([slice(n, None)] if frames.shape[0] > n else [])
+    return sum(view_synthesis_loss(frames[p], K[p], [d[p] for d in disparities], [t[p] for t in poses], cfg)["loss"]
+               for p in parts)
 
 
 def mixing_mask(cfg: TrainConfig, pool: dict, targets: torch.Tensor, partner: torch.Tensor, teacher_out: dict,
