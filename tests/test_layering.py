@@ -2,29 +2,7 @@
 <- jobs (sde, trainer, selection) <- orchestration <- CLI. Function-level imports count too: a late import
 hides a circle from Python, not from the design."""
 
-import ast
-from pathlib import Path
-
-PACKAGE = Path(__file__).resolve().parent.parent / "segsde"
-
-
-def module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def import_graph() -> dict[str, set[str]]:
-    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
-    graph = {}
-    for name, path in modules.items():
-        targets = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                targets |= {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
-        graph[name] = {t for t in targets if t in modules and t != name}
-    return graph
+from segsde.orchestration.keys import import_graph
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:

@@ -57,7 +57,35 @@ def test_study_runs_a_tune_grid_caches_every_stage_and_never_duplicates_runs(tmp
     assert "[data] cache hit" in again.stdout and "[trial] baseline-b4-s0: cache hit" in again.stdout
     assert "2 trials (0 run, 2 cached, 0 failed)" in again.stdout
     assert len(_runs(tmp_path)) == len(runs)  # the parent and every child were found again, none added
+    _changed_code_reruns_its_stage_and_what_reads_it(tmp_path)
 
+
+def _changed_code_reruns_its_stage_and_what_reads_it(out: Path):
+    """After a real study, a copy of the package with one file edited: a dry run plans exactly the stages whose
+    code changed and those downstream of them, and says why; logging code reruns nothing."""
+    import shutil
+
+    code = out / "code"  # a checkout: the entry script puts its own package first on the path
+    for folder in ("segsde", "tune", "ablations"):
+        shutil.copytree(ROOT / folder, code / folder, ignore=shutil.ignore_patterns("__pycache__"))
+
+    def plan_after(edited: str | None) -> str:
+        if edited:
+            (code / "segsde" / edited).write_text((ROOT / "segsde" / edited).read_text() + "\n# an edit\n")
+        proc = subprocess.run([sys.executable, str(code / "tune" / "run_ablation.py"), "--profile", "smoke", "--out", str(out),
+                               "--rows", "baseline,pseudolabel", "--dry-run"], capture_output=True, text=True)
+        if edited:
+            (code / "segsde" / edited).write_text((ROOT / "segsde" / edited).read_text())
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    assert "2 trials, 2 cached" in plan_after(None)  # the copy is the same code
+    assert "2 trials, 2 cached" in plan_after("tracking.py")  # MLflow logging cannot change a number
+    trainer = plan_after("trainer/step.py")
+    assert "[data] cache hit" in trainer and "2 trials, 0 cached" in trainer
+    assert "[trial] baseline-b4-s0: would run" in trainer and "new code in segsde.trainer.step than train-baseline-b4-s0-" in trainer
+    data = plan_after("data/synth/render.py")
+    assert "[data] would render" in data and "new code in segsde.data.synth.render" in data and "2 trials, 0 cached" in data
 
 
 def test_the_quick_study_plans_its_longest_trials_first(tmp_path):

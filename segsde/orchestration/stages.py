@@ -1,6 +1,6 @@
 """Cached stages: a stage's output lives under ``<storage>/cache/<stage>-<key>``, where the key hashes the
-stage's configuration and the keys of its input stages (never where the storage is), so an unchanged stage is
-reused and never recomputed, also from another --out or storage root. An entry counts only once its marker is
+stage's configuration, its code (``keys.code_version``) and the keys of its input stages (never where the
+storage is), so an unchanged stage is reused and never recomputed, also from another --out or storage root. An entry counts only once its marker is
 there (a dataset's manifest, an SDE model's metrics file, a selection's Parquet metadata)."""
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from pathlib import Path
 from segsde.data.store import MANIFEST, local_dataset, read_manifest
 from segsde.data.synth.scene import SynthConfig
 from segsde.errors import SegSDEError
+from segsde.orchestration.keys import code_version, describe, entry_key, remember, why_missed
 from segsde.profiles import DataProfile
-from segsde.storage import Location, as_location, cache_key, localize
+from segsde.storage import Location, as_location, localize
 
-DATA_FORMAT_VERSION = 1  # bump when the renderer changes what a seed produces
-__all__ = ["cache_key", "dataset_stage", "sde_stage", "export_stage", "selection_stage", "select_inputs", "input_id"]
+__all__ = ["dataset_stage", "sde_stage", "export_stage", "selection_stage", "select_inputs", "input_id"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,15 @@ def record_stage(tracking: StageTracking | None, stage: str, path: Location, hit
     end_run(tracking.uri, run_id)
 
 
+def missed(storage: Location, path: Location, prefix: str, stage: str, config: dict, force: bool, dry_run: bool) -> str:
+    """Why the entry at ``path`` is computed, for the log; outside a dry run its key's description is kept,
+    so that the next miss of its kind can say what changed."""
+    reason = "forced" if force else f"not cached: {why_missed(as_location(storage), path.name, prefix, describe(stage, config))}"
+    if not dry_run:
+        remember(as_location(storage), path.name, describe(stage, config))
+    return reason
+
+
 def input_id(where: Location | str | None) -> str | None:
     """What a cache key records of an input: a stage entry by its own name (``cache/sde-KEY/model.pt`` ->
     ``sde-KEY/model.pt``, which hashes that stage's inputs in turn), any other file by its content's hash
@@ -85,21 +94,21 @@ def dataset_stage(profile: DataProfile, storage: Location, seed: int, data_root:
         raise SegSDEError("the cityscapes profile needs --data-root: build one with `segsde data cityscapes --root ... --out DIR`")
     h, w = profile.size
     synth = SynthConfig(height=h, width=w)
-    config = {"stage": "data", "version": DATA_FORMAT_VERSION, "train": profile.train, "val": profile.val,
-              "seed": seed, "generator": asdict(synth)}
-    path = as_location(storage).child("cache", f"data-{cache_key(config)}")
+    config = {"stage": "data", "train": profile.train, "val": profile.val, "seed": seed, "generator": asdict(synth)}
+    path = as_location(storage).child("cache", f"data-{entry_key('data', config)}")
     if path.child(MANIFEST).is_file() and not force:
         if not dry_run:
             local_dataset(path)
         log(f"[data] cache hit: reusing {path}")
         record_stage(tracking, "data", path, True)
         return path
+    reason = missed(storage, path, "data-", "data", config, force, dry_run)
     if dry_run:
-        log(f"[data] would render {profile.train}+{profile.val} samples at {h}x{w} into {path}")
+        log(f"[data] would render {profile.train}+{profile.val} samples at {h}x{w} into {path} ({reason})")
         return path
     from segsde.data.synth.generate import generate
 
-    log(f"[data] rendering {profile.train} train + {profile.val} val samples at {h}x{w} into {path}")
+    log(f"[data] rendering {profile.train} train + {profile.val} val samples at {h}x{w} into {path} ({reason})")
     start = time.perf_counter()
     if path.is_local:
         generate(Path(path.path), profile.train, profile.val, synth, seed, overwrite=force)
@@ -122,16 +131,17 @@ def sde_stage(profile: str, data: Location, storage: Location, tracking_uri: str
 
     cfg = sde_config(profile, overrides)
     config = {"stage": "sde", "config": asdict(cfg), "data": input_id(data)}
-    path = as_location(storage).child("cache", f"sde-{cache_key(config)}")
+    path = as_location(storage).child("cache", f"sde-{entry_key('sde', config)}")
     if path.child(MODEL_FILE).is_file() and path.child(METRICS_FILE).is_file() and not force:
         metrics = json.loads(path.child(METRICS_FILE).read_text())
         log(f"[sde] cache hit: reusing {path} (AbsRel {metrics.get('abs_rel', float('nan')):.3f})")
         record_stage(tracking, "sde", path, True)
         return path
+    reason = missed(storage, path, "sde-", "sde", config, force, dry_run)
     if dry_run:
-        log(f"[sde] would train {cfg.total_steps} steps (profile '{profile}') into {path}")
+        log(f"[sde] would train {cfg.total_steps} steps (profile '{profile}') into {path} ({reason})")
         return path
-    log(f"[sde] training {cfg.total_steps} steps (profile '{profile}') into {path}")
+    log(f"[sde] training {cfg.total_steps} steps (profile '{profile}') into {path} ({reason})")
     job = tracking.run_kwargs("sde", path) if tracking else {"tracking_uri": tracking_uri}
     metrics = run_sde(data, path, profile=profile, overrides=overrides, fresh=force, **job)
     quality = (f"AbsRel {metrics['abs_rel']:.3f}, RMSE {metrics['rmse']:.2f}, d1 {metrics['a1']:.3f} (median-scaled, validation split)"
@@ -150,7 +160,7 @@ def export_stage(model: Location, data: Location, force: bool = False, dry_run: 
     from segsde.sde.export import export_pseudo_depth
 
     model, data = as_location(model), as_location(data)
-    source = input_id(model)
+    source = f"{input_id(model)}@{code_version('export')}"  # a new export code writes the column again
     side = data.child(SIDE_DIR, f"{PSEUDO_DEPTH}.json")
     meta = json.loads(side.read_text()) if side.is_file() else None
     if meta is not None and meta.get("checkpoint") == source and not force:
@@ -185,15 +195,18 @@ def selection_stage(method: str, profile: str, data: Location, storage: Location
     cfg = cfg.with_budget(budget) if budget is not None else cfg
     needs_sde = method in NEEDS_FEATURES + NEEDS_STUDENT
     config = {"stage": "select", "method": method, "config": asdict(cfg), "data": input_id(data),
-              "sde_model": input_id(sde_model) if needs_sde else None}
-    path = as_location(storage).child("cache", f"select-{method}-s{seed}-{cache_key(config)}.parquet")
+              "sde_model": input_id(sde_model) if needs_sde else None,
+              "pseudo_depth": code_version("export") if method in NEEDS_STUDENT else None}  # its student learns the export
+    path = as_location(storage).child("cache", f"select-{method}-s{seed}-{entry_key('select', config)}.parquet")
     if path.is_file() and read_selection_meta(path) is not None and not force:
         log(f"[select] cache hit: reusing {path}")
         record_stage(tracking, "select", path, True)
         return path
+    reason = missed(storage, path, f"select-{method}-s{seed}-", "select", config, force, dry_run)
     if dry_run:
-        log(f"[select] would select {cfg.budgets[-1]} images with '{method}' (seed {seed}) into {path}")
+        log(f"[select] would select {cfg.budgets[-1]} images with '{method}' (seed {seed}) into {path} ({reason})")
         return path
+    log(f"[select] selecting {cfg.budgets[-1]} images with '{method}' (seed {seed}) into {path} ({reason})")
     job = tracking.run_kwargs("select", path) if tracking else {"tracking_uri": tracking_uri}
     result = run_select(data, method, path, sde_checkpoint=sde_model if needs_sde else None, profile=profile,
                         overrides={**(overrides or {}), "seed": seed, "budgets": list(cfg.budgets)}, fresh=force, log=log, **job)

@@ -16,7 +16,8 @@ from pathlib import Path
 from segsde.configs import check
 from segsde.data.store import MANIFEST
 from segsde.errors import SegSDEError
-from segsde.orchestration.stages import StageTracking, dataset_stage, export_stage, input_id, sde_stage, selection_stage
+from segsde.orchestration.keys import code_version, entry_key
+from segsde.orchestration.stages import StageTracking, dataset_stage, export_stage, input_id, missed, sde_stage, selection_stage
 from segsde.profiles import data_profile, load_profile
 from segsde.runtime import Background
 from segsde.sde.run import sde_config
@@ -78,6 +79,7 @@ class Trial:
     plan: TrialPlan
     cost: float = 0.0          # TrainConfig.relative_cost: the longest trials start first
     needs: frozenset = frozenset()  # trial_inputs: the stage outputs it waits for
+    inputs: dict = field(default_factory=dict)  # what its key hashes besides the code
 
     @property
     def name(self) -> str:
@@ -98,7 +100,7 @@ class Trial:
 
 def plan_trials(cfg: StudyConfig, data: Location, storage: Location, sde_model: Location | None, selections: dict) -> list[Trial]:
     """Every (row, budget, seed) planned once: its config, its inputs, and its cache key (the config and the
-    inputs' own keys, never where the storage is)."""
+    inputs' own keys, never where the storage is; ``keys.entry_key`` adds the trainer's code)."""
     trials = []
     for row in cfg.rows:
         for budget in cfg.budgets:
@@ -106,11 +108,14 @@ def plan_trials(cfg: StudyConfig, data: Location, storage: Location, sde_model: 
                 tc = train_config(cfg.profile, row, {**cfg.train, "budget": budget, "seed": seed})
                 selection = selections.get((tc.selection, seed)) if tc.labeled == "selection" else None
                 model = sde_model if tc.needs_sde else None
-                key = cache_key({"stage": "train", "row": row, "config": asdict(tc), "data": input_id(data), "workers": cfg.workers,
-                                 "sde_model": input_id(model), "selection": input_id(selection)})
+                # a trial with the SDE model may read its pseudo-depth: the export's code is an input too
+                inputs = {"stage": "train", "row": row, "config": asdict(tc), "data": input_id(data), "workers": cfg.workers,
+                          "sde_model": input_id(model), "pseudo_depth": code_version("export") if model else None,
+                          "selection": input_id(selection)}
+                key = entry_key("train", inputs)
                 plan = TrialPlan(row, cfg.profile, tc, data.uri, model.uri if model else None, selection.uri if selection else None,
-                                 key, storage.child("cache", f"train-{row}-b{budget}-s{seed}-{key}").uri)
-                trials.append(Trial(plan, tc.relative_cost, trial_inputs(tc, seed)))
+                                 key, storage.child("cache", f"{trial_prefix(row, budget, seed)}{key}").uri)
+                trials.append(Trial(plan, tc.relative_cost, trial_inputs(tc, seed), inputs))
     return trials
 
 
@@ -160,7 +165,7 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Location | str | None = No
             sde_model, selections = model_stages(*stage_args, dry_run, log, tracking, cfg.sde, cfg.select, ready.add)
         trials = plan_trials(cfg, data, root, sde_model, selections)
         todo = [t for t in trials if "train" in force or not t.done]
-        _log_trials(trials, todo, dry_run, log)
+        _log_trials(trials, todo, root, "train" in force, dry_run, log)
         if dry_run:
             log(f"[study] dry run: {len(trials)} trials, {len(trials) - len(todo)} cached; nothing was run")
             return {"trials": [t.name for t in trials], "todo": [t.name for t in todo]}
@@ -195,10 +200,16 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Location | str | None = No
             end_run(tracking.uri, tracking.parent_run_id, status)
 
 
-def _log_trials(trials: list[Trial], todo: list[Trial], dry_run: bool, log) -> None:
+def trial_prefix(row: str, budget: int, seed: int) -> str:
+    return f"train-{row}-b{budget}-s{seed}-"
+
+
+def _log_trials(trials: list[Trial], todo: list[Trial], storage: Location, force: bool, dry_run: bool, log) -> None:
     for t in trials:
         if t in todo:
-            log(f"[trial] {t.name}: {'would run' if dry_run else 'to run'} ({t.result})")
+            prefix = trial_prefix(t.plan.row, t.plan.train.budget, t.plan.train.seed)
+            reason = missed(storage, t.result, prefix, "train", t.inputs, force, dry_run)
+            log(f"[trial] {t.name}: {'would run' if dry_run else 'to run'} ({t.result}; {reason})")
         else:
             log(f"[trial] {t.name}: cache hit, reusing {t.result}")
 

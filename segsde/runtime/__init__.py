@@ -34,6 +34,26 @@ def ray_node_id() -> str:
         return "local"
 
 
+def worker_tags(worker: Worker) -> dict[str, str]:
+    """What a stage's or trial's run records of where and with what it ran: the Ray node, the world size, the
+    library versions, the processor and torch's kernels and threads. One commit can give other digits on
+    another processor (bf16 and AMX kernels, thread counts), so a run must say which it had."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    tags = {"segsde.node_id": ray_node_id(), "segsde.world_size": str(worker.world)}
+    for package in ("torch", "torchvision", "kornia", "ray", "numpy", "mlflow", "optuna", "pyarrow"):
+        try:
+            tags[f"segsde.env.{package}"] = version(package)
+        except PackageNotFoundError:
+            tags[f"segsde.env.{package}"] = "absent"
+    model = next((ln.split(":", 1)[1].strip() for ln in _cpuinfo().splitlines() if ln.startswith("model name")), "unknown")
+    tags.update({"segsde.env.cpu": model, "segsde.env.bf16_native": str(cpu_bf16_native()).lower(),
+                 "segsde.env.amx": str("amx_bf16" in _cpuinfo().split()).lower(),
+                 "segsde.env.cpu_kernels": torch.backends.cpu.get_cpu_capability(), "segsde.env.threads": str(torch.get_num_threads()),
+                 "segsde.env.device": torch.cuda.get_device_name(worker.device) if worker.device.type == "cuda" else "cpu"})
+    return tags
+
+
 def train_utils():
     """Ray Train's utilities of the loop running in this process, or None outside a Train loop. Used in place of
     ``ray.train.get_context``/``report``/``get_checkpoint``, which refuse to run inside a Tune trial: that is
@@ -148,11 +168,15 @@ def start_worker(threads: int | None, seed: int, precision: str = "auto") -> Wor
 
 def cpu_bf16_native() -> bool | None:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX flags); None where /proc/cpuinfo is absent."""
+    flags = _cpuinfo().split()
+    return None if not flags else "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _cpuinfo() -> str:
     try:
-        flags = Path("/proc/cpuinfo").read_text().split()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        return None
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return ""
 
 
 def resume_state(resume_from: str | None, map_location) -> dict | None:

@@ -18,7 +18,7 @@ import torch
 from segsde.data.dataset import Augment, SegSDEDataset, validation_split
 from segsde.data.store import local_dataset
 from segsde.metrics.depth import METRICS, depth_error_sums, summarise
-from segsde.runtime import autocast, batch_indices, evaluation_mode, place, progress, ray_node_id, report, resume_state, start_worker, step_seed
+from segsde.runtime import autocast, batch_indices, evaluation_mode, place, progress, report, resume_state, start_worker, step_seed, worker_tags
 from segsde.sde.config import SDEConfig
 from segsde.sde.export import disparity_map
 from segsde.sde.geometry import disp_to_depth
@@ -163,7 +163,7 @@ def train_loop_per_worker(config: dict) -> None:
         from segsde.tracking import RunLogger
 
         logger = RunLogger(config["tracking_uri"], config["mlflow_run_id"], keep_through_outages=True)
-        logger.tags({"segsde.node_id": ray_node_id(), "segsde.world_size": worker.world})
+        logger.tags(worker_tags(worker))
     val_set = validation_set(config["data"], cfg)
     batches = torch.utils.data.DataLoader(StepBatches(config["data"], cfg, start, worker.rank, worker.world), batch_size=None,
                                           num_workers=cfg.loader_workers, pin_memory=gpu, persistent_workers=False)

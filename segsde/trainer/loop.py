@@ -22,7 +22,7 @@ from segsde.data.dataset import SegSDEDataset, validation_split
 from segsde.data.labels import CLASS_NAMES
 from segsde.data.store import local_dataset
 from segsde.metrics.segmentation import confusion_matrix, iou_table, scores
-from segsde.runtime import autocast, evaluation_mode, place, progress, ray_node_id, report, resume_state, start_worker, step_seed
+from segsde.runtime import autocast, evaluation_mode, place, progress, report, resume_state, start_worker, step_seed, worker_tags
 from segsde.ssl.augment import StrongAugment
 from segsde.ssl.teacher import ema_update, make_teacher
 from segsde.storage import localize
@@ -103,7 +103,7 @@ def train_loop_per_worker(config: dict) -> None:
         from segsde.tracking import RunLogger
 
         logger = RunLogger(config["tracking_uri"], config["mlflow_run_id"], keep_through_outages=True)
-        logger.tags({"segsde.node_id": ray_node_id(), "segsde.world_size": worker.world})
+        logger.tags(worker_tags(worker))
     augment = StrongAugment(cfg.crop or cfg.resize or val_shape(config["data"]), cfg.jitter_p, cfg.jitter_strength, cfg.blur_p, cfg.blur_sigma)
     val_set = validation_set(config["data"], cfg)
     batches = torch.utils.data.DataLoader(
