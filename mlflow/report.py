@@ -3,8 +3,9 @@
     python mlflow/report.py --tracking-uri sqlite:////abs/outputs/mlflow.db --experiment segsde-study-quick --out report/
 
 Takes the newest study parent run of the experiment (or --parent RUN_ID), its child trial runs (tags
-segsde.row / segsde.budget / segsde.seed, metrics final/miou and final/iou/<class>), and writes what the
-study writes: study.md, study.parquet, trials.parquet, class_iou.parquet, the bar chart and the heatmaps.
+segsde.row / segsde.budget / segsde.seed, metrics final/miou, final/iou/<class> and final/acted/*, the per-image
+confusions), and writes what the study writes: study.md, study.parquet, comparison.parquet, trials.parquet,
+class_iou.parquet, the bar chart, the forest plot and the heatmaps.
 """
 
 from __future__ import annotations
@@ -42,9 +43,26 @@ def study_records(uri: str, experiment: str, parent: str | None = None) -> tuple
         tags, metrics = run.data.tags, run.data.metrics
         record = {"row": tags["segsde.row"], "budget": int(tags["segsde.budget"]), "seed": int(tags["segsde.seed"]),
                   "miou": metrics.get("final/miou") if run.info.status == "FINISHED" else None}
-        record.update({k.removeprefix("final/"): v for k, v in metrics.items() if k.startswith("final/iou/")})
+        record.update({k.removeprefix("final/"): v for k, v in metrics.items()
+                       if k.startswith(("final/iou/", "final/acted/")) or k == "final/teacher_miou"})
+        if record["miou"] is not None:
+            record["per_image_confusion"] = _confusions(client, run.info.run_id)
         records.append(record)
     return records, rows, budgets, parent
+
+
+def _confusions(client, run_id: str) -> dict | None:
+    """The trial's per-image confusion matrices (the paired bootstrap over validation images), if it logged them."""
+    import json
+    import tempfile
+
+    from segsde.trainer.config import CONFUSIONS_FILE
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return json.loads(Path(client.download_artifacts(run_id, f"final/{CONFUSIONS_FILE}", tmp)).read_text())
+        except Exception:  # an older trial, or one whose artifact store is gone: the bootstrap goes over seeds only
+            return None
 
 
 def main(argv=None) -> int:

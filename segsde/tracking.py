@@ -289,3 +289,6 @@ class RunLogger:
 
     def table(self, data: dict[str, list], path: str) -> None:
         self._call(lambda: self.client.log_table(self.run_id, data=data, artifact_file=path))
+
+    def dict(self, data: dict, path: str) -> None:
+        self._call(lambda: self.client.log_dict(self.run_id, data, path))

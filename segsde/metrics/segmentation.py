@@ -40,3 +40,20 @@ def iou_table(result: dict, names: tuple[str, ...] = CLASS_NAMES) -> dict[str, l
     """Column-wise class table (for ``mlflow.log_table``): class, IoU in %, present in the ground truth."""
     return {"class": list(names), "iou": [round(100 * v, 2) if v == v else None for v in result["iou"]],
             "present": list(result["present"])}
+
+
+def encode_confusions(conf: torch.Tensor) -> dict:
+    """Per-image confusion matrices [N, K, K] -> a compact JSON-able form (the non-zero cells only), from which
+    the report's paired bootstrap over validation images resamples images."""
+    flat = conf.reshape(-1)
+    index = flat.nonzero().flatten()
+    return {"shape": list(conf.shape), "index": index.tolist(), "count": flat[index].tolist()}
+
+
+def decode_confusions(encoded: dict):
+    """The inverse of ``encode_confusions``, as an int64 numpy array [N, K, K]."""
+    import numpy as np
+
+    flat = np.zeros(int(np.prod(encoded["shape"])), dtype=np.int64)
+    flat[np.asarray(encoded["index"], dtype=np.int64)] = encoded["count"]
+    return flat.reshape(encoded["shape"])

@@ -1,6 +1,8 @@
-"""The component-study report: rows x budgets (mean ± std over seeds, delta to Baseline), class-wise IoU
-and its change over Baseline, as Markdown, Parquet and figures. Built from trial records alone (dicts with
-row, budget, seed, miou and ``iou/<class>``), so the study and the MLflow-only ``mlflow/report.py`` share it."""
+"""The component-study report: rows x budgets (mean ± std over seeds), each row against Baseline on the same
+seeds with a bootstrap interval, a Holm-corrected test and a verdict (or why none can be given: one seed, or a
+component that did not act), class-wise IoU change, as Markdown, Parquet and figures. Built from trial records
+alone (dicts with row, budget, seed, miou, ``iou/<class>``, ``acted/*`` and optionally the per-image
+confusions), so the study and the MLflow-only ``mlflow/report.py`` share it."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ import pandas as pd
 
 from segsde.data.labels import CLASS_NAMES
 from segsde.data.store import atomic_savefig, atomic_write_bytes
+from segsde.orchestration.comparison import BASELINE, comparison_markdown, comparison_table, forest_figure
 
-BASELINE = "baseline"
 MISSING = "failed/missing"
 
 
@@ -38,16 +40,23 @@ def study_table(trials: pd.DataFrame, rows: list[str], budgets: list[int]) -> pd
     return cells
 
 
-def class_table(trials: pd.DataFrame, rows: list[str], budget: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per-row mean class IoU at ``budget`` (rows x classes) and its difference to Baseline's."""
+def class_table(trials: pd.DataFrame, rows: list[str], budget: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Per-row mean class IoU at ``budget`` (rows x classes), and its same-seed change over Baseline: mean and
+    sd over the shared seeds."""
     at = trials[trials.budget == budget]
     means = at.groupby("row")[list(CLASS_NAMES)].mean().reindex([r for r in rows if r in set(at.row)])
-    delta = means - means.loc[BASELINE] if BASELINE in means.index else means * np.nan
-    return means, delta
+    if BASELINE not in means.index:
+        return means, means * np.nan, means * np.nan
+    base = at[at.row == BASELINE].set_index("seed")[list(CLASS_NAMES)]
+    changes = {r: g.set_index("seed")[list(CLASS_NAMES)].sub(base).dropna(how="all") for r, g in at.groupby("row")}
+    delta = pd.DataFrame({r: changes[r].mean() for r in means.index}).T.reindex(means.index)
+    spread = pd.DataFrame({r: changes[r].std() for r in means.index}).T.reindex(means.index)
+    return means, delta, spread
 
 
-def markdown(table: pd.DataFrame, rows: list[str], budgets: list[int]) -> str:
-    """The study table: a row per study row, a column per budget, "mean ± std (delta)"; missing cells marked."""
+def markdown(table: pd.DataFrame, rows: list[str], budgets: list[int], silent: set = frozenset()) -> str:
+    """The study table: a row per study row, a column per budget, "mean ± std (delta)"; missing cells marked,
+    and cells whose component did not act (``silent``: (row, budget)) say so instead of a delta."""
     lines = ["| row | " + " | ".join(f"{b} labels" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
     cell = table.set_index(["row", "budget"])
     for r in rows:
@@ -58,19 +67,26 @@ def markdown(table: pd.DataFrame, rows: list[str], budgets: list[int]) -> str:
                 parts.append(MISSING)
                 continue
             text = f"{c['mean']:.2f}" + (f" ± {c['std']:.2f}" if c["count"] > 1 else "") + f" (n={int(c['count'])})"
-            if r != BASELINE and c["delta"] == c["delta"]:
+            if (r, b) in silent:
+                text += " (component did not act)"
+            elif r != BASELINE and c["delta"] == c["delta"]:
                 text += f" {c['delta']:+.2f}"
             parts.append(text)
         lines.append(f"| {r} | " + " | ".join(parts) + " |")
     return "\n".join(lines)
 
 
-def class_markdown(means: pd.DataFrame, delta: pd.DataFrame, budget: int) -> str:
+def class_markdown(means: pd.DataFrame, delta: pd.DataFrame, spread: pd.DataFrame, budget: int) -> str:
     head = "| row | " + " | ".join(CLASS_NAMES) + " |"
-    lines = [f"Class IoU (%) at {budget} labels, change over Baseline in brackets", "", head, "|---|" + "---|" * len(CLASS_NAMES)]
+    lines = [f"Class IoU (%) at {budget} labels; in brackets the same-seed change over Baseline, mean ± sd over seeds", "", head,
+             "|---|" + "---|" * len(CLASS_NAMES)]
     for r in means.index:
-        vals = [("-" if np.isnan(means.loc[r, c]) else f"{means.loc[r, c]:.1f}" +
-                 ("" if r == BASELINE or np.isnan(delta.loc[r, c]) else f" ({delta.loc[r, c]:+.1f})")) for c in CLASS_NAMES]
+        vals = []
+        for c in CLASS_NAMES:
+            text = "-" if np.isnan(means.loc[r, c]) else f"{means.loc[r, c]:.1f}"
+            if r != BASELINE and not np.isnan(delta.loc[r, c]):
+                text += f" ({delta.loc[r, c]:+.1f}" + ("" if np.isnan(spread.loc[r, c]) else f" ± {spread.loc[r, c]:.1f}") + ")"
+            vals.append(text)
         lines.append(f"| {r} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
@@ -117,26 +133,29 @@ def heatmap_figure(delta: pd.DataFrame, budget: int):
 
 
 def write_report(records: list[dict], rows: list[str], budgets: list[int], out: Path, logger=None) -> str:
-    """Write study.md, study.parquet, trials.parquet, class_iou.parquet and the figures under ``out``
-    (and into the MLflow run of ``logger``); return the Markdown."""
+    """Write study.md, study.parquet, comparison.parquet, trials.parquet, class_iou.parquet and the figures
+    under ``out`` (and into the MLflow run of ``logger``, with the comparison as metrics); return the Markdown."""
     import matplotlib.pyplot as plt
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     trials = trial_frame(records)
     table = study_table(trials, rows, budgets)
-    text = ["# Component study (mIoU %, mean ± std over seeds, delta to Baseline)", "", markdown(table, rows, budgets)]
+    comparison = comparison_table(records, rows, budgets)
+    silent = {(c.row, c.budget) for c in comparison.itertuples() if not c.acted}
+    text = ["# Component study (mIoU %, mean ± std over seeds, delta to Baseline)", "", markdown(table, rows, budgets, silent)]
     classes = []
-    figures = [(bar_figure(table, rows, budgets), "study_bars.png")]
+    figures = [(bar_figure(table, rows, budgets), "study_bars.png"), (forest_figure(comparison, budgets), "forest.png")]
     for b in budgets:
-        means, delta = class_table(trials, rows, b)
-        text += ["", class_markdown(means, delta, b)]
+        means, delta, spread = class_table(trials, rows, b)
+        text += ["", comparison_markdown(comparison, b), "", class_markdown(means, delta, spread, b)]
         classes.append(means.assign(budget=b).reset_index())
         figures.append((heatmap_figure(delta, b), f"class_iou_delta_b{b}.png"))
     markdown_text = "\n".join(text) + "\n"
     atomic_write_bytes(out / "study.md", markdown_text.encode())
-    for name, frame in [("study.parquet", table), ("trials.parquet", trials),
-                        ("class_iou.parquet", pd.concat(classes) if classes else pd.DataFrame())]:
+    frames = [("study.parquet", table), ("comparison.parquet", comparison), ("trials.parquet", trials),
+              ("class_iou.parquet", pd.concat(classes) if classes else pd.DataFrame())]
+    for name, frame in frames:
         tmp = out / f".{name}.tmp"
         frame.to_parquet(tmp, index=False)
         tmp.replace(out / name)
@@ -146,7 +165,8 @@ def write_report(records: list[dict], rows: list[str], budgets: list[int], out: 
             logger.figure(fig, f"study/{name}")
         plt.close(fig)
     if logger is not None:
-        for name in ("study.md", "study.parquet", "trials.parquet", "class_iou.parquet"):
+        for name, _ in [("study.md", None), *frames]:
             logger.artifact(out / name, "study")
+        logger.metrics({f"compare/{c.row}/b{c.budget}/{k}": getattr(c, k) for c in comparison.itertuples() if c.row != BASELINE
+                        for k in ("delta", "ci_low", "ci_high", "p_holm") if getattr(c, k) == getattr(c, k)}, step=0)
     return markdown_text
-

@@ -23,6 +23,7 @@ from segsde.runtime import Background
 from segsde.sde.run import sde_config
 from segsde.selection.run import selection_config
 from segsde.storage import Location, as_location, cache_key, open_root, storage_uri
+from segsde.trainer.config import CONFUSIONS_FILE
 from segsde.trainer.run import METRICS_FILE, TrialPlan, study_rows, train_config
 
 STAGES = ("data", "sde", "export", "select", "train")
@@ -353,7 +354,9 @@ def _record(trial: Trial) -> dict:
     base = {"row": trial.plan.row, "budget": trial.plan.train.budget, "seed": trial.plan.train.seed}
     if not trial.done:
         return {**base, "miou": None}
-    return {**json.loads(trial.result.child(METRICS_FILE).read_text()), **base}
+    confusions = trial.result.child(CONFUSIONS_FILE)  # the report's bootstrap over validation images
+    extra = {"per_image_confusion": json.loads(confusions.read_text())} if confusions.is_file() else {}
+    return {**json.loads(trial.result.child(METRICS_FILE).read_text()), **extra, **base}
 
 
 def _report(cfg: StudyConfig, records: list[dict], out: Path, storage: Location, tracking: StageTracking, log) -> Path:

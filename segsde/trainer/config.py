@@ -130,9 +130,11 @@ class TrainConfig:
         ], where)
 
 
-SCORE_KEYS = ("miou", "best_miou", "pixel_accuracy", "full_miou", "full_pixel_accuracy")
+CONFUSIONS_FILE = "per_image_confusion.json"
+SCORE_KEYS = ("miou", "best_miou", "pixel_accuracy", "full_miou", "full_pixel_accuracy", "teacher_miou")
 
 
 def final_scores(metrics: dict) -> dict:
-    """The scores of a trial's report that make its result: SCORE_KEYS and the class IoUs."""
-    return {k: v for k, v in metrics.items() if k in SCORE_KEYS or k.startswith("iou/")}
+    """The scores of a trial's report that make its result: SCORE_KEYS, the class IoUs, what its components did
+    (``acted/*``); the final evaluation's per-image confusions go to CONFUSIONS_FILE beside the result."""
+    return {k: v for k, v in metrics.items() if k in SCORE_KEYS or k.startswith(("iou/", "acted/"))}

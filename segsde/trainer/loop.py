@@ -11,6 +11,7 @@ draw is seeded by (seed, rank, step), so a resumed trial continues exactly.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,12 +22,12 @@ import torch.nn.functional as F
 from segsde.data.dataset import SegSDEDataset, validation_split
 from segsde.data.labels import CLASS_NAMES
 from segsde.data.store import local_dataset
-from segsde.metrics.segmentation import confusion_matrix, iou_table, scores
+from segsde.metrics.segmentation import confusion_matrix, encode_confusions, iou_table, scores
 from segsde.runtime import autocast, evaluation_mode, place, progress, report, resume_state, start_worker, step_seed, worker_tags
 from segsde.ssl.augment import StrongAugment
-from segsde.ssl.teacher import ema_update, make_teacher
-from segsde.storage import localize
-from segsde.trainer.config import TrainConfig, final_scores
+from segsde.ssl.teacher import ema_alpha, ema_update, make_teacher
+from segsde.storage import Location, localize
+from segsde.trainer.config import CONFUSIONS_FILE, TrainConfig, final_scores
 from segsde.trainer.data import TrialBatches
 from segsde.trainer.model import build_network, load_transfer, parameter_groups
 from segsde.trainer.step import pseudo_label_loss, supervised_loss
@@ -45,6 +46,7 @@ def evaluate(model, val_set: SegSDEDataset, worker, full_resolution_root: str | 
     from segsde.data.cityscapes import native_label
 
     conf = torch.zeros(2, 19, 19, dtype=torch.int64, device=worker.device)
+    per_image = torch.zeros(len(val_set), 19, 19, dtype=torch.int64, device=worker.device)  # the report's bootstrap
     mine = list(range(worker.rank, len(val_set), worker.world))
     examples = []
     with evaluation_mode(model, worker):
@@ -53,8 +55,10 @@ def evaluate(model, val_set: SegSDEDataset, worker, full_resolution_root: str | 
             images = torch.stack([it["image"] for it in items]).to(worker.device)
             with autocast(worker.device, precision):
                 logits = model(images, depth=False)["logits"].float()
-            pred = logits.argmax(1)
-            conf[0] += confusion_matrix(pred, torch.stack([it["label"] for it in items]).to(worker.device))
+            pred, labels = logits.argmax(1), torch.stack([it["label"] for it in items]).to(worker.device)
+            for k, j in enumerate(mine[i: i + batch]):
+                per_image[j] = confusion_matrix(pred[k], labels[k])
+            conf[0] += per_image[mine[i: i + batch]].sum(0)
             if full_resolution_root:
                 for it, lg in zip(items, logits):
                     native = torch.from_numpy(native_label(full_resolution_root, "val", it["id"]).astype("int64")).to(worker.device)
@@ -64,7 +68,8 @@ def evaluate(model, val_set: SegSDEDataset, worker, full_resolution_root: str | 
                 examples += [(images[k].cpu(), items[k]["label"], pred[k].cpu()) for k in range(min(3 - len(examples), len(items)))]
     if worker.world > 1:
         torch.distributed.all_reduce(conf)
-    out = {"legacy": scores(conf[0].cpu())}
+        torch.distributed.all_reduce(per_image)
+    out = {"legacy": scores(conf[0].cpu()), "per_image": per_image.cpu()}
     if full_resolution_root:
         out["full"] = scores(conf[1].cpu())
     out["examples"] = examples
@@ -85,7 +90,7 @@ def train_loop_per_worker(config: dict) -> None:
     place(model, worker.device)
     teacher = make_teacher(model, drop=("pose",) if cfg.multitask else ()) if cfg.teacher else None
     optimiser = torch.optim.SGD(parameter_groups(model, cfg), lr=cfg.lr_decoder, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    start, best = 0, float("nan")
+    start, best, acted = 0, float("nan"), ComponentActivity(cfg.steps)
     state = resume_state(config.get("resume_from"), worker.device)
     if state is not None:
         model.load_state_dict(state["model"])
@@ -93,6 +98,7 @@ def train_loop_per_worker(config: dict) -> None:
         if teacher is not None:
             teacher.load_state_dict(state["teacher"])
         start, best = state["step"], state.get("best_miou", best)
+        acted.sums.update(state.get("acted", {}))
     net = model
     if worker.world > 1:
         # with the multi-task net, the pseudo-label pass leaves the depth heads, side output and pose net unused
@@ -137,6 +143,9 @@ def train_loop_per_worker(config: dict) -> None:
             _check_finite(unsup, step)
             unsup.backward()
             loss, logs, example = loss.detach() + unsup.detach(), {**logs, **more}, mixed or example
+            logs.update(unsup_ratio=float(more["unsupervised"]) / max(float(logs["supervised"]), 1e-12),
+                        ema_alpha=ema_alpha(step, cfg.ema_alpha))
+            acted.add(step, logs)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimiser.step()
         if teacher is not None:
@@ -158,6 +167,12 @@ def train_loop_per_worker(config: dict) -> None:
             if evaluating:
                 result = evaluate(model, val_set, worker, config.get("full_resolution_root"), precision=cfg.precision)
                 metrics.update(_flat_scores(result))
+                if teacher is not None:  # does the teacher lead its student, as pseudo-labels need?
+                    metrics["teacher_miou"] = evaluate(teacher, val_set, worker, precision=cfg.precision)["legacy"]["miou"]
+                if done == cfg.steps:
+                    metrics.update(acted.summary(metrics.get("teacher_miou")))
+                    if worker.is_main:
+                        _keep_confusions(result["per_image"], config.get("result"), logger)
                 best = metrics["best_miou"] = max(best, metrics["miou"]) if best == best else metrics["miou"]
                 if worker.is_main:
                     progress(f"[train] validation at step {done}: mIoU {100 * metrics['miou']:.2f} "
@@ -169,7 +184,41 @@ def train_loop_per_worker(config: dict) -> None:
             if logger and done == stop:  # a restart after this checkpoint would not log again
                 logger.flush()
             report(worker, metrics, state={"model": model.state_dict(), "teacher": teacher.state_dict() if teacher is not None else None,
-                                           "optimizer": optimiser.state_dict(), "step": done, "best_miou": best, "config": asdict(cfg)})
+                                           "optimizer": optimiser.state_dict(), "step": done, "best_miou": best, "config": asdict(cfg),
+                                           "acted": dict(acted.sums)})
+
+
+class ComponentActivity:
+    """What the teacher and the mix did over the second half of training, where a component that acts must
+    show it: the fraction of confident pool pixels, the area pasted from the partner image, and the
+    pseudo-label / supervised loss ratio (means over the steps), with the teacher's final mIoU and EMA weight."""
+
+    def __init__(self, steps: int):
+        self.start, self.sums = steps // 2, {}
+
+    def add(self, step: int, logs: dict) -> None:
+        if step >= self.start:
+            values = {"confident_fraction": logs["confident_fraction"], "mixed_area": 1 - float(logs["mask_ratio"]),
+                      "unsup_ratio": logs["unsup_ratio"], "steps": 1}
+            for k, v in values.items():
+                self.sums[k] = self.sums.get(k, 0.0) + float(v)
+
+    def summary(self, teacher_miou: float | None) -> dict:
+        n = self.sums.get("steps", 0)
+        if not n:
+            return {}
+        out = {f"acted/{k}": v / n for k, v in self.sums.items() if k != "steps"}
+        return {**out, **({"acted/teacher_miou": teacher_miou} if teacher_miou is not None else {})}
+
+
+def _keep_confusions(per_image: torch.Tensor, result: str | None, logger) -> None:
+    """The final evaluation's per-image confusion matrices, beside the trial's result and in its MLflow run:
+    what the study report's paired bootstrap over validation images resamples."""
+    encoded = encode_confusions(per_image)
+    if result:
+        Location(result).child(CONFUSIONS_FILE).write_text(json.dumps(encoded))
+    if logger:
+        logger.dict(encoded, f"final/{CONFUSIONS_FILE}")
 
 
 def val_shape(data: str) -> tuple[int, int]:

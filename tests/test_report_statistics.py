@@ -1,0 +1,71 @@
+"""The study report's statistics: paired bootstrap intervals over seeds and validation images, Holm, seeds
+needed, component-acted flags and the verdicts, on records made from real confusion matrices."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from segsde.metrics.segmentation import confusion_matrix, decode_confusions, encode_confusions, scores
+from segsde.orchestration.comparison import comparison_table
+from segsde.orchestration.report import write_report
+from segsde.orchestration.statistics import holm, miou_of, paired_difference, seeds_needed
+
+
+def test_holm_and_seeds_needed_match_their_textbook_values():
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5]) == [0.5]
+    assert seeds_needed(1.0, 1.5) == 18  # ((1.96 + 0.84) * 1.5 / 1)^2 = 17.7
+    assert seeds_needed(5.0, 0.5) == 2 and seeds_needed(1.0, float("nan")) is None
+
+
+def test_vectorised_miou_is_the_metric_and_confusions_survive_encoding():
+    g = torch.Generator().manual_seed(0)
+    per_image = torch.stack([confusion_matrix(torch.randint(0, 9, (16, 16), generator=g), torch.randint(0, 6, (16, 16), generator=g))
+                             for _ in range(5)])
+    assert np.array_equal(decode_confusions(encode_confusions(per_image)), per_image.numpy())
+    assert miou_of(per_image.sum(0).numpy()) == pytest.approx(100 * scores(per_image.sum(0))["miou"])
+
+
+def _trial(row, seed, accuracy, rng, **extra):
+    """A trial's record whose per-image confusions come from predictions right with probability ``accuracy``."""
+    gt = torch.from_numpy(rng.integers(0, 5, size=(20, 8, 8)))
+    wrong = torch.from_numpy(rng.random((20, 8, 8)) > accuracy)
+    pred = torch.where(wrong, (gt + 1) % 5, gt)
+    per_image = torch.stack([confusion_matrix(p, t) for p, t in zip(pred, gt)])
+    return {"row": row, "budget": 8, "seed": seed, "miou": scores(per_image.sum(0))["miou"],
+            "per_image_confusion": encode_confusions(per_image), **extra}
+
+
+def test_paired_intervals_flags_and_verdicts(tmp_path):
+    rng = np.random.default_rng(0)
+    records = []
+    for seed in range(5):
+        level = 0.5 + 0.05 * rng.standard_normal()  # seed noise shared by the rows of a seed (same labels, same init)
+        records += [_trial("baseline", seed, level, rng),
+                    _trial("helps", seed, level + 0.15, rng, **{"acted/confident_fraction": 0.4, "acted/unsup_ratio": 0.3}),
+                    _trial("same", seed, level, rng),
+                    _trial("silent", seed, level + 0.15, rng, **{"acted/confident_fraction": 0.01, "acted/unsup_ratio": 0.001})]
+    table = comparison_table(records, ["baseline", "helps", "same", "silent"], [8]).set_index("row")
+    helps, same, silent = table.loc["helps"], table.loc["same"], table.loc["silent"]
+    assert helps.n == 5 and helps.images and 0 < helps.ci_low < helps.delta < helps.ci_high
+    assert helps.verdict == "better than Baseline" and helps.p_holm < 0.05
+    assert same.ci_low < 0 < same.ci_high and same.verdict == "no difference shown"
+    assert not silent.acted and silent.verdict.startswith("did not act: 1.0 % of the pool pixels were confident")
+    assert silent.p_holm != silent.p_holm  # not tested, so not in the Holm family
+    text = write_report(records, ["baseline", "helps", "same", "silent"], [8], tmp_path)
+    assert "(component did not act)" in text and "better than Baseline" in text and "mean ± sd over seeds" in text
+    assert (tmp_path / "forest.png").stat().st_size > 0
+    assert pd.read_parquet(tmp_path / "comparison.parquet").set_index("row").loc["helps", "verdict"] == "better than Baseline"
+
+    one_seed = [r for r in records if r["seed"] == 0]
+    single = comparison_table(one_seed, ["baseline", "helps", "same", "silent"], [8]).set_index("row")
+    assert single.loc["helps", "verdict"] == "one seed: no difference can be judged"
+    assert "cannot be told from training noise" in write_report(one_seed, ["baseline", "helps", "same", "silent"], [8], tmp_path / "one")
+
+
+def test_the_bootstrap_without_image_confusions_goes_over_seeds():
+    row, base = {s: 50.0 + s + 2 for s in range(4)}, {s: 50.0 + s for s in range(4)}
+    paired = paired_difference(row, base)
+    assert not paired.images and paired.delta == pytest.approx(2) and paired.low == paired.high == pytest.approx(2)
+    assert paired_difference({0: 1.0}, {1: 1.0}) is None
