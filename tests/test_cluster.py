@@ -132,7 +132,7 @@ def test_the_study_trains_on_the_worker_node_and_gives_the_single_machine_table(
     trained = [r for r in study_runs if r.data.tags.get("segsde.stage") in ("train", "sde")]
     assert len(trained) == 3  # two trials and the SDE stage, each logged by the Train worker that ran it
     assert {r.data.tags["segsde.node_id"] for r in trained} == {cluster.worker_node}
-    assert {p.name.split("-")[0] for p in (cluster.shared / "cache").iterdir()} == {"data", "sde", "select", "train"}
+    assert {p.name.split("-")[0] for p in (cluster.shared / "cache").iterdir()} == {"data", "sde", "select", "train", "keys"}
 
     single = subprocess.run([sys.executable, str(ROOT / "tune" / "run_ablation.py"), "--profile", "smoke", "--rows", ROWS,
                              "--out", str(tmp_path)], env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},

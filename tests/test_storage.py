@@ -87,7 +87,7 @@ def test_cache_keys_do_not_depend_on_the_storage_root(s3, tmp_path):
     for storage in (tmp_path / "here", s3.root("elsewhere").uri):
         proc = study(tmp_path / "out", s3.env, "--storage", storage, "--dry-run")
         assert proc.returncode == 0, proc.stderr[-3000:]
-        names.append(sorted(word.strip("()").partition("?")[0].rsplit("/", 1)[-1] for word in proc.stdout.split() if "/cache/" in word))
+        names.append(sorted(word.strip("();").partition("?")[0].rsplit("/", 1)[-1] for word in proc.stdout.split() if "/cache/" in word))
     assert names[0] == names[1] and len(names[0]) >= 9  # the dataset, the SDE model, selections and the nine trials
 
 
