@@ -88,6 +88,25 @@ def _changed_code_reruns_its_stage_and_what_reads_it(out: Path):
     assert "[data] would render" in data and "new code in segsde.data.synth.render" in data and "2 trials, 0 cached" in data
 
 
+def test_the_evidence_study_plans_the_upper_bound_and_the_depth_oracle_control(tmp_path, synth_root):
+    """The all-labels row labels every training image whatever the budget; the control transfers from an SDE
+    stage of its own (the quick sde section with oracle=depth), and the other transfer rows from the usual one."""
+    from segsde.data.store import split_ids
+    from segsde.errors import SegSDEError
+    from segsde.trainer.data import labeled_ids
+    from segsde.trainer.run import train_config
+
+    dry = _run("--profile", "evidence", "--out", tmp_path, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    sde = [ln for ln in dry.stdout.splitlines() if ln.startswith("[sde] would train")]
+    assert len(sde) == 2 and "20 trials, 0 cached" in dry.stdout  # 4 rows x 5 seeds
+    cfg = train_config("evidence", "all_labels", {"budget": 4})
+    assert sorted(labeled_ids(synth_root, cfg)) == sorted(split_ids(synth_root, "train")) and not cfg.uses_unlabeled
+    assert train_config("evidence", "transfer_oracle").sde_model == "depth_oracle"
+    with pytest.raises(SegSDEError, match="no unlabeled image"):
+        train_config("evidence", "all_labels", {"teacher": True})
+
+
 def test_the_quick_study_plans_its_longest_trials_first(tmp_path):
     from segsde.orchestration.study import plan_trials, study_config
     from segsde.storage import Location

@@ -20,7 +20,9 @@ from segsde.trainer.run import study_rows, train_config
 # al_entropy shares autoselect's path (only their selection lists differ: test_selection.py), transfer is mtl's
 # without the depth decoder (its weight loading is tested below), baseline + pseudolabel run end to end as Tune
 # trials in test_run_ablation.py and combination on two DDP workers below (CI time)
-ROWS = sorted(r for r in study_rows() if r not in ("al_entropy", "transfer", "baseline", "pseudolabel", "combination"))
+# transfer_oracle is transfer from another model file, all_labels baseline on another labeled set (test_run_ablation.py)
+ROWS = sorted(r for r in study_rows() if r not in ("al_entropy", "transfer", "baseline", "pseudolabel", "combination", "transfer_oracle",
+                                                   "all_labels"))
 
 
 @pytest.fixture(scope="module")

@@ -99,7 +99,7 @@ class Trial:
         return self.result.child(METRICS_FILE).is_file()
 
 
-def plan_trials(cfg: StudyConfig, data: Location, storage: Location, sde_model: Location | None, selections: dict) -> list[Trial]:
+def plan_trials(cfg: StudyConfig, data: Location, storage: Location, sde_models: dict, selections: dict) -> list[Trial]:
     """Every (row, budget, seed) planned once: its config, its inputs, and its cache key (the config and the
     inputs' own keys, never where the storage is; ``keys.entry_key`` adds the trainer's code)."""
     trials = []
@@ -108,7 +108,7 @@ def plan_trials(cfg: StudyConfig, data: Location, storage: Location, sde_model: 
             for seed in cfg.seeds:
                 tc = train_config(cfg.profile, row, {**cfg.train, "budget": budget, "seed": seed})
                 selection = selections.get((tc.selection, seed)) if tc.labeled == "selection" else None
-                model = sde_model if tc.needs_sde else None
+                model = sde_models.get(tc.sde_model) if tc.needs_sde else None
                 # a trial with the SDE model may read its pseudo-depth: the export's code is an input too
                 inputs = {"stage": "train", "row": row, "config": asdict(tc), "data": input_id(data), "workers": cfg.workers,
                           "sde_model": input_id(model), "pseudo_depth": code_version("export") if model else None,
@@ -159,12 +159,12 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Location | str | None = No
         if planned and planned[0]:
             # the stage jobs (one core each, in this thread) run beside the trials, which start as soon as their
             # inputs exist: a second thread made the SDE only 1.3x faster (README)
-            _, sde_model, selections = planned
+            _, sde_models, selections = planned
             stages = Background(model_stages, *stage_args, False, log, tracking, cfg.sde, cfg.select, ready.add,
                                 name="study-stages")
         else:
-            sde_model, selections = model_stages(*stage_args, dry_run, log, tracking, cfg.sde, cfg.select, ready.add)
-        trials = plan_trials(cfg, data, root, sde_model, selections)
+            sde_models, selections = model_stages(*stage_args, dry_run, log, tracking, cfg.sde, cfg.select, ready.add)
+        trials = plan_trials(cfg, data, root, sde_models, selections)
         todo = [t for t in trials if "train" in force or not t.done]
         _log_trials(trials, todo, root, "train" in force, dry_run, log)
         if dry_run:
@@ -176,8 +176,8 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Location | str | None = No
             stages.result()  # a stage job's error, if one failed
         if any(not t.done and t.key not in errors for t in todo):
             raise KeyboardInterrupt  # Tune took the Ctrl-C and ended the trials early
-        if stages is not None and (made := stages.result()) != (sde_model, selections):
-            raise SegSDEError(f"the stage jobs wrote {made}, not the planned {(sde_model, selections)}")
+        if stages is not None and (made := stages.result()) != (sde_models, selections):
+            raise SegSDEError(f"the stage jobs wrote {made}, not the planned {(sde_models, selections)}")
         for t in todo:
             if t.key in errors:
                 log(f"[trial] {t.name}: FAILED ({errors[t.key]}); the study goes on, its cell is marked")
@@ -225,22 +225,22 @@ def _planned_model_stages(stage_args: tuple, cfg: StudyConfig) -> tuple[bool, Pa
     """A quiet dry run of the stages after the dataset: whether one of them would run, and the SDE model
     and selection lists they give."""
     said = []
-    sde_model, selections = model_stages(*stage_args, True, said.append, None, cfg.sde, cfg.select)
-    return any(" would " in line for line in said), sde_model, selections
+    sde_models, selections = model_stages(*stage_args, True, said.append, None, cfg.sde, cfg.select)
+    return any(" would " in line for line in said), sde_models, selections
 
 
 def _needs_ray(cfg: StudyConfig, train_configs: list, storage: Location, data_root: Location | None, force) -> bool:
     """Whether a stage job or a trial would run: a quiet dry run of the DAG (rendering needs no Ray)."""
     data = dataset_stage(data_profile(cfg.profile), storage, cfg.data_seed, data_root, "data" in force, True, lambda _: None)
-    stage_work, sde_model, selections = _planned_model_stages((cfg.profile, train_configs, cfg.seeds, storage, data, force), cfg)
-    return stage_work or "train" in force or not all(t.done for t in plan_trials(cfg, data, storage, sde_model, selections))
+    stage_work, sde_models, selections = _planned_model_stages((cfg.profile, train_configs, cfg.seeds, storage, data, force), cfg)
+    return stage_work or "train" in force or not all(t.done for t in plan_trials(cfg, data, storage, sde_models, selections))
 
 
 def input_stages(profile: str, train_configs: list, seeds, storage: Location, data_root: Location | None, data_seed: int,
                  force=(), dry_run: bool = False, log=print, tracking: StageTracking | None = None,
                  sde_overrides: dict | None = None, select_overrides: dict | None = None) -> tuple[Location, Location | None, dict]:
     """The stages every trial of ``train_configs`` needs, computed or reused: the dataset, then
-    ``model_stages``. Returns (data, sde model or None, {(method, seed): list file})."""
+    ``model_stages``. Returns (data, {kind: sde model}, {(method, seed): list file})."""
     data = dataset_stage(data_profile(profile), storage, data_seed, data_root, "data" in force, dry_run, log, tracking)
     return (data, *model_stages(profile, train_configs, seeds, storage, data, force, dry_run, log, tracking, sde_overrides,
                                 select_overrides))
@@ -248,23 +248,30 @@ def input_stages(profile: str, train_configs: list, seeds, storage: Location, da
 
 def model_stages(profile: str, train_configs: list, seeds, storage: Location, data: Location, force=(), dry_run: bool = False,
                  log=print, tracking: StageTracking | None = None, sde_overrides: dict | None = None,
-                 select_overrides: dict | None = None, ready=lambda name: None) -> tuple[Location | None, dict]:
+                 select_overrides: dict | None = None, ready=lambda name: None) -> tuple[dict, dict]:
     """The stages after the dataset, computed or reused: the SDE model (the profile's sde section with
-    ``sde_overrides``) and its pseudo-depth (when a row uses them) and each seed's selection list of every
-    selection method (long enough for the largest budget), the one most rows use first. ``ready`` is called
-    with each output's ``trial_inputs`` name once it exists. Returns (sde model or None, {(method, seed): list file})."""
+    ``sde_overrides``) and its pseudo-depth (when a row uses them), the depth-oracle SDE model (when a row
+    transfers from it), and each seed's selection list of every selection method (long enough for the largest
+    budget), the one most rows use first. ``ready`` is called with each output's ``trial_inputs`` name once it
+    exists. Returns ({"self_supervised" / "depth_oracle": sde model}, {(method, seed): list file})."""
     largest = max(tc.budget for tc in train_configs)
     manifest = data.child(MANIFEST)
     available = json.loads(manifest.read_text())["splits"].get("train", 0) if manifest.is_file() else largest
     if largest > available:
         raise SegSDEError(f"budget {largest} is larger than the {available} training images of {data}: lower --budgets")
-    sde_model = None
-    if any(tc.needs_sde or tc.labeled == "selection" and tc.selection not in ("random", "entropy") for tc in train_configs):
-        from segsde.sde.run import MODEL_FILE
+    from segsde.sde.run import MODEL_FILE
 
+    sde_models, sde_model = {}, None
+    if any(tc.needs_sde and tc.sde_model == "self_supervised" or tc.labeled == "selection" and tc.selection not in ("random", "entropy")
+           for tc in train_configs):
         sde_model = sde_stage(profile, data, storage, None, "sde" in force, dry_run, log, tracking, sde_overrides).child(MODEL_FILE)
         export_stage(sde_model, data, bool({"export", "sde"} & set(force)), dry_run, log, tracking)
-        ready("sde")
+        sde_models["self_supervised"] = sde_model
+        ready(sde_input("self_supervised"))
+    if any(tc.needs_sde and tc.sde_model == "depth_oracle" for tc in train_configs):  # the positive control's
+        sde_models["depth_oracle"] = sde_stage(profile, data, storage, None, "sde" in force, dry_run, log, tracking,
+                                               {**(sde_overrides or {}), "oracle": "depth"}).child(MODEL_FILE)
+        ready(sde_input("depth_oracle"))
     selections = {}
     methods = [tc.selection for tc in train_configs if tc.labeled == "selection" and tc.selection]
     for method in sorted(set(methods), key=lambda m: (-methods.count(m), m)):
@@ -274,13 +281,17 @@ def model_stages(profile: str, train_configs: list, seeds, storage: Location, da
                 force=bool({"select", "sde"} & set(force)), dry_run=dry_run, log=log, tracking=tracking,
                 overrides=select_overrides)
             ready(selection_input(method, seed))
-    return sde_model, selections
+    return sde_models, selections
+
+
+def sde_input(kind: str) -> str:
+    return "sde" if kind == "self_supervised" else f"sde-{kind}"
 
 
 def trial_inputs(tc, seed: int) -> frozenset[str]:
     """The stage outputs a trial of train config ``tc`` and ``seed`` reads: ``sde`` (the SDE model and its
     pseudo-depth) and its selection list (``selection_input``)."""
-    return frozenset((["sde"] if tc.needs_sde else [])
+    return frozenset(([sde_input(tc.sde_model)] if tc.needs_sde else [])
                      + ([selection_input(tc.selection, seed)] if tc.labeled == "selection" and tc.selection else []))
 
 

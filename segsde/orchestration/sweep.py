@@ -152,7 +152,7 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Location | str | None = No
     configs = [train_config(cfg.profile, cfg.row, {**cfg.train, "budget": b, "seed": cfg.seed}) for b in cfg.budgets]
     start_ray(cfg.profile, cfg.row, cfg.train, cfg.concurrency, cfg.workers, cfg.gpu, address)  # stage jobs share it
     preflight(root, uri)
-    data, sde_model, selections = input_stages(cfg.profile, configs, (cfg.seed,), root,
+    data, sde_models, selections = input_stages(cfg.profile, configs, (cfg.seed,), root,
                                                 as_location(data_root) if data_root else None, cfg.data_seed, log=log,
                                                 sde_overrides=cfg.sde)
     results = {}
@@ -166,7 +166,7 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Location | str | None = No
         try:
             selection = selections.get((tc.selection, cfg.seed)) if tc.labeled == "selection" else None
             tracking = StageTracking(uri, experiment, parent)
-            _tune_budget(cfg, name, space, tc, data, root, sde_model, selection, tracking, storage, address, resume, log)
+            _tune_budget(cfg, name, space, tc, data, root, sde_models.get(tc.sde_model), selection, tracking, storage, address, resume, log)
             results[budget] = _summarise_budget(cfg, name, storage, tracking, out, log)
             status = "FINISHED"
         except KeyboardInterrupt:

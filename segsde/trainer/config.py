@@ -16,7 +16,8 @@ MIX_MODES = ("none", "class", "depth")             # none: pseudo-labels on stro
 MIX_POOLS = ("unlabeled", "all_with_gt")           # all_with_gt: labeled images join with one-hot targets
 DEPTH_SOURCES = ("sde", "student", "teacher", "ground_truth")
 CONFIDENCE_MODES = ("per_pixel", "batch_fraction")
-LABELED_SETS = ("random", "selection")
+LABELED_SETS = ("random", "selection", "all")     # all: every training image (the fully supervised upper bound)
+SDE_MODELS = ("self_supervised", "depth_oracle")  # depth_oracle: the SDE net trained on the testbed's true depth
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,10 @@ class TrainConfig:
     decoder_channels: tuple[int, ...] = (64, 128, 128, 256, 256)
     weights: str | None = "imagenet"     # encoder init without transfer: None | "imagenet" | state-dict path
     transfer: bool = False               # encoder + decoder (ASPP included) from the SDE checkpoint
+    sde_model: str = "self_supervised"   # which SDE stage a study gives it: depth_oracle is a positive control
     multitask: bool = False              # two decoders exchanging features at 1/4 + the SDE loss (needs transfer)
     # labeled set
-    labeled: str = "random"              # random: seeded permutation prefix | selection: prefix of an ordered list
+    labeled: str = "random"              # random: seeded permutation prefix | selection: prefix of an ordered list | all
     selection: str | None = None         # the selection method of a `selection` row (sde, entropy, ...)
     budget: int = 372
     seed: int = 0
@@ -107,6 +109,8 @@ class TrainConfig:
             (self.depth_source in DEPTH_SOURCES, f"depth_source must be one of {DEPTH_SOURCES}"),
             (self.confidence in CONFIDENCE_MODES, f"confidence must be one of {CONFIDENCE_MODES}"),
             (self.labeled in LABELED_SETS, f"labeled must be one of {LABELED_SETS}"),
+            (self.sde_model in SDE_MODELS, f"sde_model must be one of {SDE_MODELS}"),
+            (self.labeled != "all" or not self.uses_unlabeled, "labeled 'all' leaves no unlabeled image: turn teacher and multitask off"),
             (self.selection is None or self.selection in SELECTION_METHODS, f"selection must be one of {SELECTION_METHODS}"),
             (self.mix == "none" or self.teacher, "mixing needs pseudo-labels: set teacher: true or mix: none"),
             (not (self.mix == "depth" and self.depth_source == "student") or self.multitask,

@@ -25,8 +25,10 @@ def train_ids(data: Path) -> list[str]:
 
 
 def labeled_ids(data: Path, cfg: TrainConfig, selection_file: Path | None = None) -> list[str]:
-    """The first ``cfg.budget`` ids of the trial's ordered list."""
+    """The first ``cfg.budget`` ids of the trial's ordered list (``labeled: all``: every training id)."""
     pool = train_ids(data)
+    if cfg.labeled == "all":  # the fully supervised upper bound, whatever the budget
+        return random_order(pool, cfg.seed)
     if cfg.labeled == "random":
         order = random_order(pool, cfg.seed)
     else:

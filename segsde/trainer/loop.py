@@ -90,7 +90,7 @@ def train_loop_per_worker(config: dict) -> None:
     place(model, worker.device)
     teacher = make_teacher(model, drop=("pose",) if cfg.multitask else ()) if cfg.teacher else None
     optimiser = torch.optim.SGD(parameter_groups(model, cfg), lr=cfg.lr_decoder, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    start, best, acted = 0, float("nan"), ComponentActivity(cfg.steps)
+    start, best, acted = 0, float("nan"), ComponentActivity(cfg.steps, mixes=cfg.mix != "none")
     state = resume_state(config.get("resume_from"), worker.device)
     if state is not None:
         model.load_state_dict(state["model"])
@@ -193,13 +193,14 @@ class ComponentActivity:
     show it: the fraction of confident pool pixels, the area pasted from the partner image, and the
     pseudo-label / supervised loss ratio (means over the steps), with the teacher's final mIoU and EMA weight."""
 
-    def __init__(self, steps: int):
-        self.start, self.sums = steps // 2, {}
+    def __init__(self, steps: int, mixes: bool):
+        self.start, self.mixes, self.sums = steps // 2, mixes, {}
 
     def add(self, step: int, logs: dict) -> None:
         if step >= self.start:
-            values = {"confident_fraction": logs["confident_fraction"], "mixed_area": 1 - float(logs["mask_ratio"]),
-                      "unsup_ratio": logs["unsup_ratio"], "steps": 1}
+            values = {"confident_fraction": logs["confident_fraction"], "unsup_ratio": logs["unsup_ratio"], "steps": 1}
+            if self.mixes:  # pseudo-labels without a mix keep the whole image by design
+                values["mixed_area"] = 1 - float(logs["mask_ratio"])
             for k, v in values.items():
                 self.sums[k] = self.sums.get(k, 0.0) + float(v)
 
