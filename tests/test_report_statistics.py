@@ -69,3 +69,17 @@ def test_the_bootstrap_without_image_confusions_goes_over_seeds():
     paired = paired_difference(row, base)
     assert not paired.images and paired.delta == pytest.approx(2) and paired.low == paired.high == pytest.approx(2)
     assert paired_difference({0: 1.0}, {1: 1.0}) is None
+
+
+def test_component_activity_averages_the_second_half_and_records_the_mix_only_where_there_is_one():
+    from segsde.trainer.loop import ComponentActivity
+
+    for mixes in (True, False):
+        acted = ComponentActivity(10, mixes=mixes)
+        for step in range(10):
+            acted.add(step, {"confident_fraction": step / 10, "mask_ratio": 0.75, "unsup_ratio": 0.2})
+        summary = acted.summary(0.3)
+        assert summary["acted/confident_fraction"] == pytest.approx(0.7)  # steps 5-9
+        assert ("acted/mixed_area" in summary) == mixes and summary.get("acted/mixed_area", 0.25) == pytest.approx(0.25)
+        assert summary["acted/teacher_miou"] == 0.3
+    assert ComponentActivity(10, mixes=True).summary(None) == {}
