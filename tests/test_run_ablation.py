@@ -114,7 +114,8 @@ def test_the_quick_study_plans_its_longest_trials_first(tmp_path):
     cfg = study_config("quick")
     cache = Location(str(tmp_path)).child("cache")
     selections = {("entropy", 0): cache.child("select-entropy.parquet"), ("sde", 0): cache.child("select-sde.parquet")}
-    trials = plan_trials(cfg, cache.child("data-0123456789ab"), Location(str(tmp_path)), cache.child("sde-x", "model.pt"), selections)
+    sde_models = {"self_supervised": cache.child("sde-x", "model.pt")}
+    trials = plan_trials(cfg, cache.child("data-0123456789ab"), Location(str(tmp_path)), sde_models, selections)
     cost = {t.plan.row: t.cost for t in trials}
     assert cost["combination"] > cost["mtl"] > cost["depthmix"] == cost["classmix"] == cost["pseudolabel"] > cost["baseline"]
     assert cost["baseline"] == cost["transfer"] == cost["al_entropy"] == cost["autoselect"]
