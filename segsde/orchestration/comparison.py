@@ -43,10 +43,10 @@ def comparison_table(records: list[dict], rows: list[str], budgets: list[int]) -
         at = {row: [r for r in done if r["row"] == row and int(r["budget"]) == b] for row in rows}
         base = at.get(BASELINE, [])
         for row in rows:
-            recs = at[row]
+            recs, silent = at[row], inaction(at[row])
             scores = {int(r["seed"]): 100 * r["miou"] for r in recs}
             line = {"row": row, "budget": b, "n": len(recs), "mean": np.mean(list(scores.values())) if recs else np.nan,
-                    "sd": np.std(list(scores.values()), ddof=1) if len(recs) > 1 else np.nan, "acted": inaction(recs) is None}
+                    "sd": np.std(list(scores.values()), ddof=1) if len(recs) > 1 else np.nan, "acted": silent is None}
             teacher = [100 * (r["teacher_miou"] - r["miou"]) for r in recs if r.get("teacher_miou") is not None]
             line["teacher_minus_student"] = float(np.mean(teacher)) if teacher else np.nan
             paired = None
@@ -55,7 +55,7 @@ def comparison_table(records: list[dict], rows: list[str], budgets: list[int]) -
             if paired is not None:
                 line.update(n=paired.n, delta=paired.delta, sd_delta=paired.sd, ci_low=paired.low, ci_high=paired.high, p=paired.p,
                             images=paired.images)
-            line["verdict"] = "reference" if row == BASELINE else (inaction(recs) or "")
+            line["verdict"] = "reference" if row == BASELINE else (silent or "")
             lines.append(line)
     table = pd.DataFrame(lines).reindex(columns=COLUMNS)
     for b in budgets:

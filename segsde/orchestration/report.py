@@ -165,7 +165,7 @@ def write_report(records: list[dict], rows: list[str], budgets: list[int], out: 
             logger.figure(fig, f"study/{name}")
         plt.close(fig)
     if logger is not None:
-        for name, _ in [("study.md", None), *frames]:
+        for name in ["study.md", *(name for name, _ in frames)]:
             logger.artifact(out / name, "study")
         logger.metrics({f"compare/{c.row}/b{c.budget}/{k}": getattr(c, k) for c in comparison.itertuples() if c.row != BASELINE
                         for k in ("delta", "ci_low", "ci_high", "p_holm") if getattr(c, k) == getattr(c, k)}, step=0)

@@ -1,7 +1,8 @@
 """Cached stages: a stage's output lives under ``<storage>/cache/<stage>-<key>``, where the key hashes the
 stage's configuration, its code (``keys.code_version``) and the keys of its input stages (never where the
-storage is), so an unchanged stage is reused and never recomputed, also from another --out or storage root. An entry counts only once its marker is
-there (a dataset's manifest, an SDE model's metrics file, a selection's Parquet metadata)."""
+storage is), so an unchanged stage is reused and never recomputed, also from another --out or storage root.
+An entry counts only once its marker is there (a dataset's manifest, an SDE model's metrics file, a
+selection's Parquet metadata)."""
 
 from __future__ import annotations
 
@@ -60,9 +61,10 @@ def record_stage(tracking: StageTracking | None, stage: str, path: Location, hit
 def missed(storage: Location, path: Location, prefix: str, stage: str, config: dict, force: bool, dry_run: bool) -> str:
     """Why the entry at ``path`` is computed, for the log; outside a dry run its key's description is kept,
     so that the next miss of its kind can say what changed."""
-    reason = "forced" if force else f"not cached: {why_missed(as_location(storage), path.name, prefix, describe(stage, config))}"
+    storage, description = as_location(storage), describe(stage, config)
+    reason = "forced" if force else f"not cached: {why_missed(storage, path.name, prefix, description)}"
     if not dry_run:
-        remember(as_location(storage), path.name, describe(stage, config))
+        remember(storage, path.name, description)
     return reason
 
 

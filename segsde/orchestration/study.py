@@ -221,8 +221,8 @@ def _clear_forced(todo: list[Trial], force, storage: Location) -> None:
             storage.child("ray", f"train-{t.key}").delete()
 
 
-def _planned_model_stages(stage_args: tuple, cfg: StudyConfig) -> tuple[bool, Path | None, dict]:
-    """A quiet dry run of the stages after the dataset: whether one of them would run, and the SDE model
+def _planned_model_stages(stage_args: tuple, cfg: StudyConfig) -> tuple[bool, dict, dict]:
+    """A quiet dry run of the stages after the dataset: whether one of them would run, and the SDE models
     and selection lists they give."""
     said = []
     sde_models, selections = model_stages(*stage_args, True, said.append, None, cfg.sde, cfg.select)
@@ -238,7 +238,7 @@ def _needs_ray(cfg: StudyConfig, train_configs: list, storage: Location, data_ro
 
 def input_stages(profile: str, train_configs: list, seeds, storage: Location, data_root: Location | None, data_seed: int,
                  force=(), dry_run: bool = False, log=print, tracking: StageTracking | None = None,
-                 sde_overrides: dict | None = None, select_overrides: dict | None = None) -> tuple[Location, Location | None, dict]:
+                 sde_overrides: dict | None = None, select_overrides: dict | None = None) -> tuple[Location, dict, dict]:
     """The stages every trial of ``train_configs`` needs, computed or reused: the dataset, then
     ``model_stages``. Returns (data, {kind: sde model}, {(method, seed): list file})."""
     data = dataset_stage(data_profile(profile), storage, data_seed, data_root, "data" in force, dry_run, log, tracking)

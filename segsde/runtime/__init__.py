@@ -46,9 +46,10 @@ def worker_tags(worker: Worker) -> dict[str, str]:
             tags[f"segsde.env.{package}"] = version(package)
         except PackageNotFoundError:
             tags[f"segsde.env.{package}"] = "absent"
-    model = next((ln.split(":", 1)[1].strip() for ln in _cpuinfo().splitlines() if ln.startswith("model name")), "unknown")
-    tags.update({"segsde.env.cpu": model, "segsde.env.bf16_native": str(cpu_bf16_native()).lower(),
-                 "segsde.env.amx": str("amx_bf16" in _cpuinfo().split()).lower(),
+    cpuinfo = _cpuinfo()
+    model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")), "unknown")
+    tags.update({"segsde.env.cpu": model, "segsde.env.bf16_native": str(cpu_bf16_native(cpuinfo)).lower(),
+                 "segsde.env.amx": str("amx_bf16" in cpuinfo.split()).lower(),
                  "segsde.env.cpu_kernels": torch.backends.cpu.get_cpu_capability(), "segsde.env.threads": str(torch.get_num_threads()),
                  "segsde.env.device": torch.cuda.get_device_name(worker.device) if worker.device.type == "cuda" else "cpu"})
     return tags
@@ -166,9 +167,9 @@ def start_worker(threads: int | None, seed: int, precision: str = "auto") -> Wor
     return worker
 
 
-def cpu_bf16_native() -> bool | None:
+def cpu_bf16_native(cpuinfo: str | None = None) -> bool | None:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX flags); None where /proc/cpuinfo is absent."""
-    flags = _cpuinfo().split()
+    flags = (_cpuinfo() if cpuinfo is None else cpuinfo).split()
     return None if not flags else "avx512_bf16" in flags or "amx_bf16" in flags
 
 

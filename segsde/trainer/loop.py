@@ -191,7 +191,7 @@ def train_loop_per_worker(config: dict) -> None:
 class ComponentActivity:
     """What the teacher and the mix did over the second half of training, where a component that acts must
     show it: the fraction of confident pool pixels, the area pasted from the partner image, and the
-    pseudo-label / supervised loss ratio (means over the steps), with the teacher's final mIoU and EMA weight."""
+    pseudo-label / supervised loss ratio (means over the steps), with the teacher's final mIoU."""
 
     def __init__(self, steps: int, mixes: bool):
         self.start, self.mixes, self.sums = steps // 2, mixes, {}
