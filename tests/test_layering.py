@@ -52,3 +52,13 @@ def test_jobs_and_components_never_import_the_orchestration():
     lower = [m for m in graph if not m.startswith(("segsde.orchestration", "segsde.cli"))]
     offending = {m: sorted(t for t in graph[m] if t.startswith("segsde.orchestration")) for m in lower}
     assert {m: t for m, t in offending.items() if t} == {}
+
+
+def test_a_code_fingerprint_changes_with_the_code_and_not_with_its_words():
+    from segsde.orchestration.keys import code_fingerprint
+
+    source = '"""A module."""\n\n\ndef f(x):\n    """Twice x."""\n    return 2 * x  # doubled\n'
+    reworded = '"""A module, reworded."""\n# a new comment\n\ndef f(x):\n    """Two times x."""\n\n    return 2 * x\n'
+    assert code_fingerprint(source) == code_fingerprint(reworded)
+    assert code_fingerprint(source) != code_fingerprint(source.replace("2 * x", "3 * x"))
+    assert code_fingerprint('def g():\n    """Only words."""\n') != code_fingerprint("def g():\n    return 1\n")

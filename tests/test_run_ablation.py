@@ -69,9 +69,9 @@ def _changed_code_reruns_its_stage_and_what_reads_it(out: Path):
     for folder in ("segsde", "tune", "ablations"):
         shutil.copytree(ROOT / folder, code / folder, ignore=shutil.ignore_patterns("__pycache__"))
 
-    def plan_after(edited: str | None) -> str:
+    def plan_after(edited: str | None, edit=lambda source: source + "\nEDITED = True\n") -> str:
         if edited:
-            (code / "segsde" / edited).write_text((ROOT / "segsde" / edited).read_text() + "\n# an edit\n")
+            (code / "segsde" / edited).write_text(edit((ROOT / "segsde" / edited).read_text()))
         proc = subprocess.run([sys.executable, str(code / "tune" / "run_ablation.py"), "--profile", "smoke", "--out", str(out),
                                "--rows", "baseline,pseudolabel", "--dry-run"], capture_output=True, text=True)
         if edited:
@@ -81,6 +81,8 @@ def _changed_code_reruns_its_stage_and_what_reads_it(out: Path):
 
     assert "2 trials, 2 cached" in plan_after(None)  # the copy is the same code
     assert "2 trials, 2 cached" in plan_after("tracking.py")  # MLflow logging cannot change a number
+    reworded = plan_after("trainer/step.py", lambda source: source.replace('"""', '"""Reworded. ', 1) + "\n# a comment\n")
+    assert "2 trials, 2 cached" in reworded  # docstrings and comments are not code
     trainer = plan_after("trainer/step.py")
     assert "[data] cache hit" in trainer and "2 trials, 0 cached" in trainer
     assert "[trial] baseline-b4-s0: would run" in trainer and "new code in segsde.trainer.step than train-baseline-b4-s0-" in trainer

@@ -1,9 +1,10 @@
 """What a stage's cache key knows of the code that computes it, and why an entry is not a cache hit.
 
-A stage's key hashes its configuration, its inputs' keys and ``code_version(stage)``: the source of every
+A stage's key hashes its configuration, its inputs' keys and ``code_version(stage)``: the code of every
 segsde module its job imports, directly or through others (function-level imports too), so a fix reruns
-the stages whose code it touches and what reads their outputs, and nothing else. Modules that cannot change
-a number (MLflow logging, storage I/O, errors, figures) are left out: editing them reruns nothing.
+the stages whose code it touches and what reads their outputs, and nothing else. The code is its syntax
+tree without docstrings (comments never reach it), so rewording an explanation reruns nothing. Modules that
+cannot change a number (MLflow logging, storage I/O, errors, figures) are left out: editing them reruns nothing.
 
 Every computed entry leaves its key's description under ``<storage>/cache/keys/<entry>.json``; a miss is
 explained by the difference to the nearest earlier entry of the same stage (and row, budget, seed).
@@ -59,7 +60,20 @@ def code_files(stage: str) -> dict[str, str]:
             todo.extend(graph.get(module, ()))
     files = {m: PACKAGE.parent / (m.replace(".", "/") + ".py") for m in seen}
     files = {m: p if p.is_file() else p.with_suffix("") / "__init__.py" for m, p in files.items()}
-    return {m: hashlib.sha256(p.read_bytes()).hexdigest()[:12] for m, p in sorted(files.items())}
+    return {m: code_fingerprint(p.read_text()) for m, p in sorted(files.items())}
+
+
+def code_fingerprint(source: str) -> str:
+    """SHA-256 prefix of what a module computes: its syntax tree with docstrings removed (no comments,
+    no line numbers), so that only a change to the code changes it."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()[:12]
 
 
 def code_version(stage: str) -> str:
