@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from segsde.cli import _key_value
+from segsde.cli.flags import key_value
 from segsde.runtime import Worker, autocast, place
 from segsde.sde.model import SDEModel
 from segsde.sde.run import sde_config
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--data", default=None, help="a testbed dataset (default: render a small one)")
     parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all", help="where to measure (default: the CPU, and CUDA when present)")
-    parser.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                         help="override an sde setting of the profile (repeatable)")
     args = parser.parse_args()
     overrides = dict(args.set)

@@ -33,10 +33,8 @@ def main() -> None:
     args = parser.parse_args()
     import os
 
-    from tune.run_ablation import train_overrides
-
-    train = train_overrides(args.profile, "study", [("threads", max(1, (os.cpu_count() or 1) // args.concurrency))])
-    cfg = study_config(args.profile, rows=args.rows.split(",") if args.rows else None, concurrency=args.concurrency, train=train)
+    cfg = study_config(args.profile, sets={"threads": max(1, (os.cpu_count() or 1) // args.concurrency)},
+                       rows=args.rows.split(",") if args.rows else None, concurrency=args.concurrency)
     configs = [train_config(cfg.profile, r, {**cfg.train, "budget": max(cfg.budgets), "seed": cfg.seeds[0]}) for r in cfg.rows]
     # computed or reused, untimed: with the study's own stage overrides, or the timed study would find other stages to compute
     input_stages(cfg.profile, configs, cfg.seeds, Location(str(Path(args.out).absolute())), None, cfg.data_seed,

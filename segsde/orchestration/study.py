@@ -10,23 +10,21 @@ import contextlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from segsde.configs import check
+from segsde.configs import check, section_config
 from segsde.data.store import MANIFEST
 from segsde.errors import SegSDEError
 from segsde.orchestration.keys import code_version, entry_key
 from segsde.orchestration.stages import StageTracking, dataset_stage, export_stage, input_id, missed, sde_stage, selection_stage
-from segsde.profiles import data_profile, load_profile
+from segsde.profiles import data_profile
 from segsde.runtime import Background
 from segsde.sde.run import sde_config
 from segsde.selection.run import selection_config
 from segsde.storage import Location, as_location, cache_key, open_root, storage_uri
 from segsde.trainer.config import CONFUSIONS_FILE
 from segsde.trainer.run import METRICS_FILE, TrialPlan, study_rows, train_config
-
-STAGES = ("data", "sde", "export", "select", "train")
 
 
 @dataclass(frozen=True)
@@ -44,26 +42,17 @@ class StudyConfig:
     select: dict = field(default_factory=dict)  # overrides of the profile's select section for the selections
     data_seed: int = 0
 
-    def validate(self) -> None:
+    def validate(self, where: str) -> None:
         check([(len(self.budgets) > 0 and min(self.budgets) >= 1, "budgets must be positive"),
                (len(self.seeds) > 0, "seeds must not be empty"),
-               (self.concurrency >= 1 and self.workers >= 1, "concurrency and workers must be >= 1")],
-              f"the study of profile '{self.profile}'")
+               (self.concurrency >= 1 and self.workers >= 1, "concurrency and workers must be >= 1")], where)
 
 
-def study_config(profile: str, **flags) -> StudyConfig:
-    """The profile's ``study`` section with the flags that were given (None = keep the profile's)."""
-    section = dict(load_profile(profile).get("study") or {})
-    unknown = set(section) - set(StudyConfig.__dataclass_fields__)
-    if unknown:
-        raise SegSDEError(f"unknown key(s) {sorted(unknown)} in the study section of profile '{profile}': "
-                          f"use {sorted(StudyConfig.__dataclass_fields__)}")
-    values = {**section, **{k: v for k, v in flags.items() if v is not None}, "profile": profile}
-    for key in ("rows", "budgets", "seeds"):
-        values[key] = tuple(values.get(key) or ())
-    cfg = StudyConfig(**values)
-    cfg = cfg if cfg.rows else StudyConfig(**{**asdict(cfg), "rows": tuple(study_rows())})
-    cfg.validate()
+def study_config(profile: str, sets: dict | None = None, **flags) -> StudyConfig:
+    """The profile's ``study`` section, the flags that were given (None keeps the section's) and ``--set`` pairs
+    for every trial; checked here, so that a bad row, budget or setting is one line before anything runs."""
+    cfg = section_config(StudyConfig, profile, "study", sets, **flags)
+    cfg = cfg if cfg.rows else replace(cfg, rows=tuple(study_rows()))
     testbed = data_profile(profile)
     if testbed.source == "synthetic" and max(cfg.budgets) > testbed.train:
         raise SegSDEError(f"budget {max(cfg.budgets)} is larger than the {testbed.train} training images of the "

@@ -12,10 +12,10 @@ from pathlib import Path
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
-from segsde.configs import check
+from segsde.configs import check, section_config
 from segsde.errors import SegSDEError
 from segsde.orchestration.stages import StageTracking
-from segsde.profiles import ABLATIONS_DIR, load_profile, load_yaml
+from segsde.profiles import ABLATIONS_DIR, load_yaml
 from segsde.sde.run import sde_config
 from segsde.storage import Location, as_location, cache_key, open_root, storage_uri
 from segsde.trainer.run import study_rows, train_config
@@ -43,20 +43,15 @@ class SweepConfig:
     sde: dict = field(default_factory=dict)  # overrides of the profile's sde section for the SDE stage
     data_seed: int = 0
 
+    def validate(self, where: str) -> None:
+        check([(self.samples >= 1 and self.concurrency >= 1 and self.workers >= 1, "samples, concurrency and workers must be >= 1"),
+               (len(self.budgets) > 0 and min(self.budgets) >= 1, "budgets must be positive"),
+               (self.reduction_factor >= 2, "reduction_factor must be >= 2")], where)
 
-def sweep_config(profile: str, **flags) -> SweepConfig:
-    section = dict(load_profile(profile).get("sweep") or {})
-    values = {**section, **{k: v for k, v in flags.items() if v is not None}, "profile": profile}
-    unknown = set(values) - set(SweepConfig.__dataclass_fields__)
-    if unknown:
-        raise SegSDEError(f"unknown key(s) {sorted(unknown)} in the sweep section of profile '{profile}': "
-                          f"use {sorted(SweepConfig.__dataclass_fields__)}")
-    for key in ("budgets", "params"):
-        values[key] = tuple(values.get(key) or ())
-    cfg = SweepConfig(**values)
-    check([(cfg.samples >= 1 and cfg.concurrency >= 1 and cfg.workers >= 1, "samples, concurrency and workers must be >= 1"),
-           (len(cfg.budgets) > 0 and min(cfg.budgets) >= 1, "budgets must be positive"),
-           (cfg.reduction_factor >= 2, "reduction_factor must be >= 2")], f"the sweep of profile '{profile}'")
+
+def sweep_config(profile: str, sets: dict | None = None, **flags) -> SweepConfig:
+    """The profile's ``sweep`` section, the flags that were given and ``--set`` pairs for every trial, checked."""
+    cfg = section_config(SweepConfig, profile, "sweep", sets, **flags)
     if cfg.row not in study_rows():
         train_config(profile, cfg.row)  # the one-line unknown-row error with the closest name
     search_space(cfg)  # unknown parameters fail here

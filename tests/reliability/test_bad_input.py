@@ -64,7 +64,8 @@ def test_sweep_refuses_bad_input_before_anything_runs(args, message, tmp_path, c
     ("profiles.yaml", lambda text: text.replace("smoke:\n", "smoke:\n  data: {source: synthetic\n", 1),
      r"profiles.yaml is not valid YAML at line \d+: fix the syntax"),
     ("component_study.yaml", lambda text: text + "\n  broken: [unclosed\n", r"component_study.yaml is not valid YAML at line \d+"),
-    ("profiles.yaml", lambda text: text.replace("concurrency: 2}", "concurency: 2}", 1), r"unknown key\(s\) \['concurency'\] in the study section"),
+    ("profiles.yaml", lambda text: text.replace("concurrency: 2}", "concurency: 2}", 1),
+     r"unknown key 'concurency' in the study section.*did you mean 'concurrency'"),
 ])
 def test_malformed_ablation_files_are_refused(file, edit, message, tmp_path):
     """A copy of ablations/ named by $SEGSDE_ABLATIONS (how users bring their own rows and profiles)."""

@@ -1,0 +1,108 @@
+"""``segsde data``: build, inspect and split datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from segsde.cli.flags import non_negative, parse_size
+
+
+def cmd_synth(args) -> dict:
+    from segsde.data.synth.generate import generate
+    from segsde.data.synth.scene import SynthConfig
+
+    h, w = args.size
+    cfg = SynthConfig(height=h, width=w, difficulty=args.difficulty, moving_prob=args.moving_prob)
+    m = generate(args.out, args.train, args.val, cfg, args.seed, workers=args.workers, overwrite=args.overwrite)
+    return {"out": str(Path(args.out).absolute()), "splits": m["splits"], "shards": len(m["shards"])}
+
+
+def cmd_cityscapes(args) -> dict:
+    from segsde.data import cityscapes
+
+    w, h = args.size
+    m = cityscapes.build(args.root, args.out, size=(h, w), workers=args.workers, overwrite=args.overwrite)
+    return {"out": str(Path(args.out).absolute()), "splits": m["splits"], "shards": len(m["shards"])}
+
+
+def cmd_split(args) -> dict:
+    from segsde.data.splits import random_order, take_budget, write_order
+    from segsde.data.store import split_ids
+
+    order = random_order(split_ids(args.data, args.split), args.seed)
+    if args.budget is not None:
+        order = take_budget(order, args.budget)
+    write_order(args.out, order)
+    return {"out": str(args.out), "ids": len(order), "first": order[:3]}
+
+
+def cmd_import_split(args) -> dict:
+    from segsde.data.splits import check_ids, import_split_file, write_order
+    from segsde.data.store import split_ids
+
+    ids = import_split_file(args.file)
+    check_ids(ids, split_ids(args.data, args.split), str(args.file))
+    write_order(args.out, ids)
+    return {"out": str(args.out), "ids": len(ids)}
+
+
+def cmd_preview(args) -> dict:
+    from segsde.data.preview import save_preview
+
+    return {"out": str(save_preview(args.data, args.out, args.n))}
+
+
+def cmd_info(args) -> dict:
+    from segsde.data.store import read_manifest
+
+    m = read_manifest(args.data, verify=True)
+    return {k: m[k] for k in ("source", "splits", "size") if k in m} | {"shards": len(m["shards"]), "verified": True}
+
+
+def add_data_commands(sub) -> None:
+    data = sub.add_parser("data", help="build, inspect and split datasets").add_subparsers(dest="data_command", required=True)
+
+    p = data.add_parser("synth", help="render the synthetic street-scene testbed (Parquet shards + manifest)")
+    p.add_argument("--out", type=Path, required=True, help="dataset directory to create")
+    p.add_argument("--train", type=non_negative, default=256, help="training samples (default 256)")
+    p.add_argument("--val", type=non_negative, default=64, help="validation samples (default 64)")
+    p.add_argument("--size", type=parse_size, default=(128, 256), help="HEIGHTxWIDTH, e.g. 128x256 (default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--difficulty", type=float, default=0.5, help="appearance variation and clutter in [0, 1]")
+    p.add_argument("--moving-prob", type=float, default=0.3, help="probability that a road user moves on its own")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    p.set_defaults(func=cmd_synth)
+
+    p = data.add_parser("cityscapes", help="convert a Cityscapes tree (leftImg8bit, leftImg8bit_sequence, gtFine, camera)")
+    p.add_argument("--root", type=Path, required=True, help="folder holding leftImg8bit/, gtFine/, camera/, leftImg8bit_sequence/")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--size", type=parse_size, default=(1024, 512), help="WIDTHxHEIGHT as Cityscapes writes it (default 1024x512)")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_cityscapes)
+
+    p = data.add_parser("split", help="write a seeded random order of a split's ids (a budget k = its first k lines)")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--split", default="train")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget", type=int, default=None, help="keep only the first BUDGET ids")
+    p.add_argument("--out", type=Path, required=True, help=".txt (one id per line) or .parquet (id, rank)")
+    p.set_defaults(func=cmd_split)
+
+    p = data.add_parser("import-split", help="import a UniMatch/CPS split file ('leftImg8bit/... gtFine/...' per line)")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--file", type=Path, required=True)
+    p.add_argument("--split", default="train")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_import_split)
+
+    p = data.add_parser("preview", help="save a PNG of image, label and depth for a few samples")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("-n", type=int, default=3)
+    p.set_defaults(func=cmd_preview)
+
+    p = data.add_parser("info", help="verify a dataset's shards against its manifest and print its summary")
+    p.add_argument("--data", type=Path, required=True)
+    p.set_defaults(func=cmd_info)

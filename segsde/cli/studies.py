@@ -1,0 +1,61 @@
+"""``segsde study`` (the component study; `tune/run_ablation.py`) and ``segsde sweep`` (Optuna sweeps;
+`tune/run_sweep.py`). Both print their tables and return an exit code: 1 when a trial failed."""
+
+from __future__ import annotations
+
+from segsde.cli.flags import int_list, name_list, orchestration_flags, profile_flags
+
+RESUMABLE = ("its MLflow runs are KILLED, and a rerun with --resume goes on from the cached stages and the trials' "
+             "checkpoints")
+
+
+def cmd_study(args) -> int:
+    from segsde.orchestration.study import run_study, study_config
+
+    cfg = study_config(args.profile, sets=dict(args.set), rows=args.rows, budgets=args.budgets, seeds=args.seeds,
+                       concurrency=args.concurrency, workers=args.workers, gpu=args.gpu, data_seed=args.data_seed)
+    result = run_study(cfg, args.out, data_root=args.data_root, storage=args.storage, force=tuple(args.force), address=args.address,
+                       tracking_uri=args.tracking_uri, experiment=args.experiment, resume=args.resume, dry_run=args.dry_run)
+    return 1 if result.get("failed") else 0  # the table is printed either way, failed cells marked
+
+
+def cmd_sweep(args) -> int:
+    from segsde.orchestration.sweep import run_sweep, sweep_config
+
+    cfg = sweep_config(args.profile, sets=dict(args.set), row=args.row, budgets=args.budgets, samples=args.samples,
+                       params=args.params, seed=args.seed, concurrency=args.concurrency, workers=args.workers, gpu=args.gpu)
+    run_sweep(cfg, args.out, data_root=args.data_root, storage=args.storage, address=args.address, tracking_uri=args.tracking_uri,
+              experiment=args.experiment, resume=args.resume)
+    return 0
+
+
+def add_study_commands(sub) -> None:
+    from segsde.orchestration.keys import STAGES
+
+    study = sub.add_parser("study", help="the component study: rows x budgets x seeds over cached stages, on Ray Tune",
+                           description="Run the component study as a DAG of cached stages: dataset -> SDE pre-training -> "
+                                       "pseudo-depth export -> data selections -> trials (a Ray Tune grid of Ray Train jobs) -> "
+                                       "the report (terminal, MLflow parent run, Markdown, Parquet and figures).")
+    profile_flags(study, "epsilon=0.05", "a trainer setting of every trial")
+    study.add_argument("--rows", type=name_list, default=None, help="comma-separated rows of ablations/component_study.yaml (default: the profile's)")
+    study.add_argument("--seeds", type=int_list, default=None, help="trial seeds, e.g. 0,1,2 (default: the profile's)")
+    study.add_argument("--data-seed", type=int, default=None, help="seed of the testbed dataset (default 0)")
+    orchestration_flags(study, "segsde-study-PROFILE", "continue an interrupted study (so does a plain rerun: finished stages "
+                        "and trials are cached, interrupted ones go on from their checkpoints)")
+    study.add_argument("--force", action="append", default=[], choices=STAGES, help="recompute a stage (repeatable)")
+    study.add_argument("--dry-run", action="store_true", help="print the stages and trials with their cache hits, run nothing")
+    study.set_defaults(func=cmd_study, interrupted=RESUMABLE)
+
+    sweep = sub.add_parser("sweep", help="Optuna sweeps of one row's settings on Ray Tune, one study per budget",
+                           description="Per labeled budget: one Tuner, one Optuna study (TPE, persisted in OUT/optuna.db, the "
+                                       "row's own values as the first trial), ASHA early stopping on validation mIoU (stopped "
+                                       "trials are PRUNED in Optuna), and one MLflow parent run with a child run per trial.")
+    profile_flags(sweep, "steps=300", "a trainer setting that is not swept")
+    sweep.add_argument("--row", default=None, help="the component-study row to tune (default: the profile's)")
+    sweep.add_argument("--samples", type=int, default=None, help="trials per budget")
+    sweep.add_argument("--params", type=name_list, default=None,
+                       help="comma-separated keys of ablations/sweep_space.yaml (default: what the row uses)")
+    sweep.add_argument("--seed", type=int, default=None, help="trial and sampler seed")
+    orchestration_flags(sweep, "segsde-sweep-PROFILE", "continue this sweep's Optuna studies: interrupted trials go on from "
+                        "their last checkpoint")
+    sweep.set_defaults(func=cmd_sweep, interrupted=RESUMABLE)
