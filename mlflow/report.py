@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         from segsde.orchestration.report import write_report
 
         records, rows, budgets, parent = study_records(args.tracking_uri, args.experiment, args.parent)
-        print(write_report(records, rows, budgets, args.out))
+        print(write_report(records, rows, budgets, args.out)[0])
         print(f"report of parent run {parent} ({len(records)} trials) in {args.out}")
     except SegSDEError as exc:
         print(f"report: error: {exc}", file=sys.stderr)

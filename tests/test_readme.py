@@ -6,7 +6,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _readme_commands():
     text = (ROOT / "README.md").read_text()
-    return re.findall(r"```bash\n(.+?)\n```", text)
+    return re.findall(r"```bash\n(.+?)\n```", text, re.DOTALL)
 
 
 def test_readme_starts_with_the_two_setup_commands_and_ci_runs_the_second():
@@ -19,3 +19,51 @@ def test_readme_starts_with_the_two_setup_commands_and_ci_runs_the_second():
 def test_layout_keeps_entry_folders_free_of_packages():
     # an mlflow/__init__.py would shadow the real mlflow package; tune/ holds plain scripts
     assert not (ROOT / "mlflow" / "__init__.py").exists() and not (ROOT / "tune" / "__init__.py").exists()
+
+
+def _command_lines() -> list[str]:
+    """Every command of the README's bash blocks after the two set-up ones, continuation lines joined."""
+    lines = []
+    for block in _readme_commands()[2:]:
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            if line and not line.startswith("#"):
+                lines.append(line)
+    return lines
+
+
+def test_every_readme_command_names_real_flags_and_the_study_commands_plan_as_written(tmp_path):
+    """segsde and tune/*.py commands parse with the real parser; the study commands run as dry runs; scripts exist
+    and know their flags (the launch commands are checked by test_launch_files.py)."""
+    import shlex
+    import subprocess
+    import sys
+
+    from segsde.cli import build_parser
+
+    checked = 0
+    for line in _command_lines():
+        words = shlex.split(line.replace("$PWD", str(tmp_path)))
+        if words[0] == "segsde" or words[:2] in (["python", "tune/run_ablation.py"], ["python", "tune/run_sweep.py"]):
+            command = words[1:] if words[0] == "segsde" else [{"tune/run_ablation.py": "study", "tune/run_sweep.py": "sweep"}[words[1]],
+                                                              *words[2:]]
+            build_parser().parse_args(command)  # exits (SystemExit) on a flag that does not exist
+            checked += 1
+            if command[0] == "study":
+                dry = [a for a in command[1:] if a != "--dry-run"] + ["--dry-run", "--out", str(tmp_path / "out")]
+                proc = subprocess.run([sys.executable, str(ROOT / "tune" / "run_ablation.py"), *dry], capture_output=True,
+                                      text=True, cwd=ROOT)
+                assert proc.returncode == 0 and "nothing was run" in proc.stdout, (line, proc.stderr[-2000:])
+        elif words[0] == "python":
+            script = ROOT / words[1]
+            helptext = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, cwd=ROOT).stdout
+            assert all(w.split("=")[0] in helptext for w in words[2:] if w.startswith("--")), line
+            checked += 1
+    assert checked >= 8, checked
+
+
+def test_the_readme_is_a_guide_not_a_diary():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 250
+    for diary in ("session", "Before that", "Earlier measurements", "was 0.", "2026-"):
+        assert diary not in text, diary

@@ -53,15 +53,16 @@ def test_paired_intervals_flags_and_verdicts(tmp_path):
     assert same.ci_low < 0 < same.ci_high and same.verdict == "no difference shown"
     assert not silent.acted and silent.verdict.startswith("did not act: 1.0 % of the pool pixels were confident")
     assert silent.p_holm != silent.p_holm  # not tested, so not in the Holm family
-    text = write_report(records, ["baseline", "helps", "same", "silent"], [8], tmp_path)
+    text, summary = write_report(records, ["baseline", "helps", "same", "silent"], [8], tmp_path)
     assert "(component did not act)" in text and "better than Baseline" in text and "mean ± sd over seeds" in text
+    assert "better than Baseline" in summary and "mean ± sd over seeds" not in summary  # the terminal's: no class tables
     assert (tmp_path / "forest.png").stat().st_size > 0
     assert pd.read_parquet(tmp_path / "comparison.parquet").set_index("row").loc["helps", "verdict"] == "better than Baseline"
 
     one_seed = [r for r in records if r["seed"] == 0]
     single = comparison_table(one_seed, ["baseline", "helps", "same", "silent"], [8]).set_index("row")
     assert single.loc["helps", "verdict"] == "one seed: no difference can be judged"
-    assert "cannot be told from training noise" in write_report(one_seed, ["baseline", "helps", "same", "silent"], [8], tmp_path / "one")
+    assert "cannot be told from training noise" in write_report(one_seed, ["baseline", "helps", "same", "silent"], [8], tmp_path / "one")[0]
 
 
 def test_the_bootstrap_without_image_confusions_goes_over_seeds():

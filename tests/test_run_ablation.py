@@ -30,6 +30,7 @@ def test_study_runs_a_tune_grid_caches_every_stage_and_never_duplicates_runs(tmp
     first = _run("--profile", "smoke", "--out", tmp_path, "--rows", "baseline,pseudolabel")
     assert first.returncode == 0, first.stderr
     assert "2 trials (2 run, 0 cached, 0 failed)" in first.stdout
+    _quiet_terminal(first, tmp_path)
     assert "| baseline | " in first.stdout and "| pseudolabel | " in first.stdout  # the study table is printed
     report = next((tmp_path / "study").iterdir())
     for name in ("study.md", "study.parquet", "trials.parquet", "class_iou.parquet", "study_bars.png", "class_iou_delta_b4.png"):
@@ -52,12 +53,24 @@ def test_study_runs_a_tune_grid_caches_every_stage_and_never_duplicates_runs(tmp
     for name in ("study.parquet", "class_iou.parquet"):  # MLflow alone gives the same tables as the study
         pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "rebuilt" / name), pd.read_parquet(report / name), check_exact=False)
 
-    again = _run("--profile", "smoke", "--out", tmp_path, "--rows", "baseline,pseudolabel")
+    again = _run("--profile", "smoke", "--out", tmp_path, "--rows", "baseline,pseudolabel", "--verbose")  # every line
     assert again.returncode == 0, again.stderr
     assert "[data] cache hit" in again.stdout and "[trial] baseline-b4-s0: cache hit" in again.stdout
     assert "2 trials (0 run, 2 cached, 0 failed)" in again.stdout
     assert len(_runs(tmp_path)) == len(runs)  # the parent and every child were found again, none added
     _changed_code_reruns_its_stage_and_what_reads_it(tmp_path)
+
+
+def _quiet_terminal(proc: subprocess.CompletedProcess, out: Path) -> None:
+    """Without --verbose a study prints its own lines, a line per finished trial and its table, nothing that looks
+    like an error; Ray's and Tune's output is in the log file it names."""
+    said = proc.stdout + proc.stderr
+    assert len(said.splitlines()) < 60, said
+    for noise in ("Traceback", "SIGTERM", "PC: @", "trial_driver_", "Checkpoint successfully", "TensorBoard", "Error", "WARNING"):
+        assert noise not in said, noise
+    assert "[trial] baseline-b4-s0 done: mIoU " in proc.stdout and "| baseline | " in proc.stdout
+    log = next((out / "logs").glob("study-*.log"))
+    assert f"output: {log}" in proc.stdout and "trial_driver_" in log.read_text()  # Tune's trial table went there
 
 
 def _changed_code_reruns_its_stage_and_what_reads_it(out: Path):

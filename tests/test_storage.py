@@ -50,7 +50,8 @@ def s3(tmp_path_factory):
 
 
 def study(out: Path, env: dict, *args, background: bool = False):
-    cmd = [sys.executable, str(ROOT / "tune" / "run_ablation.py"), "--profile", "smoke", "--out", str(out), *map(str, args)]
+    cmd = [sys.executable, str(ROOT / "tune" / "run_ablation.py"), "--profile", "smoke", "--out", str(out), "--verbose",
+           *map(str, args)]  # verbose: the tests follow the workers' own lines
     env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
     if background:  # its own session, so the driver and its local Ray can be killed at once; output to a file
         log = open(out.parent / f"{out.name}.log", "w")

@@ -10,12 +10,20 @@ RESUMABLE = ("its MLflow runs are KILLED, and a rerun with --resume goes on from
 
 
 def cmd_study(args) -> int:
+    import contextlib
+    import time
+
+    from segsde.orchestration.console import StudyConsole
     from segsde.orchestration.study import run_study, study_config
 
     cfg = study_config(args.profile, sets=dict(args.set), rows=args.rows, budgets=args.budgets, seeds=args.seeds,
                        concurrency=args.concurrency, workers=args.workers, gpu=args.gpu, data_seed=args.data_seed)
-    result = run_study(cfg, args.out, data_root=args.data_root, storage=args.storage, force=tuple(args.force), address=args.address,
-                       tracking_uri=args.tracking_uri, experiment=args.experiment, resume=args.resume, dry_run=args.dry_run)
+    quiet = not (args.verbose or args.dry_run)
+    console = StudyConsole(args.out.absolute() / "logs" / f"study-{time.strftime('%Y%m%d-%H%M%S')}.log", "study") if quiet else None
+    with console or contextlib.nullcontext():
+        result = run_study(cfg, args.out, data_root=args.data_root, storage=args.storage, force=tuple(args.force),
+                           address=args.address, tracking_uri=args.tracking_uri, experiment=args.experiment, resume=args.resume,
+                           dry_run=args.dry_run, console=console)
     return 1 if result.get("failed") else 0  # the table is printed either way, failed cells marked
 
 
@@ -44,6 +52,9 @@ def add_study_commands(sub) -> None:
                         "and trials are cached, interrupted ones go on from their checkpoints)")
     study.add_argument("--force", action="append", default=[], choices=STAGES, help="recompute a stage (repeatable)")
     study.add_argument("--dry-run", action="store_true", help="print the stages and trials with their cache hits, run nothing")
+    study.add_argument("--verbose", action="store_true",
+                       help="print Ray's and Tune's own output and every line of the study here (default: a live view, the "
+                            "rest in OUT/logs/)")
     study.set_defaults(func=cmd_study, interrupted=RESUMABLE)
 
     sweep = sub.add_parser("sweep", help="Optuna sweeps of one row's settings on Ray Tune, one study per budget",

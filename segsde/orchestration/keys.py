@@ -24,7 +24,7 @@ PACKAGE = Path(__file__).resolve().parent.parent
 STAGE_JOBS = {"data": ("segsde.data.synth.generate", "segsde.data.store"), "sde": ("segsde.sde.run",),
               "export": ("segsde.sde.export",), "select": ("segsde.selection.run",), "train": ("segsde.trainer.run",)}
 STAGES = tuple(STAGE_JOBS)  # in the order they feed each other
-NOT_RESULTS = ("segsde.tracking", "segsde.storage", "segsde.errors", "segsde.trainer.figures", "segsde.selection.figures",
+NOT_RESULTS = ("segsde.tracking", "segsde.progress", "segsde.storage", "segsde.errors", "segsde.trainer.figures", "segsde.selection.figures",
                "segsde.data.preview")
 KEYS_DIR = "keys"
 

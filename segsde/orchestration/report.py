@@ -132,9 +132,10 @@ def heatmap_figure(delta: pd.DataFrame, budget: int):
     return fig
 
 
-def write_report(records: list[dict], rows: list[str], budgets: list[int], out: Path, logger=None) -> str:
+def write_report(records: list[dict], rows: list[str], budgets: list[int], out: Path, logger=None) -> tuple[str, str]:
     """Write study.md, study.parquet, comparison.parquet, trials.parquet, class_iou.parquet and the figures
-    under ``out`` (and into the MLflow run of ``logger``, with the comparison as metrics); return the Markdown."""
+    under ``out`` (and into the MLflow run of ``logger``, with the comparison as metrics); return the Markdown,
+    and its summary for a terminal (the study table and the comparisons, without the class tables)."""
     import matplotlib.pyplot as plt
 
     out = Path(out)
@@ -144,11 +145,12 @@ def write_report(records: list[dict], rows: list[str], budgets: list[int], out: 
     comparison = comparison_table(records, rows, budgets)
     silent = {(c.row, c.budget) for c in comparison.itertuples() if not c.acted}
     text = ["# Component study (mIoU %, mean ± std over seeds, delta to Baseline)", "", markdown(table, rows, budgets, silent)]
-    classes = []
+    summary, classes = list(text), []
     figures = [(bar_figure(table, rows, budgets), "study_bars.png"), (forest_figure(comparison, budgets), "forest.png")]
     for b in budgets:
         means, delta, spread = class_table(trials, rows, b)
         text += ["", comparison_markdown(comparison, b), "", class_markdown(means, delta, spread, b)]
+        summary += ["", comparison_markdown(comparison, b)]
         classes.append(means.assign(budget=b).reset_index())
         figures.append((heatmap_figure(delta, b), f"class_iou_delta_b{b}.png"))
     markdown_text = "\n".join(text) + "\n"
@@ -169,4 +171,4 @@ def write_report(records: list[dict], rows: list[str], budgets: list[int], out: 
             logger.artifact(out / name, "study")
         logger.metrics({f"compare/{c.row}/b{c.budget}/{k}": getattr(c, k) for c in comparison.itertuples() if c.row != BASELINE
                         for k in ("delta", "ci_low", "ci_high", "p_holm") if getattr(c, k) == getattr(c, k)}, step=0)
-    return markdown_text
+    return markdown_text, "\n".join(summary)

@@ -19,6 +19,7 @@ from segsde.errors import SegSDEError
 from segsde.orchestration.keys import code_version, entry_key
 from segsde.orchestration.stages import StageTracking, dataset_stage, export_stage, input_id, missed, sde_stage, selection_stage
 from segsde.profiles import data_profile
+from segsde.progress import start_board
 from segsde.runtime import Background
 from segsde.sde.run import sde_config
 from segsde.selection.run import selection_config
@@ -111,10 +112,11 @@ def plan_trials(cfg: StudyConfig, data: Location, storage: Location, sde_models:
 
 def run_study(cfg: StudyConfig, out: Path, data_root: Location | str | None = None, force: tuple[str, ...] = (),
               address: str | None = None, tracking_uri: str | None = None, experiment: str | None = None,
-              resume: bool = False, dry_run: bool = False, storage: str | None = None, log=print) -> dict:
+              resume: bool = False, dry_run: bool = False, storage: str | None = None, log=print, console=None) -> dict:
     """Run (or, with ``dry_run``, print) the study; return the trial records and where the report went.
     ``out``: the driver's directory (report, default MLflow store); ``storage``: the root of every durable
-    artifact (default: ``$SEGSDE_STORAGE``, else ``out``)."""
+    artifact (default: ``$SEGSDE_STORAGE``, else ``out``); ``console``: a ``console.StudyConsole`` that shows a
+    live view and keeps Ray's output in a log file (else every line goes to ``log``)."""
     from segsde.orchestration.preflight import preflight
     from segsde.tracking import RunLogger, end_run, get_or_create_run, kill_running_children, resolve_tracking_uri
 
@@ -124,18 +126,23 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Location | str | None = No
     start = time.perf_counter()
     experiment = experiment or f"segsde-study-{cfg.profile}"
     train_configs = [train_config(cfg.profile, r, {**cfg.train, "budget": max(cfg.budgets), "seed": cfg.seeds[0]}) for r in cfg.rows]
-    tracking = None
+    tracking, log = None, console or log
     if not dry_run:
         uri = resolve_tracking_uri(out, tracking_uri)  # an unusable store fails here, before anything starts
+        if console is not None:
+            console.start()
         # before any run exists, so an unreachable cluster leaves nothing behind; and before the stage jobs,
         # so they share the study's Ray (with the driver resource and the State API Train needs)
         if address or _needs_ray(cfg, train_configs, root, data_root, force):
             start_ray(cfg.profile, cfg.rows[0], cfg.train, cfg.concurrency, cfg.workers, cfg.gpu, address)
             preflight(root, uri)  # every node reads the storage root and the tracking store, or nothing starts
+            board = start_board()  # noqa: F841 (held: the live view reads it)
         study = {"study": asdict(cfg), "data_root": input_id(data_root)}
         parent, created = get_or_create_run(uri, experiment, f"study:{cache_key(study)}", f"study-{cfg.profile}", study,
                                             {"segsde.stage": "study", "segsde.profile": cfg.profile})
         tracking = StageTracking(uri, experiment, parent)
+        if console is not None:
+            console.keep()
         log(f"[study] MLflow parent run {parent}{'' if created else ' (found again)'} in experiment '{experiment}' of {uri}")
         if resume:  # what any rerun does; the flag says so for whoever expects to need it
             log("[study] resuming: finished stages and trials are cache hits, interrupted ones go on from their checkpoints")
@@ -147,7 +154,7 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Location | str | None = No
         planned = None if dry_run or cfg.concurrency == 1 else _planned_model_stages(stage_args, cfg)
         if planned and planned[0]:
             # the stage jobs (one core each, in this thread) run beside the trials, which start as soon as their
-            # inputs exist: a second thread made the SDE only 1.3x faster (README)
+            # inputs exist: a second thread speeds a small-batch SDE step up far less than 2x
             _, sde_models, selections = planned
             stages = Background(model_stages, *stage_args, False, log, tracking, cfg.sde, cfg.select, ready.add,
                                 name="study-stages")
@@ -160,6 +167,8 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Location | str | None = No
             log(f"[study] dry run: {len(trials)} trials, {len(trials) - len(todo)} cached; nothing was run")
             return {"trials": [t.name for t in trials], "todo": [t.name for t in todo]}
         _clear_forced(todo, force, root)
+        if console is not None:
+            console.watch({t.key: t.name for t in todo})
         errors = _tune_grid(cfg, todo, root, tracking, address, log, ready, stages) if todo else {}
         if stages is not None and not stages.alive():
             stages.result()  # a stage job's error, if one failed
@@ -171,7 +180,9 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Location | str | None = No
             if t.key in errors:
                 log(f"[trial] {t.name}: FAILED ({errors[t.key]}); the study goes on, its cell is marked")
         records = [_record(t) for t in trials]
-        report = _report(cfg, records, out, root, tracking, log)
+        if console is not None:
+            console.finish()
+        report = _report(cfg, records, out, root, tracking, log, brief=console is not None)
         failed = sum(r.get("miou") is None for r in records)
         RunLogger(tracking.uri, tracking.parent_run_id).client.set_tag(tracking.parent_run_id, "segsde.failed_trials", str(failed))
         status = "FINISHED"
@@ -359,16 +370,17 @@ def _record(trial: Trial) -> dict:
     return {**json.loads(trial.result.child(METRICS_FILE).read_text()), **extra, **base}
 
 
-def _report(cfg: StudyConfig, records: list[dict], out: Path, storage: Location, tracking: StageTracking, log) -> Path:
+def _report(cfg: StudyConfig, records: list[dict], out: Path, storage: Location, tracking: StageTracking, log,
+            brief: bool = False) -> Path:
     from segsde.orchestration.report import write_report
     from segsde.tracking import RunLogger
 
     logger = RunLogger(tracking.uri, tracking.parent_run_id)
     where = out / "study" / f"{cfg.profile}-{cache_key({'study': asdict(cfg)})}"
-    text = write_report(records, list(cfg.rows), list(cfg.budgets), where, logger)
+    text, summary = write_report(records, list(cfg.rows), list(cfg.budgets), where, logger)
     if not storage.is_local:  # the driver's copy is for reading; the storage root keeps the durable one
         storage.child("study", where.name).upload_dir(where)
-    log(text)
+    log(f"{summary}\nClass IoU, figures and Parquet tables: {where} (study.md)" if brief else text)
     done = [r for r in records if r.get("miou") is not None]
     logger.metrics({f"study/{r['row']}/b{r['budget']}/s{r['seed']}/miou": 100 * r["miou"] for r in done}, step=0)
     return where

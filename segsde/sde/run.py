@@ -64,7 +64,7 @@ def run_sde(data: Location | Path, out: Location | Path, profile: str = "quick",
     with tracked_run(uri, experiment, f"sde-{profile}", config, study_tags("sde", parent_run_id, run_key)) as run_id:
         print(f"[sde] MLflow run {run_id} in {uri}", file=log, flush=True)
         loop_config = {"sde": asdict(cfg), "data": data.uri, "tracking_uri": uri, "mlflow_run_id": run_id,
-                       "resume_from": str(resume_from) if resume_from else None, "stop_after": stop_after}
+                       "resume_from": str(resume_from) if resume_from else None, "stop_after": stop_after, "progress": out.name}
         result = fit(_loop, loop_config, "sde", out.child("ray"), workers, gpu, cfg.threads or 1, fresh, address)
         if result.checkpoint is None:
             raise SegSDEError(f"SDE training reported no checkpoint: rerun with --fresh to start over in {out.child('ray')}")

@@ -18,6 +18,7 @@ import torch
 from segsde.data.dataset import Augment, SegSDEDataset, validation_split
 from segsde.data.store import local_dataset
 from segsde.metrics.depth import METRICS, depth_error_sums, summarise
+from segsde.progress import post
 from segsde.runtime import autocast, batch_indices, evaluation_mode, place, progress, report, resume_state, start_worker, step_seed, worker_tags
 from segsde.sde.config import SDEConfig
 from segsde.sde.export import disparity_map
@@ -150,8 +151,7 @@ def train_loop_per_worker(config: dict) -> None:
     worker = start_worker(cfg.threads, cfg.seed, cfg.precision)
     config = {**config, "data": str(local_dataset(config["data"]))}  # read from this node's copy
     gpu = worker.device.type == "cuda"
-    # channels-last on a CPU too: in float32 it made no difference, in bf16 a `quick` step went 0.50 -> 0.46 s
-    # (2 threads, batch 16) and the study's 0.47 -> 0.44 s (1 thread, batch 8), repeated A/B runs
+    # channels-last on a CPU too: oneDNN's bf16 convolutions prefer it (no difference in float32)
     model = place(SDEModel(cfg), worker.device)
     start, saved_optimiser, saved_phase = 0, None, None
     state = resume_state(config.get("resume_from"), worker.device)
@@ -209,6 +209,7 @@ def train_loop_per_worker(config: dict) -> None:
                 logger.metrics({**means, "train/images_per_s": rate, "train/lr": cfg.lr(step), "train/phase": phase}, step=done)
             if worker.is_main:
                 progress(f"[sde] step {done}/{stop} phase {phase} loss {means['train/loss']:.4f} {rate:.1f} img/s")
+                post(config.get("progress"), step=done, total=stop)
         if done % cfg.val_interval == 0 or done % cfg.checkpoint_interval == 0 or done == stop:
             metrics = {"step": done, "phase": phase, "loss": float(loss.detach()), "images_per_s": seen / (time.perf_counter() - t0)}
             if done % cfg.val_interval == 0 or done == stop:

@@ -89,8 +89,8 @@ class TrainConfig:
         """Compute per trial in images through a single-task network per step (forward + backward): the
         multi-task net runs two decoders and the pose net over labeled + pool triplets (about 1.9x per
         image), a teacher adds its forward pass and the student's pass over the mixed pool batch. Only
-        the order matters (the study starts the longest trials first); on the 2-core CPU the measured
-        ratios to ``baseline`` are 2.1 (teacher), 3.6 (mtl) and 4.0 (combination)."""
+        the order matters (the study starts the longest trials first); `benchmarks/bench_train.py` measures the
+        real step times."""
         per_image = 1.9 if self.multitask else 1.0
         images = self.batch_labeled + (self.batch_unlabeled if self.multitask else 0)
         return self.steps * (per_image * images + (4 / 3 * self.batch_unlabeled if self.teacher else 0))

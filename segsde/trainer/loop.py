@@ -23,6 +23,7 @@ from segsde.data.dataset import SegSDEDataset, validation_split
 from segsde.data.labels import CLASS_NAMES
 from segsde.data.store import local_dataset
 from segsde.metrics.segmentation import confusion_matrix, encode_confusions, iou_table, scores
+from segsde.progress import post
 from segsde.runtime import autocast, evaluation_mode, place, progress, report, resume_state, start_worker, step_seed, worker_tags
 from segsde.ssl.augment import StrongAugment
 from segsde.ssl.teacher import ema_alpha, ema_update, make_teacher
@@ -118,6 +119,8 @@ def train_loop_per_worker(config: dict) -> None:
     stop = min(config.get("stop_after") or cfg.steps, cfg.steps)
     running, logged, t0, seen, example = {}, 0, time.perf_counter(), 0, None
     model.train()
+    if worker.is_main:
+        post(config.get("progress"), step=start, total=stop)
     for batch in batches:
         step = batch["step"]
         if step >= stop:
@@ -162,6 +165,7 @@ def train_loop_per_worker(config: dict) -> None:
                 logger.metrics({**means, "train/labeled_images_per_s": rate, "train/lr_decoder": cfg.lr_decoder * cfg.lr_factor(step)}, step=done)
             if worker.is_main:
                 progress(f"[train] step {done}/{stop} loss {means['train/loss']:.4f} {rate:.1f} labeled img/s")
+                post(config.get("progress"), step=done, total=stop)
         if evaluating or done % cfg.checkpoint_interval == 0:
             metrics = {"step": done, "loss": float(loss.detach()), "train_seconds": time.perf_counter() - t0}  # in-loop time
             if evaluating:
@@ -177,6 +181,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if worker.is_main:
                     progress(f"[train] validation at step {done}: mIoU {100 * metrics['miou']:.2f} "
                               f"pixel accuracy {100 * metrics['pixel_accuracy']:.2f}")
+                    post(config.get("progress"), step=done, total=stop, miou=metrics["miou"], final=done == cfg.steps)
                 if logger:
                     _log_evaluation(logger, result, metrics, example, cfg, done)
                 if logger and done == cfg.steps:  # before the report: a Tune scheduler may stop the trial at it

@@ -146,7 +146,8 @@ def prepare_trial(plan: TrialPlan, workers: int = 1, gpu: bool = False, address:
               "sde_model": plan.sde_model, "selection_file": plan.selection}
     loop_config = {"train": asdict(cfg), "data": plan.data, "labeled": labeled, "pool": pool, "sde_model": plan.sde_model,
                    "tracking_uri": tracking_uri, "full_resolution_root": full_root,
-                   "resume_from": str(resume_from) if resume_from else None, "stop_after": stop_after, "result": plan.result}
+                   "resume_from": str(resume_from) if resume_from else None, "stop_after": stop_after, "result": plan.result,
+                   "progress": plan.key}
     return PreparedTrial(plan, labeled, params, loop_config)
 
 

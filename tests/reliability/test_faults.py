@@ -31,7 +31,8 @@ def ablations(tmp_path_factory):
 
 
 def study(out: Path, ablations: Path, *args, background: bool = False):
-    cmd = [sys.executable, str(ROOT / "tune" / "run_ablation.py"), "--profile", "smoke", "--out", str(out), *map(str, args)]
+    cmd = [sys.executable, str(ROOT / "tune" / "run_ablation.py"), "--profile", "smoke", "--out", str(out), "--verbose",
+           *map(str, args)]  # verbose: the tests follow the workers' own lines
     env = {**os.environ, "SEGSDE_ABLATIONS": str(ablations)}
     if background:  # its own session, so the whole process tree (driver, local Ray, workers) can be killed
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
