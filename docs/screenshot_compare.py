@@ -1,10 +1,12 @@
-"""Screenshot the MLflow UI's compare view of a study's trial runs (the picture in the README).
+"""Screenshot the MLflow UI of a study (the pictures in the README): the parent run's page, whose description is
+the study table, and the compare view of its trial runs.
 
-    python docs/screenshot_compare.py --out-dir outputs --experiment segsde-study-quick --png docs/mlflow_compare.png
+    python docs/screenshot_compare.py --out-dir outputs --experiment segsde-study-quick
 
-Starts `mlflow server` on the study's store (127.0.0.1, a free port), opens the compare view of the newest
-study parent run's trial children in headless Chromium through Playwright, and writes the PNG. Needs
-`pip install playwright` and a Chromium binary (Debian: `apt-get install chromium`; nothing is downloaded).
+Starts `mlflow server` on the study's store (127.0.0.1, a free port), opens the newest study parent run and the
+compare view of its trial children in headless Chromium through Playwright, and writes docs/mlflow_study.png and
+docs/mlflow_compare.png. Needs `pip install -e ".[docs]"` and a Chromium binary (Debian: `apt-get install
+chromium`; nothing is downloaded).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first
                   "--disable-component-update", "--disable-sync"]
 
 
-def trial_runs(uri: str, experiment: str) -> tuple[str, list[str]]:
-    """(experiment id, the trial run ids of the newest study parent run, ordered by row)."""
+def trial_runs(uri: str, experiment: str) -> tuple[str, str, list[str]]:
+    """(experiment id, the newest study parent run, its trial run ids ordered by row)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -35,7 +37,7 @@ def trial_runs(uri: str, experiment: str) -> tuple[str, list[str]]:
     if not parents:
         sys.exit(f"screenshot_compare: error: experiment '{experiment}' has no study parent run")
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}' and tags.`segsde.stage` = 'train'")
-    return exp.experiment_id, [r.info.run_id for r in sorted(children, key=lambda r: r.data.tags.get("segsde.row", ""))]
+    return exp.experiment_id, parents[0].info.run_id, [r.info.run_id for r in sorted(children, key=lambda r: r.data.tags.get("segsde.row", ""))]
 
 
 def free_port() -> int:
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=Path("outputs"), help="the study's --out (mlflow.db and mlartifacts/)")
     parser.add_argument("--experiment", default="segsde-study-quick")
-    parser.add_argument("--png", type=Path, default=Path("docs/mlflow_compare.png"))
+    parser.add_argument("--png-dir", type=Path, default=Path("docs"), help="where mlflow_study.png and mlflow_compare.png go")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     parser.add_argument("--width", type=int, default=1600)
     parser.add_argument("--height", type=int, default=1400)
@@ -86,7 +88,8 @@ def main(argv=None) -> int:
     from playwright.sync_api import sync_playwright
 
     out = args.out_dir.absolute()
-    experiment_id, runs = trial_runs(f"sqlite:///{out / 'mlflow.db'}", args.experiment)
+    experiment_id, parent, runs = trial_runs(f"sqlite:///{out / 'mlflow.db'}", args.experiment)
+    args.png_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{out / 'mlflow.db'}",
                                "--artifacts-destination", str(out / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port),
@@ -98,17 +101,21 @@ def main(argv=None) -> int:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=args.chromium, args=CHROMIUM_FLAGS)
             page = browser.new_page(viewport={"width": args.width, "height": args.height})
+            page.goto(f"{base}/#/experiments/{experiment_id}/runs/{parent}", wait_until="networkidle")
+            page.get_by_text("Component study").first.wait_for(timeout=60_000)  # the description: the study table
+            page.wait_for_timeout(2000)
+            page.screenshot(path=str(args.png_dir / "mlflow_study.png"), full_page=True)
             page.goto(f"{base}/#/compare-runs?{query}", wait_until="networkidle")
             page.get_by_text("Parameters").first.wait_for(timeout=60_000)
             tidy(page)
             page.wait_for_timeout(5000)  # the plots render after the tables
-            args.png.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(args.png), full_page=True)
+            page.screenshot(path=str(args.png_dir / "mlflow_compare.png"), full_page=True)
             browser.close()
     finally:
         server.terminate()
         server.wait(timeout=30)
-    print(json.dumps({"png": str(args.png), "runs": len(runs), "experiment_id": experiment_id}))
+    print(json.dumps({"pngs": [str(args.png_dir / n) for n in ("mlflow_study.png", "mlflow_compare.png")], "runs": len(runs),
+                      "experiment_id": experiment_id}))
     return 0
 
 

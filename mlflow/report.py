@@ -41,9 +41,10 @@ def study_records(uri: str, experiment: str, parent: str | None = None) -> tuple
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}' and tags.`segsde.stage` = 'train'")
     for run in children:
         tags, metrics = run.data.tags, run.data.metrics
+        finished = run.info.status == "FINISHED" and "final/miou" in metrics
         record = {"row": tags["segsde.row"], "budget": int(tags["segsde.budget"]), "seed": int(tags["segsde.seed"]),
-                  "miou": metrics.get("final/miou") if run.info.status == "FINISHED" else None}
-        record.update({k.removeprefix("final/"): v for k, v in metrics.items()
+                  "miou": metrics["final/miou"] / 100 if finished else None}  # MLflow holds percent, records fractions
+        record.update({k.removeprefix("final/"): v / 100 for k, v in metrics.items()
                        if k.startswith(("final/iou/", "final/acted/")) or k == "final/teacher_miou"})
         if record["miou"] is not None:
             record["per_image_confusion"] = _confusions(client, run.info.run_id)

@@ -110,7 +110,11 @@ KEY_TAG = "segsde.key"
 
 def _experiment_id(client, experiment: str, uri: str) -> str:
     exp = client.get_experiment_by_name(experiment)
-    return exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_root(uri))
+    if exp:
+        return exp.experiment_id
+    # MLflow 3 opens an experiment of unknown kind in its GenAI view; these are model-training runs
+    return client.create_experiment(experiment, artifact_location=artifact_root(uri),
+                                    tags={"mlflow.experimentKind": "custom_model_development"})
 
 
 def study_tags(stage: str, parent_run_id: str | None = None, key: str | None = None) -> dict:
@@ -292,3 +296,20 @@ class RunLogger:
 
     def dict(self, data: dict, path: str) -> None:
         self._call(lambda: self.client.log_dict(self.run_id, data, path))
+
+    def dataset(self, name: str, uri: str, digest: str, context: str = "training") -> None:
+        """Record the run's dataset as an MLflow input (its name, where it lives, its digest): the UI's Datasets
+        column and filter. A location MLflow cannot describe is recorded by its URI alone."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        try:
+            source = resolve_dataset_source(uri)
+        except Exception:  # e.g. an S3 URI with an endpoint override
+            source = HTTPDatasetSource(url=uri)
+        entity = MetaDataset(source, name=name, digest=digest)._to_mlflow_entity()
+        inputs = [DatasetInput(dataset=entity, tags=[InputTag(key="mlflow.data.context", value=context)])]
+        self._call(lambda: self.client.log_inputs(self.run_id, datasets=inputs))
+

@@ -46,6 +46,7 @@ def test_study_runs_a_tune_grid_caches_every_stage_and_never_duplicates_runs(tmp
         assert "final/miou" in trial.data.metrics and any(k.startswith("final/iou/") for k in trial.data.metrics)
     parent_artifacts = {a.path for a in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").list_artifacts(parents[0].info.run_id, "study")}
     assert "study/study.md" in parent_artifacts and "study/class_iou_delta_b4.png" in parent_artifacts
+    _mlflow_pages_answer_the_question(tmp_path, parents[0], children)
 
     rebuilt = subprocess.run([sys.executable, str(ROOT / "mlflow" / "report.py"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                               "--experiment", "segsde-study-smoke", "--out", str(tmp_path / "rebuilt")], capture_output=True, text=True)
@@ -59,6 +60,23 @@ def test_study_runs_a_tune_grid_caches_every_stage_and_never_duplicates_runs(tmp
     assert "2 trials (0 run, 2 cached, 0 failed)" in again.stdout
     assert len(_runs(tmp_path)) == len(runs)  # the parent and every child were found again, none added
     _changed_code_reruns_its_stage_and_what_reads_it(tmp_path)
+
+
+def _mlflow_pages_answer_the_question(out: Path, parent, children) -> None:
+    """The experiment opens as model training; the parent run's description is the study table and its report is one
+    self-contained HTML page; trials log percent, as the report does, and name their dataset."""
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("# Component study") and "| baseline | " in note and "study/study.html" in note
+    html = Path(client.download_artifacts(parent.info.run_id, "study/study.html", str(out / "dl")))
+    assert "<table>" in html.read_text() and "data:image/png;base64," in html.read_text()
+    report = pd.read_parquet(next((out / "study").iterdir()) / "trials.parquet").set_index("row")
+    for trial in (r for r in children if r.data.tags["segsde.stage"] == "train"):
+        row = trial.data.tags["segsde.row"]
+        assert abs(trial.data.metrics["final/miou"] - report.loc[row, "miou"]) < 1e-6  # percent in both
+        datasets = client.get_run(trial.info.run_id).inputs.dataset_inputs
+        assert [d.dataset.name for d in datasets] == [next((out / "cache").glob("data-*")).name]
 
 
 def _quiet_terminal(proc: subprocess.CompletedProcess, out: Path) -> None:

@@ -92,49 +92,85 @@ def class_markdown(means: pd.DataFrame, delta: pd.DataFrame, spread: pd.DataFram
 
 
 def bar_figure(table: pd.DataFrame, rows: list[str], budgets: list[int]):
+    """mIoU per row and budget with its spread over seeds, each bar labelled, Baseline's level dashed."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) * max(1, len(budgets))), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) * max(1, len(budgets))), 4.5))
     width = 0.8 / len(budgets)
     cell = table.set_index(["row", "budget"])
     for k, b in enumerate(budgets):
-        means = [cell.loc[(r, b), "mean"] for r in rows]
-        stds = [np.nan_to_num(cell.loc[(r, b), "std"]) for r in rows]
-        ax.bar(np.arange(len(rows)) + k * width, np.nan_to_num(means), width, yerr=stds, capsize=3, label=f"{b} labels")
-        for x, m in zip(np.arange(len(rows)) + k * width, means):
-            if np.isnan(m):
-                ax.text(x, 0.5, "x", ha="center", color="red")  # a failed or missing cell
+        means = np.array([cell.loc[(r, b), "mean"] for r in rows], dtype=float)
+        stds = np.nan_to_num([cell.loc[(r, b), "std"] for r in rows])
+        xs = np.arange(len(rows)) + k * width
+        bars = ax.bar(xs, np.nan_to_num(means), width, yerr=stds, capsize=3, label=f"{b} labels")
+        if BASELINE in rows and means[rows.index(BASELINE)] == means[rows.index(BASELINE)]:
+            ax.axhline(means[rows.index(BASELINE)], color=bars.patches[0].get_facecolor(), ls="--", lw=1)
+        for x, m, sd in zip(xs, means, stds):
+            ax.text(x, 0.5 if np.isnan(m) else m + sd + 0.3, "failed" if np.isnan(m) else f"{m:.1f}", ha="center",
+                    va="bottom", fontsize=8, color="red" if np.isnan(m) else "black")
     ax.set_xticks(np.arange(len(rows)) + 0.4 - width / 2, rows, rotation=30, ha="right")
     ax.set_ylabel("mIoU (%)")
-    ax.set_title("Component study: mean ± std over seeds")
+    seeds = int(table["count"].max()) if len(table) else 0
+    ax.set_title("mIoU per row, mean ± sd over " + (f"{seeds} seeds" if seeds > 1 else "one seed (no spread)")
+                 + "; dashed: Baseline")
     ax.legend()
     fig.tight_layout()
     return fig
 
 
-def heatmap_figure(delta: pd.DataFrame, budget: int):
-    """The paper's class-wise figure: IoU change over Baseline per class and row."""
+def heatmap_figure(delta: pd.DataFrame, budget: int, means: pd.DataFrame | None = None, limit: float = 10.0):
+    """The paper's class-wise figure: Baseline's class IoU, then each row's IoU change over it. A class that both
+    the row and Baseline miss (IoU 0 in both) is "–", not a change of 0; colours saturate at +-``limit`` points."""
     import matplotlib.pyplot as plt
 
     shown = delta.drop(index=BASELINE, errors="ignore")
-    fig, ax = plt.subplots(figsize=(12, 1.2 + 0.45 * max(1, len(shown))))
     values = shown.to_numpy(dtype=float)
-    limit = max(1.0, float(np.nanmax(np.abs(values)))) if values.size and not np.all(np.isnan(values)) else 1.0
-    image = ax.imshow(values if values.size else np.zeros((1, len(CLASS_NAMES))), cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+    if means is not None and BASELINE in means.index:
+        base = means.loc[BASELINE].to_numpy(dtype=float)
+        both_missed = (means.reindex(shown.index).to_numpy(dtype=float) == 0) & (base == 0)
+        values = np.where(both_missed, np.nan, values)
+    else:
+        base = np.full(len(CLASS_NAMES), np.nan)
+    fig, (top, ax) = plt.subplots(2, 1, figsize=(13, 2.6 + 0.5 * max(1, len(shown))), layout="constrained",
+                                  gridspec_kw={"height_ratios": [1, max(1, len(shown))]}, sharex=True)
+    top.imshow(base[None], cmap="Greys", vmin=0, vmax=100, aspect="auto")
+    top.set_yticks([0], ["Baseline IoU"])
+    for j, v in enumerate(base):
+        top.text(j, 0, "-" if np.isnan(v) else f"{v:.0f}", ha="center", va="center", fontsize=8, color="white" if v > 55 else "black")
+    cmap = plt.get_cmap("RdBu").copy()
+    cmap.set_bad("#eeeeee")
+    image = ax.imshow(np.ma.masked_invalid(values) if values.size else np.zeros((1, len(CLASS_NAMES))), cmap=cmap,
+                      vmin=-limit, vmax=limit, aspect="auto")
     ax.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES, rotation=60, ha="right")
     ax.set_yticks(range(len(shown)), shown.index)
     for (i, j), v in np.ndenumerate(values):
-        if not np.isnan(v):
-            ax.text(j, i, f"{v:+.1f}", ha="center", va="center", fontsize=7)
-    fig.colorbar(image, ax=ax, label="IoU change over Baseline (points)")
-    ax.set_title(f"Class-wise IoU change over Baseline at {budget} labels")
-    fig.tight_layout()
+        ax.text(j, i, "–" if np.isnan(v) else f"{v:+.1f}", ha="center", va="center", fontsize=8,
+                color="white" if abs(v) > 0.6 * limit else "black")
+    fig.colorbar(image, ax=[top, ax], label=f"IoU change (points, ±{limit:.0f} and beyond)", extend="both")
+    top.set_title(f"Class IoU at {budget} labels: Baseline, and each row's same-seed change (– : both miss the class)")
     return fig
 
 
+def html_report(markdown_text: str, figures: dict[str, bytes]) -> str:
+    """One self-contained HTML page: the report's Markdown as HTML and its PNG figures inline (MLflow shows
+    an HTML artifact in place)."""
+    import base64
+
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark").enable("table").render(markdown_text)
+    images = "".join(f'<h2>{name}</h2><img alt="{name}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+                     for name, data in figures.items())
+    style = ("body{font-family:sans-serif;margin:1.5em;max-width:110em} table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:.2em .5em;font-size:90%} th{background:#f3f3f3} img{max-width:100%}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>segsde study</title><style>{style}</style></head>" \
+           f"<body>{body}{images}</body></html>"
+
+
 def write_report(records: list[dict], rows: list[str], budgets: list[int], out: Path, logger=None) -> tuple[str, str]:
-    """Write study.md, study.parquet, comparison.parquet, trials.parquet, class_iou.parquet and the figures
-    under ``out`` (and into the MLflow run of ``logger``, with the comparison as metrics); return the Markdown,
+    """Write study.md, study.html, study.parquet, comparison.parquet, trials.parquet, class_iou.parquet and the
+    figures under ``out`` (and into the MLflow run of ``logger``, with the comparison as metrics and the summary as
+    its description); return the Markdown,
     and its summary for a terminal (the study table and the comparisons, without the class tables)."""
     import matplotlib.pyplot as plt
 
@@ -152,7 +188,7 @@ def write_report(records: list[dict], rows: list[str], budgets: list[int], out: 
         text += ["", comparison_markdown(comparison, b), "", class_markdown(means, delta, spread, b)]
         summary += ["", comparison_markdown(comparison, b)]
         classes.append(means.assign(budget=b).reset_index())
-        figures.append((heatmap_figure(delta, b), f"class_iou_delta_b{b}.png"))
+        figures.append((heatmap_figure(delta, b, means), f"class_iou_delta_b{b}.png"))
     markdown_text = "\n".join(text) + "\n"
     atomic_write_bytes(out / "study.md", markdown_text.encode())
     frames = [("study.parquet", table), ("comparison.parquet", comparison), ("trials.parquet", trials),
@@ -166,9 +202,15 @@ def write_report(records: list[dict], rows: list[str], budgets: list[int], out: 
         if logger is not None:
             logger.figure(fig, f"study/{name}")
         plt.close(fig)
+    page = html_report(markdown_text, {name: (out / name).read_bytes() for _, name in figures})
+    atomic_write_bytes(out / "study.html", page.encode())
+    summary_text = "\n".join(summary)
     if logger is not None:
-        for name in ["study.md", *(name for name, _ in frames)]:
+        for name in ["study.md", "study.html", *(name for name, _ in frames)]:
             logger.artifact(out / name, "study")
+        # the parent run's description in the MLflow UI: the table first, the whole report one click away
+        logger.tags({"mlflow.note.content": f"{summary_text}\n\nThe whole report, with class IoU and figures: "
+                                            "artifact `study/study.html`."})
         logger.metrics({f"compare/{c.row}/b{c.budget}/{k}": getattr(c, k) for c in comparison.itertuples() if c.row != BASELINE
                         for k in ("delta", "ci_low", "ci_high", "p_holm") if getattr(c, k) == getattr(c, k)}, step=0)
-    return markdown_text, "\n".join(summary)
+    return markdown_text, summary_text

@@ -138,6 +138,20 @@ CONFUSIONS_FILE = "per_image_confusion.json"
 SCORE_KEYS = ("miou", "best_miou", "pixel_accuracy", "full_miou", "full_pixel_accuracy", "teacher_miou")
 
 
+SHARES = SCORE_KEYS + ("confident_fraction", "mask_ratio", "unsup_ratio")
+
+
+def in_percent(values: dict[str, float]) -> dict[str, float]:
+    """``values`` with every score and share (mIoU, class IoU, pixel accuracy, what the components did) in percent,
+    the unit of the report, for MLflow; Tune and the cached results keep fractions. Keys may carry a prefix
+    (``val/``, ``final/``, ``train/``)."""
+    def share(key: str) -> bool:
+        name = key.split("/", 1)[1] if key.startswith(("val/", "final/", "train/")) else key
+        return name in SHARES or name.startswith(("iou/", "acted/"))
+
+    return {k: 100 * v if share(k) else v for k, v in values.items()}
+
+
 def final_scores(metrics: dict) -> dict:
     """The scores of a trial's report that make its result: SCORE_KEYS, the class IoUs, what its components did
     (``acted/*``); the final evaluation's per-image confusions go to CONFUSIONS_FILE beside the result."""

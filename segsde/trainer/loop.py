@@ -28,7 +28,7 @@ from segsde.runtime import autocast, evaluation_mode, place, progress, report, r
 from segsde.ssl.augment import StrongAugment
 from segsde.ssl.teacher import ema_alpha, ema_update, make_teacher
 from segsde.storage import Location, localize
-from segsde.trainer.config import CONFUSIONS_FILE, TrainConfig, final_scores
+from segsde.trainer.config import CONFUSIONS_FILE, TrainConfig, final_scores, in_percent
 from segsde.trainer.data import TrialBatches
 from segsde.trainer.model import build_network, load_transfer, parameter_groups
 from segsde.trainer.step import pseudo_label_loss, supervised_loss
@@ -83,6 +83,7 @@ def train_loop_per_worker(config: dict) -> None:
     ``mlflow_run_id``, ``full_resolution_root``, ``resume_from`` and ``stop_after``."""
     cfg = TrainConfig.from_dict(config["train"])
     worker = start_worker(cfg.threads, cfg.seed, cfg.precision)
+    source_data = config["data"]  # the storage location, for the run's dataset record
     config = {**config, "data": str(local_dataset(config["data"])),  # read from this node's copies
               "sde_model": str(localize(config["sde_model"])) if config.get("sde_model") else None}
     gpu = worker.device.type == "cuda"
@@ -111,6 +112,7 @@ def train_loop_per_worker(config: dict) -> None:
 
         logger = RunLogger(config["tracking_uri"], config["mlflow_run_id"], keep_through_outages=True)
         logger.tags(worker_tags(worker))
+        logger.dataset(*dataset_identity(source_data, config["data"]))
     augment = StrongAugment(cfg.crop or cfg.resize or val_shape(config["data"]), cfg.jitter_p, cfg.jitter_strength, cfg.blur_p, cfg.blur_sigma)
     val_set = validation_set(config["data"], cfg)
     batches = torch.utils.data.DataLoader(
@@ -162,7 +164,8 @@ def train_loop_per_worker(config: dict) -> None:
             means = {f"train/{k}": v / logged for k, v in running.items()}
             running, logged = {}, 0
             if logger:
-                logger.metrics({**means, "train/labeled_images_per_s": rate, "train/lr_decoder": cfg.lr_decoder * cfg.lr_factor(step)}, step=done)
+                logger.metrics(in_percent({**means, "train/labeled_images_per_s": rate,
+                                           "train/lr_decoder": cfg.lr_decoder * cfg.lr_factor(step)}), step=done)
             if worker.is_main:
                 progress(f"[train] step {done}/{stop} loss {means['train/loss']:.4f} {rate:.1f} labeled img/s")
                 post(config.get("progress"), step=done, total=stop)
@@ -185,7 +188,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if logger:
                     _log_evaluation(logger, result, metrics, example, cfg, done)
                 if logger and done == cfg.steps:  # before the report: a Tune scheduler may stop the trial at it
-                    logger.metrics({f"final/{k}": v for k, v in final_scores(metrics).items() if v == v}, step=done)
+                    logger.metrics(in_percent({f"final/{k}": v for k, v in final_scores(metrics).items() if v == v}), step=done)
             if logger and done == stop:  # a restart after this checkpoint would not log again
                 logger.flush()
             report(worker, metrics, state={"model": model.state_dict(), "teacher": teacher.state_dict() if teacher is not None else None,
@@ -227,6 +230,16 @@ def _keep_confusions(per_image: torch.Tensor, result: str | None, logger) -> Non
         logger.dict(encoded, f"final/{CONFUSIONS_FILE}")
 
 
+def dataset_identity(location: str, local: str) -> tuple[str, str, str]:
+    """(name, URI, digest) of a dataset: its folder name, where it lives, and its manifest's hash."""
+    import hashlib
+
+    from segsde.data.store import MANIFEST
+
+    digest = hashlib.sha256((Path(local) / MANIFEST).read_bytes()).hexdigest()[:12]
+    return Location(location).name, Location(location).uri, digest
+
+
 def val_shape(data: str) -> tuple[int, int]:
     return tuple(SegSDEDataset(data, "val")[0]["image"].shape[-2:])
 
@@ -249,7 +262,7 @@ def _log_evaluation(logger, result: dict, metrics: dict, example: dict | None, c
 
     from segsde.trainer.figures import mixing_figure, prediction_figure
 
-    logger.metrics({f"val/{k}": v for k, v in metrics.items() if k not in ("step", "loss") and v == v}, step=step)
+    logger.metrics(in_percent({f"val/{k}": v for k, v in metrics.items() if k not in ("step", "loss") and v == v}), step=step)
     for protocol in ("legacy", "full"):
         if protocol in result:
             logger.table(iou_table(result[protocol]), f"tables/class_iou_{protocol}_step{step:07d}.json")
