@@ -35,17 +35,6 @@ def config_from_dict(cls, values: dict, where: str):
     return cfg
 
 
-def section_config(cls, profile: str, section: str, sets: dict | None = None, **flags):
-    """A profile's ``study`` or ``sweep`` section as ``cls``: the section, then the flags that were given (None keeps
-    the section's), then ``--set`` pairs on top of its trainer overrides, through ``config_from_dict``."""
-    from segsde.profiles import load_profile
-
-    values = {**(load_profile(profile).get(section) or {}), **{k: v for k, v in flags.items() if v is not None}, "profile": profile}
-    if sets:
-        values["train"] = {**(values.get("train") or {}), **sets}
-    return config_from_dict(cls, values, f"the {section} section of profile '{profile}'")
-
-
 def _typed(key: str, value, hint, where: str):
     """``value`` as the field's scalar type where the YAML gave it otherwise: YAML 1.1 reads ``1e-3`` (no dot) as
     a string, which would otherwise fail deep inside a worker; a value of the wrong kind is a one-line error."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from segsde.configs import check, config_from_dict
 from segsde.errors import SegSDEError
 
 # profiles.yaml, component_study.yaml and sweep_space.yaml: the repository's, or a copy of the folder
@@ -19,9 +20,14 @@ PROFILES_FILE = ABLATIONS_DIR / "profiles.yaml"
 @dataclass(frozen=True)
 class DataProfile:
     source: str  # "synthetic" or "cityscapes"
-    size: tuple[int, int]  # H, W
+    size: tuple[int, ...]  # H, W
     train: int = 0
     val: int = 0
+
+    def validate(self, where: str) -> None:
+        check([(self.source in ("synthetic", "cityscapes"), "source must be 'synthetic' or 'cityscapes'"),
+               (len(self.size) == 2 and min(self.size) > 0, "size must be [height, width]"),
+               (self.train >= 0 and self.val >= 0, "train and val must be >= 0")], where)
 
 
 def load_yaml(path: Path) -> dict:
@@ -53,8 +59,13 @@ def data_profile(name: str, path: Path = PROFILES_FILE) -> DataProfile:
     section = load_profile(name, path).get("data")
     if not isinstance(section, dict):
         raise SegSDEError(f"profile '{name}' in {path} has no 'data' mapping: add one")
-    try:
-        return DataProfile(source=section["source"], size=tuple(section["size"]),
-                           train=int(section.get("train", 0)), val=int(section.get("val", 0)))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SegSDEError(f"profile '{name}' data section in {path} is incomplete ({exc}): give source and size") from exc
+    return config_from_dict(DataProfile, section, f"the data section of profile '{name}' in {path}")
+
+
+def section_config(cls, profile: str, section: str, sets: dict | None = None, **flags):
+    """A profile's ``study`` or ``sweep`` section as ``cls``: the section, then the flags that were given (None keeps
+    the section's), then ``--set`` pairs on top of its trainer overrides, through ``config_from_dict``."""
+    values = {**(load_profile(profile).get(section) or {}), **{k: v for k, v in flags.items() if v is not None}, "profile": profile}
+    if sets:
+        values["train"] = {**(values.get("train") or {}), **sets}
+    return config_from_dict(cls, values, f"the {section} section of profile '{profile}'")

@@ -13,12 +13,12 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from segsde.configs import check, section_config
+from segsde.configs import check
 from segsde.data.store import MANIFEST
 from segsde.errors import SegSDEError
 from segsde.orchestration.keys import code_version, entry_key
 from segsde.orchestration.stages import StageTracking, dataset_stage, export_stage, input_id, missed, sde_stage, selection_stage
-from segsde.profiles import data_profile
+from segsde.profiles import data_profile, section_config
 from segsde.progress import start_board
 from segsde.runtime import Background
 from segsde.sde.run import sde_config

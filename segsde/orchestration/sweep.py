@@ -12,10 +12,10 @@ from pathlib import Path
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
-from segsde.configs import check, section_config
+from segsde.configs import check
 from segsde.errors import SegSDEError
 from segsde.orchestration.stages import StageTracking
-from segsde.profiles import ABLATIONS_DIR, load_yaml
+from segsde.profiles import ABLATIONS_DIR, load_yaml, section_config
 from segsde.sde.run import sde_config
 from segsde.storage import Location, as_location, cache_key, open_root, storage_uri
 from segsde.trainer.run import study_rows, train_config
