@@ -22,7 +22,7 @@ def int_list(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of integers, e.g. 16,32") from None
+        raise argparse.ArgumentTypeError(f"'{text}': not comma-separated integers, e.g. 16,32") from None
 
 
 def name_list(text: str) -> list[str]:

@@ -145,6 +145,8 @@ class StudyConsole:
 
             from segsde.progress import BOARD
 
+            if not ray.is_initialized():  # never start Ray from here: get_actor would, with the wrong settings
+                return
             items = ray.get(ray.get_actor(BOARD).snapshot.remote(), timeout=5)
         except Exception:  # no board yet (Ray starting), or none any more (shutting down)
             return

@@ -137,8 +137,7 @@ def heatmap_figure(delta: pd.DataFrame, budget: int, means: pd.DataFrame | None 
     top.set_yticks([0], ["Baseline IoU"])
     for j, v in enumerate(base):
         top.text(j, 0, "-" if np.isnan(v) else f"{v:.0f}", ha="center", va="center", fontsize=8, color="white" if v > 55 else "black")
-    cmap = plt.get_cmap("RdBu").copy()
-    cmap.set_bad("#eeeeee")
+    cmap = plt.get_cmap("RdBu").with_extremes(bad="#eeeeee")
     image = ax.imshow(np.ma.masked_invalid(values) if values.size else np.zeros((1, len(CLASS_NAMES))), cmap=cmap,
                       vmin=-limit, vmax=limit, aspect="auto")
     ax.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES, rotation=60, ha="right")
