@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -57,6 +58,13 @@ def wait_for(url: str, seconds: float = 90) -> None:
     sys.exit(f"screenshot_compare: error: the MLflow server did not answer at {url} within {seconds:.0f} s")
 
 
+def ui_step(action) -> None:
+    try:
+        action()
+    except Exception as exc:  # a UI version without that control: keep the page as it is
+        print(f"screenshot_compare: skipped a UI step ({type(exc).__name__})", file=sys.stderr)
+
+
 def tidy(page) -> None:
     """Close the assistant side panel, plot row -> final mIoU, show only the parameters that differ."""
     def pick(index: int, text: str) -> None:
@@ -70,10 +78,7 @@ def tidy(page) -> None:
                    lambda: page.get_by_text("Clear All").first.click(timeout=5000),
                    lambda: pick(0, "row"), lambda: pick(1, "final/miou"),
                    lambda: page.get_by_text("Show diff only").first.click(timeout=5000)):
-        try:
-            action()
-        except Exception as exc:  # a UI version without that control: keep the page as it is
-            print(f"screenshot_compare: skipped a UI step ({type(exc).__name__})", file=sys.stderr)
+        ui_step(action)
 
 
 def main(argv=None) -> int:
@@ -101,11 +106,17 @@ def main(argv=None) -> int:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=args.chromium, args=CHROMIUM_FLAGS)
             page = browser.new_page(viewport={"width": args.width, "height": args.height})
-            page.goto(f"{base}/#/experiments/{experiment_id}/runs/{parent}", wait_until="networkidle")
+            run_page = f"{base}/#/experiments/{experiment_id}/runs/{parent}"
+            page.goto(run_page, wait_until="load")
             page.get_by_text("Component study").first.wait_for(timeout=60_000)  # the description: the study table
-            page.wait_for_timeout(2000)
+            ui_step(lambda: page.get_by_text("Model training", exact=True).first.click(timeout=5000))  # MLflow's mode switch
+            page.goto(run_page, wait_until="load")
+            page.get_by_text("Component study").first.wait_for(timeout=60_000)
+            ui_step(lambda: page.get_by_text("Show more").first.click(timeout=5000))
+            ui_step(lambda: page.get_by_role("button", name=re.compile("close", re.I)).last.click(timeout=5000))  # the assistant
+            page.wait_for_timeout(3000)
             page.screenshot(path=str(args.png_dir / "mlflow_study.png"), full_page=True)
-            page.goto(f"{base}/#/compare-runs?{query}", wait_until="networkidle")
+            page.goto(f"{base}/#/compare-runs?{query}", wait_until="load")
             page.get_by_text("Parameters").first.wait_for(timeout=60_000)
             tidy(page)
             page.wait_for_timeout(5000)  # the plots render after the tables

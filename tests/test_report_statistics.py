@@ -62,6 +62,7 @@ def test_paired_intervals_flags_and_verdicts(tmp_path):
     one_seed = [r for r in records if r["seed"] == 0]
     single = comparison_table(one_seed, ["baseline", "helps", "same", "silent"], [8]).set_index("row")
     assert single.loc["helps", "verdict"] == "one seed: no difference can be judged"
+    assert single.loc["helps", "ci_low"] != single.loc["helps", "ci_low"]  # no interval, in the Parquet and MLflow alike
     assert "cannot be told from training noise" in write_report(one_seed, ["baseline", "helps", "same", "silent"], [8], tmp_path / "one")[0]
 
 

@@ -52,9 +52,9 @@ def comparison_table(records: list[dict], rows: list[str], budgets: list[int]) -
             paired = None
             if row != BASELINE and recs and base:
                 paired = paired_difference(scores, {int(r["seed"]): 100 * r["miou"] for r in base}, _confusions(recs), _confusions(base))
-            if paired is not None:
-                line.update(n=paired.n, delta=paired.delta, sd_delta=paired.sd, ci_low=paired.low, ci_high=paired.high, p=paired.p,
-                            images=paired.images)
+            if paired is not None:  # one seed: an interval over validation images alone would hide the training noise
+                line.update(n=paired.n, delta=paired.delta, sd_delta=paired.sd, images=paired.images,
+                            **(dict(ci_low=paired.low, ci_high=paired.high, p=paired.p) if paired.n >= 2 else {}))
             line["verdict"] = "reference" if row == BASELINE else (silent or "")
             lines.append(line)
     table = pd.DataFrame(lines).reindex(columns=COLUMNS)
