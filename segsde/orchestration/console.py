@@ -37,11 +37,8 @@ class StudyConsole:
 
     # -- lines -----------------------------------------------------------------------------------------------
     def __call__(self, text: str) -> None:
-        if self.started is None:
-            print(text, flush=True)
-            return
-        print(text, flush=True)  # the log file keeps every line
-        if not text.startswith(QUIET_PREFIXES) or "FAILED" in text:
+        print(text, flush=True)  # once started, the log file keeps every line
+        if self.started is not None and (not text.startswith(QUIET_PREFIXES) or "FAILED" in text):
             self._say(text)
 
     def _say(self, text: str) -> None:

@@ -136,7 +136,7 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Location | str | None = No
         if address or _needs_ray(cfg, train_configs, root, data_root, force):
             start_ray(cfg.profile, cfg.rows[0], cfg.train, cfg.concurrency, cfg.workers, cfg.gpu, address)
             preflight(root, uri)  # every node reads the storage root and the tracking store, or nothing starts
-            board = start_board()  # noqa: F841 (held: the live view reads it)
+            board = start_board() if console is not None else None  # noqa: F841 (held while the live view reads it)
         study = {"study": asdict(cfg), "data_root": input_id(data_root)}
         parent, created = get_or_create_run(uri, experiment, f"study:{cache_key(study)}", f"study-{cfg.profile}", study,
                                             {"segsde.stage": "study", "segsde.profile": cfg.profile})

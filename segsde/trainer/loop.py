@@ -232,12 +232,10 @@ def _keep_confusions(per_image: torch.Tensor, result: str | None, logger) -> Non
 
 def dataset_identity(location: str, local: str) -> tuple[str, str, str]:
     """(name, URI, digest) of a dataset: its folder name, where it lives, and its manifest's hash."""
-    import hashlib
+    from segsde.data.store import MANIFEST, sha256_file
 
-    from segsde.data.store import MANIFEST
-
-    digest = hashlib.sha256((Path(local) / MANIFEST).read_bytes()).hexdigest()[:12]
-    return Location(location).name, Location(location).uri, digest
+    where = Location(location)
+    return where.name, where.uri, sha256_file(Path(local) / MANIFEST)[:12]
 
 
 def val_shape(data: str) -> tuple[int, int]:
