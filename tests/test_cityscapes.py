@@ -1,4 +1,5 @@
-"""The Cityscapes builder on a tiny tree in the real layout (file naming, labelIds, camera JSON)."""
+"""The Cityscapes builder on a tiny tree in the real layout (file naming, labelIds, camera JSON, 30-frame
+training snippets around each annotated frame)."""
 
 import json
 
@@ -16,14 +17,17 @@ SAMPLES = [("train", "aachen", 0, 19), ("train", "bochum", 3, 19), ("val", "fran
 
 def _png(path, array):
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
+    Image.fromarray(array).save(path, compress_level=1)
 
 
-def make_tree(root, rng=np.random.default_rng(0)):
-    H, W = NATIVE
-    for split, city, seq, frame in SAMPLES:
+def make_tree(root, samples=SAMPLES, native=NATIVE, rng=None):
+    """Cityscapes' layout at ``native`` (H, W): a training sample's snippet has all 30 frames (t-19 .. t+10),
+    a validation sample only t-1 .. t+1 (all the converter reads of it)."""
+    rng = rng or np.random.default_rng(0)
+    H, W = native
+    for split, city, seq, frame in samples:
         stem = f"{city}_{seq:06d}_{frame:06d}"
-        for f in (frame - 1, frame, frame + 1):
+        for f in range(frame - 19, frame + 11) if split == "train" else (frame - 1, frame, frame + 1):
             img = rng.integers(0, 255, (H, W, 3), dtype=np.uint8)
             _png(root / "leftImg8bit_sequence" / split / city / f"{city}_{seq:06d}_{f:06d}_leftImg8bit.png", img)
             if f == frame:
@@ -65,10 +69,12 @@ def _expect_error(tree, tmp_path, *fragments):
     out = tmp_path / "cs"
     proc = run_cli("data", "cityscapes", "--root", tree, "--out", out, "--size", "128x64", check=False)
     assert proc.returncode == 2, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    # one line says what is wrong, the last (before it: what was planned, Ray's start when it got that far)
+    assert [line for line in proc.stderr.splitlines() if "error" in line] == proc.stderr.strip().splitlines()[-1:], proc.stderr
     for fragment in fragments:
         assert fragment in proc.stderr, proc.stderr
-    assert not out.exists() and not list(tmp_path.glob(".cs*"))  # nothing half-written
+    assert not (out / "manifest.json").exists() and not list(tmp_path.glob(".cs*"))  # no dataset, nothing half-written
+    assert not out.exists() or not [p for p in out.iterdir() if ".tmp-" in p.name]
 
 
 def test_missing_root(tmp_path):

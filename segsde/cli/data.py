@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from segsde.cli.flags import non_negative, parse_size
+from segsde.cli.flags import non_negative, parse_size, positive
 
 
 def cmd_synth(args) -> dict:
@@ -18,11 +19,24 @@ def cmd_synth(args) -> dict:
 
 
 def cmd_cityscapes(args) -> dict:
+    from functools import partial
+
     from segsde.data import cityscapes
+    from segsde.runtime.shards import build_on_ray
+    from segsde.storage import as_location
 
     w, h = args.size
-    m = cityscapes.build(args.root, args.out, size=(h, w), workers=args.workers, overwrite=args.overwrite)
-    return {"out": str(Path(args.out).absolute()), "splits": m["splits"], "shards": len(m["shards"])}
+    root, out = as_location(args.root), as_location(args.out)
+    stride = 0 if args.no_sequences else args.sequence_stride
+    tasks, description, skipped = cityscapes.plan(root, (h, w), stride)
+    print(f"[cityscapes] {sum(t.rows for t in tasks)} samples in {len(tasks)} shards from {root}"
+          + (f"; {len(skipped)} snippet(s) with missing frames skipped" if skipped else ""), file=sys.stderr, flush=True)
+    m = build_on_ray(out, tasks, partial(cityscapes.convert_task, root.uri, (h, w)), description, source="cityscapes",
+                     address=args.address, workers=args.workers, overwrite=args.overwrite, skipped=skipped,
+                     size=[h, w], root=root.uri, sequence_stride=stride)
+    done = m["converted"]
+    return {"out": str(out), "splits": m["splits"], "shards": len(m["shards"]), "skipped_snippets": len(m["skipped"]),
+            "skipped_first": m["skipped"][:3], "converted": done | {"frames_per_s": done["frames"] / max(done["seconds"], 1e-9)}}
 
 
 def cmd_split(args) -> dict:
@@ -74,12 +88,19 @@ def add_data_commands(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     p.set_defaults(func=cmd_synth)
 
-    p = data.add_parser("cityscapes", help="convert a Cityscapes tree (leftImg8bit, leftImg8bit_sequence, gtFine, camera)")
-    p.add_argument("--root", type=Path, required=True, help="folder holding leftImg8bit/, gtFine/, camera/, leftImg8bit_sequence/")
-    p.add_argument("--out", type=Path, required=True)
+    p = data.add_parser("cityscapes", help="convert a Cityscapes tree (annotated frames and the unlabeled video around them) "
+                                           "as Ray tasks on every core; rerun the same command to resume")
+    p.add_argument("--root", required=True, help="folder or storage URI holding leftImg8bit/, leftImg8bit_sequence/, gtFine/, "
+                                                 "camera/ (readable on every node)")
+    p.add_argument("--out", required=True, help="dataset directory: a path every node mounts, or under s3://bucket/prefix")
     p.add_argument("--size", type=parse_size, default=(1024, 512), help="WIDTHxHEIGHT as Cityscapes writes it (default 1024x512)")
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--sequence-stride", type=positive, default=1,
+                   help="every K-th frame of each training snippet that has both neighbours becomes an unlabeled triplet "
+                        "of the 'sequence' split (default 1: all, 27 a snippet)")
+    p.add_argument("--no-sequences", action="store_true", help="convert only the annotated frames")
+    p.add_argument("--workers", type=int, default=None, help="CPUs of the local Ray instance (default: all; ignored with --address)")
+    p.add_argument("--address", default=None, help="Ray cluster address (`auto` on a `ray up` cluster; default: local Ray)")
+    p.add_argument("--overwrite", action="store_true", help="delete what --out holds first")
     p.set_defaults(func=cmd_cityscapes)
 
     p = data.add_parser("split", help="write a seeded random order of a split's ids (a budget k = its first k lines)")

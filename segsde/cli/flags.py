@@ -46,6 +46,13 @@ def non_negative(text: str) -> int:
     return value
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def profile_flags(p: argparse.ArgumentParser, example: str, what: str = "one config value") -> None:
     """--profile and --set."""
     p.add_argument("--profile", default="quick", help=PROFILES_HELP)

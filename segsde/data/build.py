@@ -16,9 +16,7 @@ from segsde.data.store import atomic_directory, write_manifest, write_shard
 def _run_task(make_rows: Callable[[object], list[dict]], directory: Path, numbered_task) -> dict:
     number, task = numbered_task
     rows = make_rows(task)
-    entry = write_shard(directory / f"shard-{number:05d}.parquet", rows)
-    entry["splits"] = sorted({r["split"] for r in rows})
-    return entry
+    return write_shard(directory / f"shard-{number:05d}.parquet", rows)
 
 
 def default_workers() -> int:

@@ -1,25 +1,33 @@
-"""Cityscapes -> the segsde dataset format.
+"""Cityscapes -> the segsde dataset format: the annotated frames and the unlabeled video around them.
 
-Reads the standard layout: ``leftImg8bit/{split}/{city}/{id}_leftImg8bit.png`` (frame t),
-``leftImg8bit_sequence/{split}/{city}/{city}_{seq}_{frame±1}_leftImg8bit.png`` (frames t-1, t+1),
-``gtFine/{split}/{city}/{id}_gtFine_labelIds.png`` (converted to trainIds with cityscapesscripts' table)
-and ``camera/{split}/{city}/{id}_camera.json`` (per-image intrinsics, scaled to the stored size).
+Reads the standard layout, on a local path or a storage URI (``s3://``):
+``leftImg8bit/{split}/{city}/{id}_leftImg8bit.png`` (frame t of an annotated sample),
+``leftImg8bit_sequence/{split}/{city}/{city}_{seq}_{frame}_leftImg8bit.png`` (its 30-frame snippet: the
+annotated frame is the 20th, so frames t-19 .. t+10), ``gtFine/{split}/{city}/{id}_gtFine_labelIds.png``
+(converted to trainIds with cityscapesscripts' table) and ``camera/{split}/{city}/{id}_camera.json`` (the
+snippet's intrinsics, scaled to the stored size).
+
+Splits: ``train`` and ``val`` (annotated samples with t-1 and t+1) and ``sequence``: every other frame of
+a training snippet that has both neighbours, unlabeled (27 a snippet, 80,325 for the 2975 snippets;
+with ``train``, the paper's 83,300 SDE triplets). A conversion is planned here as independent tasks, one
+shard each; ``segsde.runtime.shards`` runs them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
-from functools import partial
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from segsde.data.build import build_dataset
 from segsde.data.camera import resize_intrinsics
 from segsde.data.labels import VALID_LABEL_IDS, label_id_to_train_id_lut
-from segsde.data.store import encode_png
+from segsde.data.store import SEQUENCE_SPLIT, encode_png
 from segsde.errors import SegSDEError
+from segsde.storage import Location, as_location
 
 SPLITS = ("train", "val")
 PACKAGES = {
@@ -28,108 +36,215 @@ PACKAGES = {
     "gtFine": "gtFine_trainvaltest.zip",
     "camera": "camera_trainvaltest.zip",
 }
+SUFFIX = {"leftImg8bit": "_leftImg8bit.png", "leftImg8bit_sequence": "_leftImg8bit.png",
+          "gtFine": "_gtFine_labelIds.png", "camera": "_camera.json"}
+SNIPPET_BEFORE, SNIPPET_AFTER = 19, 10  # the annotated frame is the 20th of a 30-frame snippet
 SHARD_SIZE = 16
 _LUT = label_id_to_train_id_lut()
 
 
-def _paths(root: Path, split: str, sample_id: str) -> dict[str, Path]:
+def frame_id(city: str, seq: str, frame: int) -> str:
+    return f"{city}_{seq}_{frame:06d}"
+
+
+class Tree:
+    """A Cityscapes tree: its file listings, read once per package and split."""
+
+    def __init__(self, root: Location | str):
+        self.root = as_location(root)
+        self._listed: dict[tuple[str, str], set[str]] = {}
+
+    def file(self, package: str, split: str, sample_id: str) -> Location:
+        return self.root.child(package, split, sample_id.split("_")[0], sample_id + SUFFIX[package])
+
+    def _listing(self, package: str, split: str) -> set[str]:
+        if (package, split) not in self._listed:
+            self._listed[package, split] = set(self.root.child(package, split).listing())
+        return self._listed[package, split]
+
+    def has(self, package: str, split: str, sample_id: str) -> bool:
+        return f"{sample_id.split('_')[0]}/{sample_id}{SUFFIX[package]}" in self._listing(package, split)
+
+    def ids(self, package: str, split: str) -> list[str]:
+        return sorted(rel.split("/")[-1][: -len(SUFFIX[package])] for rel in self._listing(package, split)
+                      if rel.endswith(SUFFIX[package]))
+
+
+def _sample_files(sample_id: str) -> dict[str, tuple[str, str]]:
+    """What an annotated sample reads: {role: (package, id)}."""
     city, seq, frame = sample_id.split("_")
-    seq_dir = root / "leftImg8bit_sequence" / split / city
-    return {
-        "prev": seq_dir / f"{city}_{seq}_{int(frame) - 1:06d}_leftImg8bit.png",
-        "image": root / "leftImg8bit" / split / city / f"{sample_id}_leftImg8bit.png",
-        "next": seq_dir / f"{city}_{seq}_{int(frame) + 1:06d}_leftImg8bit.png",
-        "label": root / "gtFine" / split / city / f"{sample_id}_gtFine_labelIds.png",
-        "camera": root / "camera" / split / city / f"{sample_id}_camera.json",
-    }
+    return {"prev": ("leftImg8bit_sequence", frame_id(city, seq, int(frame) - 1)), "image": ("leftImg8bit", sample_id),
+            "next": ("leftImg8bit_sequence", frame_id(city, seq, int(frame) + 1)), "label": ("gtFine", sample_id),
+            "camera": ("camera", sample_id)}
 
 
-def find_samples(root: Path) -> list[tuple[str, str]]:
+def find_samples(tree: Tree) -> list[tuple[str, str]]:
     """(split, id) of every annotated image, after checking that every file a sample needs exists."""
-    root = Path(root)
-    if not root.is_dir():
-        raise SegSDEError(f"Cityscapes root {root} does not exist: pass the folder that holds leftImg8bit/ and gtFine/")
+    if not tree.root.is_dir():
+        raise SegSDEError(f"Cityscapes root {tree.root} does not exist: pass the folder that holds leftImg8bit/ and gtFine/")
     for folder, package in PACKAGES.items():
-        if not (root / folder).is_dir():
-            raise SegSDEError(f"{root / folder} is missing: extract {package} into {root}")
+        if not tree.root.child(folder).is_dir():
+            raise SegSDEError(f"{tree.root.child(folder)} is missing: extract {package} into {tree.root}")
     samples = []
     for split in SPLITS:
-        for image in sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png")):
-            sample_id = image.name[: -len("_leftImg8bit.png")]
-            for kind, path in _paths(root, split, sample_id).items():
-                if not path.is_file():
-                    package = {"prev": "leftImg8bit_sequence", "next": "leftImg8bit_sequence", "image": "leftImg8bit",
-                               "label": "gtFine", "camera": "camera"}[kind]
-                    raise SegSDEError(f"missing {kind} file {path} for sample {sample_id}: extract {PACKAGES[package]} into {root}")
+        for sample_id in tree.ids("leftImg8bit", split):
+            for role, (package, name) in _sample_files(sample_id).items():
+                if not tree.has(package, split, name):
+                    raise SegSDEError(f"missing {role} file {tree.file(package, split, name)} for sample {sample_id}: "
+                                      f"extract {PACKAGES[package]} into {tree.root}")
             samples.append((split, sample_id))
     if not samples:
-        raise SegSDEError(f"no images found under {root / 'leftImg8bit'}/{{train,val}}/<city>/: check --root")
+        raise SegSDEError(f"no images found under {tree.root.child('leftImg8bit')}/{{train,val}}/<city>/: check --root")
     return samples
 
 
-def _open(path: Path, size: tuple[int, int] | None, resample) -> np.ndarray:
+@dataclass(frozen=True)
+class Snippet:
+    """The unlabeled triplets of one training snippet: centre frames ``centres``, around annotated frame ``annotated``."""
+    city: str
+    seq: str
+    annotated: int
+    centres: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return frame_id(self.city, self.seq, self.annotated)
+
+    @property
+    def frames(self) -> list[int]:
+        """The frames its triplets read, each once."""
+        return sorted({f + d for f in self.centres for d in (-1, 0, 1)})
+
+
+def find_snippets(tree: Tree, samples: list[tuple[str, str]], stride: int) -> tuple[list[Snippet], list[dict]]:
+    """The training snippets around each annotated frame, every ``stride``-th frame with both neighbours as
+    a triplet centre (the annotated frame left out: it is a ``train`` sample), and the snippets skipped for
+    a missing frame ({"snippet", "reason"})."""
+    snippets, skipped = [], []
+    for split, sample_id in samples:
+        if split != "train":
+            continue
+        city, seq, frame = sample_id.split("_")
+        first = int(frame) - SNIPPET_BEFORE
+        centres = tuple(f for f in range(first + 1, int(frame) + SNIPPET_AFTER, stride) if f != int(frame))
+        snippet = Snippet(city, seq, int(frame), centres)
+        missing = [f for f in snippet.frames if not tree.has("leftImg8bit_sequence", "train", frame_id(city, seq, f))]
+        if missing:
+            skipped.append({"snippet": sample_id, "reason": f"frame {frame_id(city, seq, missing[0])} is missing"
+                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")})
+        elif centres:
+            snippets.append(snippet)
+    return snippets, skipped
+
+
+def _open(location: Location, size: tuple[int, int] | None, resample) -> tuple[np.ndarray, tuple[int, int]]:
+    """The image at ``location`` resized to ``size`` (H, W), and its native size."""
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(location.read_bytes())) as im:
             im.load()
-            if size is not None and im.size != (size[1], size[0]):
+            native = (im.height, im.width)
+            if size is not None and native != tuple(size):
                 im = im.resize((size[1], size[0]), resample)
-            return np.asarray(im)
+            return np.asarray(im), native
     except (OSError, ValueError, SyntaxError) as exc:
-        raise SegSDEError(f"cannot read image {path} ({exc}): the file is corrupt, re-extract it from the Cityscapes archive") from exc
+        raise SegSDEError(f"cannot read image {location} ({exc}): the file is corrupt, re-extract it from the Cityscapes archive") from exc
 
 
-def load_train_ids(path: Path, size: tuple[int, int] | None) -> np.ndarray:
+def _rgb(location: Location, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    image, native = _open(location, size, Image.BILINEAR)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise SegSDEError(f"{location} is not an RGB image: re-extract leftImg8bit")
+    return image, native
+
+
+def load_train_ids(location: Location, size: tuple[int, int] | None) -> np.ndarray:
     """gtFine labelIds PNG -> trainIds (nearest resize), rejecting ids outside the Cityscapes table."""
-    ids = _open(path, size, Image.NEAREST)
+    ids, _ = _open(location, size, Image.NEAREST)
     if ids.ndim != 2:
-        raise SegSDEError(f"label file {path} is not a single-channel labelIds image: use the *_gtFine_labelIds.png files")
+        raise SegSDEError(f"label file {location} is not a single-channel labelIds image: use the *_gtFine_labelIds.png files")
     unknown = sorted(set(np.unique(ids).tolist()) - VALID_LABEL_IDS)
     if unknown:
-        raise SegSDEError(f"label file {path} has ids {unknown[:8]} outside the Cityscapes label table: "
+        raise SegSDEError(f"label file {location} has ids {unknown[:8]} outside the Cityscapes label table: "
                           "use the *_gtFine_labelIds.png files of gtFine_trainvaltest.zip")
     return _LUT[ids]
 
 
-def load_intrinsics(path: Path) -> np.ndarray:
+def load_intrinsics(location: Location) -> np.ndarray:
     try:
-        intr = json.loads(path.read_text())["intrinsic"]
+        intr = json.loads(location.read_text())["intrinsic"]
         return np.array([[intr["fx"], 0, intr["u0"]], [0, intr["fy"], intr["v0"]], [0, 0, 1]], dtype=np.float64)
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise SegSDEError(f"camera file {path} has no valid 'intrinsic' block ({exc}): re-extract camera_trainvaltest.zip") from exc
+        raise SegSDEError(f"camera file {location} has no valid 'intrinsic' block ({exc}): re-extract camera_trainvaltest.zip") from exc
 
 
-def convert_sample(root: Path, size: tuple[int, int], split: str, sample_id: str) -> dict:
-    """One dataset row at ``size`` (H, W); intrinsics rescaled from the native resolution."""
-    p = _paths(root, split, sample_id)
-    with Image.open(p["image"]) as im:
-        native = (im.height, im.width)
-    frames = [_open(p[k], size, Image.BILINEAR) for k in ("prev", "image", "next")]
-    if any(f.ndim != 3 or f.shape[2] != 3 for f in frames):
-        raise SegSDEError(f"frames of {sample_id} are not RGB images: re-extract leftImg8bit")
-    K = resize_intrinsics(load_intrinsics(p["camera"]), native, size)
-    return {"id": sample_id, "split": split, "frames": [encode_png(f) for f in frames],
-            "label": encode_png(load_train_ids(p["label"], size)), "K": K.ravel().tolist()}
+def convert_sample(tree: Tree, size: tuple[int, int], split: str, sample_id: str) -> dict:
+    """One annotated dataset row at ``size`` (H, W); intrinsics rescaled from the native resolution."""
+    files = {role: tree.file(package, split, name) for role, (package, name) in _sample_files(sample_id).items()}
+    (prev, _), (image, native), (nxt, _) = (_rgb(files[role], size) for role in ("prev", "image", "next"))
+    K = resize_intrinsics(load_intrinsics(files["camera"]), native, size)
+    return {"id": sample_id, "split": split, "frames": [encode_png(f) for f in (prev, image, nxt)],
+            "label": encode_png(load_train_ids(files["label"], size)), "K": K.ravel().tolist()}
 
 
-def _convert_shard(root: Path, size: tuple[int, int], task: list[tuple[str, str]]) -> list[dict]:
-    return [convert_sample(root, size, split, sid) for split, sid in task]
+def convert_snippet(tree: Tree, size: tuple[int, int], snippet: Snippet) -> list[dict]:
+    """The snippet's unlabeled rows (split ``sequence``, no label), each frame decoded and encoded once."""
+    city, seq = snippet.city, snippet.seq
+    png, native = {}, None
+    for f in snippet.frames:
+        image, native = _rgb(tree.file("leftImg8bit_sequence", "train", frame_id(city, seq, f)), size)
+        png[f] = encode_png(image)
+    K = resize_intrinsics(load_intrinsics(tree.file("camera", "train", snippet.name)), native, size).ravel().tolist()
+    return [{"id": frame_id(city, seq, f), "split": SEQUENCE_SPLIT, "frames": [png[f - 1], png[f], png[f + 1]], "K": K}
+            for f in snippet.centres]
 
 
-def build(root: Path, out: Path, size: tuple[int, int] = (512, 1024), workers: int | None = None,
-          overwrite: bool = False) -> dict:
-    root = Path(root).absolute()
-    samples = find_samples(root)
-    tasks = [samples[i : i + SHARD_SIZE] for i in range(0, len(samples), SHARD_SIZE)]
-    splits = {s: sum(1 for sp, _ in samples if sp == s) for s in SPLITS}
-    return build_dataset(out, tasks, partial(_convert_shard, root, size), source="cityscapes", splits=splits,
-                         samples_per_task=[len(t) for t in tasks], workers=workers, overwrite=overwrite,
-                         size=list(size), root=str(root))
+@dataclass(frozen=True)
+class Task:
+    """One shard's work: annotated samples [(split, id)] or one snippet."""
+    samples: tuple[tuple[str, str], ...] = ()
+    snippet: Snippet | None = None
+
+    @property
+    def rows(self) -> int:
+        return len(self.snippet.centres) if self.snippet else len(self.samples)
+
+    @property
+    def frames(self) -> int:
+        """Source images it decodes (labels included)."""
+        return len(self.snippet.frames) if self.snippet else 4 * len(self.samples)
 
 
-def native_label(root: Path, split: str, sample_id: str) -> np.ndarray:
+def convert_task(root: str, size: tuple[int, int], task: Task) -> tuple[list[dict], list[dict]]:
+    """A task's rows and what it skipped: an annotated sample that cannot be read is an error, an unlabeled
+    snippet with an unreadable frame is skipped."""
+    tree = Tree(root)
+    if task.snippet is None:
+        return [convert_sample(tree, size, split, sid) for split, sid in task.samples], []
+    try:
+        return convert_snippet(tree, size, task.snippet), []
+    except SegSDEError as exc:
+        return [], [{"snippet": task.snippet.name, "reason": str(exc).split(": ")[0]}]
+
+
+def plan(root: Location | str, size: tuple[int, int], sequence_stride: int = 1) -> tuple[list[Task], dict, list[dict]]:
+    """The conversion of ``root`` at ``size`` (H, W): its tasks (annotated shards first, then one per snippet),
+    the plan's description (what a resumed conversion must match) and the snippets skipped while planning.
+    ``sequence_stride`` 0: no sequence split."""
+    tree = Tree(root)
+    samples = find_samples(tree)
+    tasks = [Task(samples=tuple(samples[i: i + SHARD_SIZE])) for i in range(0, len(samples), SHARD_SIZE)]
+    snippets, skipped = find_snippets(tree, samples, sequence_stride) if sequence_stride > 0 else ([], [])
+    tasks += [Task(snippet=s) for s in snippets]
+    listing = hashlib.sha256(repr([(t.samples, t.snippet) for t in tasks]).encode()).hexdigest()[:16]
+    description = {"source": "cityscapes", "root": str(tree.root), "size": list(size), "sequence_stride": sequence_stride,
+                   "tasks": len(tasks), "task_list": listing}
+    return tasks, description, skipped
+
+
+def native_label(root: str, split: str, sample_id: str) -> np.ndarray:
     """The full-resolution (2048x1024) trainIds of a sample, for the official evaluation protocol."""
-    path = _paths(Path(root), split, sample_id)["label"]
-    if not path.is_file():
-        raise SegSDEError(f"{path} is missing, which the full-resolution evaluation needs: keep the Cityscapes tree the "
+    location = Tree(root).file("gtFine", split, sample_id)
+    if not location.is_file():
+        raise SegSDEError(f"{location} is missing, which the full-resolution evaluation needs: keep the Cityscapes tree the "
                           "dataset was built from at its recorded root, or set eval_full_resolution: false")
-    return load_train_ids(path, None)
+    return load_train_ids(location, None)

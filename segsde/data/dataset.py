@@ -41,7 +41,7 @@ def _resize(a: np.ndarray, size: tuple[int, int], resample) -> np.ndarray:
 
 
 class SegSDEDataset(torch.utils.data.Dataset):
-    """Samples of one split (or an explicit id list) of a dataset directory.
+    """Samples of one split, several or all (``split`` None), or an explicit id list of those, of a dataset directory.
 
     Each item is a dict: ``id``; ``image`` [3, H, W] float in [0, 1] (frame t); ``frames`` [3, 3, H, W]
     (t-1, t, t+1, only with ``sequence=True``); ``K`` [3, 3]; ``label`` [H, W] int64 (255 = ignore);
@@ -49,20 +49,22 @@ class SegSDEDataset(torch.utils.data.Dataset):
     ``poses`` [2, 4, 4] (T_{t->t-1}, T_{t->t+1}) and ``pseudo_depth`` [H, W] (normalised disparity).
     """
 
-    def __init__(self, root: str | Path, split: str | None = "train", ids: Sequence[str] | None = None,
+    def __init__(self, root: str | Path, split: str | Sequence[str] | None = "train", ids: Sequence[str] | None = None,
                  augment: Augment = Augment(), sequence: bool = False, cache_mb: float = 256.0):
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
         index = read_index(self.root, self.manifest)
-        by_id = {sid: (s, r) for sid, sp, s, r in index if split is None or sp == split}
+        splits = None if split is None else {split} if isinstance(split, str) else set(split)
+        by_id = {sid: (s, r) for sid, sp, s, r in index if splits is None or sp in splits}
         if ids is None:
-            ids = [sid for sid, sp, _, _ in index if split is None or sp == split]
+            ids = [sid for sid, sp, _, _ in index if splits is None or sp in splits]
         else:
             check_ids(list(ids), by_id, f"the id list for split '{split}'")
         if not ids:
             raise SegSDEError(f"{self.root} has no samples in split '{split}': use one of {sorted(self.manifest['splits'])}")
         self.ids = list(ids)
         self._where = [by_id[i] for i in self.ids]
+        self._split = {sid: sp for sid, sp, _, _ in index if sid in by_id}
         self.augment, self.sequence = augment, sequence
         self.pseudo_depth = read_side_column(self.root, PSEUDO_DEPTH)
         self._files: dict[int, pq.ParquetFile] = {}
@@ -79,6 +81,13 @@ class SegSDEDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def split_counts(self) -> dict[str, int]:
+        """How many of its samples each split holds."""
+        counts: dict[str, int] = {}
+        for sid in self.ids:
+            counts[self._split[sid]] = counts.get(self._split[sid], 0) + 1
+        return counts
 
     def _row(self, i: int) -> dict:
         shard, row = self._where[i]

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from segsde.errors import SegSDEError
-from segsde.storage import Location, atomic_write_bytes, localize
+from segsde.storage import Location, as_location, atomic_write_bytes, localize
 
 __all__ = ["atomic_write_bytes"]  # re-exported: the dataset format's writers and older callers import it from here
 
@@ -34,6 +34,7 @@ FORMAT = "segsde-dataset"
 VERSION = 1
 DEPTH_SCALE = 256.0
 MANIFEST = "manifest.json"
+SEQUENCE_SPLIT = "sequence"  # unlabeled video triplets (Cityscapes' sequence package): SDE and multi-task data
 
 SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -123,18 +124,37 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_shard(path: Path, rows: list[dict]) -> dict:
-    """Write rows (dicts with the SCHEMA's keys; missing keys are null) and return the manifest entry."""
+ROW_GROUP = 16
+
+
+def shard_bytes(rows: list[dict]) -> bytes:
+    """A Parquet shard of ``rows`` (dicts with the SCHEMA's keys; missing keys are null), the same bytes for the
+    same rows. PNG payloads are already compressed, so no codec; a row group's frames are dictionary-encoded
+    with no size cap, so the frame a sequence triplet shares with its neighbours' triplets is stored once
+    per row group (16 triplets of one snippet: 18 frames stored instead of 48)."""
     table = pa.Table.from_pylist([{k: r.get(k) for k in SCHEMA.names} for r in rows], schema=SCHEMA)
-    # PNG payloads are already compressed; a second codec only costs time
-    pq.write_table(table, path, compression="NONE", row_group_size=16)
-    return {"file": path.name, "rows": len(rows), "sha256": sha256_file(path)}
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression="NONE", row_group_size=ROW_GROUP, dictionary_pagesize_limit=2**31 - 1)
+    return buf.getvalue().to_pybytes()
 
 
-def write_manifest(directory: Path, source: str, shards: list[dict], splits: dict[str, int], **meta) -> dict:
+def shard_entry(name: str, data: bytes, rows: list[dict]) -> dict:
+    """The manifest's entry for a shard file ``name`` holding ``data`` (the bytes of ``rows``)."""
+    return {"file": name, "rows": len(rows), "sha256": hashlib.sha256(data).hexdigest(), "splits": sorted({r["split"] for r in rows})}
+
+
+def write_shard(path: Path, rows: list[dict]) -> dict:
+    """Write rows to ``path`` and return the manifest entry."""
+    data = shard_bytes(rows)
+    Path(path).write_bytes(data)
+    return shard_entry(Path(path).name, data, rows)
+
+
+def write_manifest(directory: Path | Location, source: str, shards: list[dict], splits: dict[str, int], **meta) -> dict:
+    """The manifest, written last: a directory (local or on the storage root) is a dataset once it exists."""
     manifest = {"format": FORMAT, "version": VERSION, "source": source, "splits": splits,
                 "depth_scale": DEPTH_SCALE, "shards": sorted(shards, key=lambda s: s["file"]), **meta}
-    (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    as_location(directory).child(MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -211,3 +231,9 @@ def local_dataset(data: Location | str | Path) -> Path:
 def split_ids(root: Path, split: str) -> list[str]:
     """The ids of one split, in index order."""
     return [sid for sid, sp, _, _ in read_index(root, read_manifest(root)) if sp == split]
+
+
+def video_splits(root: Path, sequences: bool = True) -> tuple[str, ...]:
+    """The splits whose triplets self-supervised depth trains on: ``train``, and the unlabeled ``sequence``
+    split where the dataset has one and ``sequences`` is on."""
+    return ("train", SEQUENCE_SPLIT) if sequences and SEQUENCE_SPLIT in read_manifest(root)["splits"] else ("train",)

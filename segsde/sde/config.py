@@ -42,6 +42,7 @@ class SDEConfig:
     resize: tuple[int, int] | None = None    # (H, W) before cropping
     crop: tuple[int, int] | None = (512, 512)
     color_jitter: float = 0.5                # probability; the same draw for all three frames
+    sequences: bool = True                   # train on the dataset's unlabeled video split too, where it has one
     # bookkeeping
     seed: int = 0
     log_interval: int = 50

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from segsde.data.dataset import PSEUDO_DEPTH, SegSDEDataset
-from segsde.data.store import encode_unit_png, write_side_column
+from segsde.data.store import SEQUENCE_SPLIT, encode_unit_png, read_manifest, write_side_column
 from segsde.errors import SegSDEError
 from segsde.sde.config import SDEConfig
 from segsde.sde.model import SDEModel
@@ -72,7 +72,9 @@ def export_pseudo_depth(checkpoint: Path, data: Path, batch: int = 8, device: st
     metadata (default: the checkpoint's absolute path), which the export stage compares with its input."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_sde_model(checkpoint, device)
-    dataset = SegSDEDataset(data, split=None)
+    # what DepthMix and the selection read: the annotated splits, not the video split (a multi-task trial's
+    # DepthMix takes its depth from its own student)
+    dataset = SegSDEDataset(data, [s for s in read_manifest(data)["splits"] if s != SEQUENCE_SPLIT])
     values, start = {}, time.perf_counter()
     for i in range(0, len(dataset), batch):
         items = [dataset[j] for j in range(i, min(i + batch, len(dataset)))]

@@ -12,11 +12,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
 from segsde.data.dataset import Augment, SegSDEDataset, validation_split
-from segsde.data.store import local_dataset
+from segsde.data.store import local_dataset, video_splits
 from segsde.metrics.depth import METRICS, depth_error_sums, summarise
 from segsde.progress import post
 from segsde.runtime import autocast, batch_indices, evaluation_mode, place, progress, report, resume_state, start_worker, step_seed, worker_tags
@@ -34,12 +35,16 @@ class StepBatches(torch.utils.data.Dataset):
     depth."""
 
     def __init__(self, data: str, cfg: SDEConfig, start: int, rank: int, world: int):
-        self.dataset = SegSDEDataset(data, "train", augment=Augment(cfg.resize, cfg.crop, random=True), sequence=True)
+        self.dataset = SegSDEDataset(data, video_splits(Path(data), cfg.sequences), augment=Augment(cfg.resize, cfg.crop, random=True),
+                                     sequence=True)
         self.cfg, self.start, self.rank, self.world = cfg, start, rank, world
         self.jitter = colour_jitter(cfg)
 
     def __len__(self) -> int:
         return self.cfg.total_steps - self.start
+
+    def split_counts(self) -> dict[str, int]:
+        return self.dataset.split_counts()
 
     def __getitem__(self, k: int) -> dict:
         step, cfg = self.start + k, self.cfg
@@ -167,6 +172,11 @@ def train_loop_per_worker(config: dict) -> None:
     val_set = validation_set(config["data"], cfg)
     batches = torch.utils.data.DataLoader(StepBatches(config["data"], cfg, start, worker.rank, worker.world), batch_size=None,
                                           num_workers=cfg.loader_workers, pin_memory=gpu, persistent_workers=False)
+    triplets = batches.dataset.split_counts()
+    if worker.is_main:
+        progress(f"[sde] training on {sum(triplets.values())} triplets ({', '.join(f'{k} {v}' for k, v in triplets.items())})")
+        if logger:
+            logger.tags({f"data.triplets.{k}": str(v) for k, v in triplets.items()})
     jitter = colour_jitter(cfg)
     stop = min(config.get("stop_after") or cfg.total_steps, cfg.total_steps)
     net, optimiser, phase = None, None, None

@@ -40,6 +40,7 @@ class TrainConfig:
     ema_alpha: float = 0.99
     mix: str = "none"
     mix_pool: str = "unlabeled"
+    pool_sequences: bool = True          # multitask: the pool adds the dataset's unlabeled video split, where it has one
     depth_source: str = "sde"
     epsilon: float = 0.03                # DepthMix, in per-image min-max normalised disparity
     confidence: str = "per_pixel"

@@ -14,7 +14,7 @@ import torch
 from segsde.data.dataset import PSEUDO_DEPTH, Augment, SegSDEDataset
 from segsde.data.labels import IGNORE_INDEX
 from segsde.data.splits import check_ids, random_order, read_order, take_budget
-from segsde.data.store import split_ids
+from segsde.data.store import SEQUENCE_SPLIT, split_ids, video_splits
 from segsde.errors import SegSDEError
 from segsde.runtime import batch_indices, step_seed
 from segsde.trainer.config import TrainConfig
@@ -40,12 +40,21 @@ def labeled_ids(data: Path, cfg: TrainConfig, selection_file: Path | None = None
     return take_budget(order, cfg.budget)
 
 
+def pool_splits(data: Path, cfg: TrainConfig) -> tuple[str, ...]:
+    """Where the pool comes from: the training split, and for a multi-task trial the unlabeled video split
+    (the original's multi-task runs read the sequences as their unlabeled data)."""
+    return video_splits(data, cfg.multitask and cfg.pool_sequences)
+
+
 def mix_pool(data: Path, cfg: TrainConfig, labeled: list[str]) -> list[str]:
     """Images the teacher pseudo-labels (and the multi-task SDE loss sees): the unlabeled rest of the
-    training split, or all of it (``all_with_gt``: labeled members bring their ground truth)."""
+    training split, or all of it (``all_with_gt``: labeled members bring their ground truth), then for a
+    multi-task trial the video split's triplets."""
     chosen = set(labeled)
     rest = [i for i in train_ids(data) if i not in chosen]
     pool = rest if cfg.mix_pool == "unlabeled" else sorted(set(rest) | chosen)
+    if SEQUENCE_SPLIT in pool_splits(data, cfg):
+        pool += split_ids(data, SEQUENCE_SPLIT)
     if not pool:
         raise SegSDEError(f"budget {cfg.budget} labels the whole training split, so no unlabeled image is left: "
                           "lower the budget or set mix_pool: all_with_gt")
@@ -61,7 +70,7 @@ class TrialBatches(torch.utils.data.Dataset):
                  start: int, rank: int, world: int):
         augment = Augment(cfg.resize, cfg.crop, random=True)
         self.labeled = SegSDEDataset(data, "train", ids=labeled, augment=augment, sequence=cfg.multitask)
-        self.pool = SegSDEDataset(data, "train", ids=pool, augment=augment, sequence=cfg.multitask) if pool else None
+        self.pool = SegSDEDataset(data, pool_splits(data, cfg), ids=pool, augment=augment, sequence=cfg.multitask) if pool else None
         self.labeled_set = set(labeled)
         self.cfg, self.start, self.rank, self.world = cfg, start, rank, world
         self.depth_key = {"sde": PSEUDO_DEPTH, "ground_truth": "depth"}.get(cfg.depth_source) if cfg.mix == "depth" else None
