@@ -83,6 +83,26 @@ def test_a_node_local_copy_is_fetched_once_refreshed_when_the_entry_changes_and_
     assert localize(Location(str(synth_root))) == synth_root  # a local root is read in place, nothing copied
 
 
+def test_cityscapes_converts_from_and_onto_an_object_store(s3, tmp_path, monkeypatch):
+    from test_cityscapes import make_tree
+
+    from segsde.data.dataset import SegSDEDataset
+    from segsde.data.store import local_dataset
+
+    raw, out = s3.root("raw/cityscapes"), s3.root("datasets/cityscapes")
+    raw.upload_dir(make_tree(tmp_path / "tree"))
+    cmd = [str(Path(sys.executable).parent / "segsde"), "data", "cityscapes", "--root", raw.uri, "--out", out.uri, "--size", "128x64",
+           "--workers", "2"]
+    proc = subprocess.run(cmd, env=s3.env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["splits"] == {"sequence": 54, "train": 2, "val": 1}
+    assert sorted(out.listing()) == ["manifest.json", "shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
+    monkeypatch.setenv("SEGSDE_NODE_CACHE", str(tmp_path / "node"))
+    assert SegSDEDataset(local_dataset(out), ("train", "sequence")).split_counts() == {"train": 2, "sequence": 54}
+    again = subprocess.run(cmd, env=s3.env, capture_output=True, text=True, timeout=600)  # complete: nothing to do
+    assert again.returncode == 0 and json.loads(again.stdout)["converted"]["tasks"] == 0, again.stderr[-3000:]
+
+
 def test_cache_keys_do_not_depend_on_the_storage_root(s3, tmp_path):
     names = []
     for storage in (tmp_path / "here", s3.root("elsewhere").uri):
