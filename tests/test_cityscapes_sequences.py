@@ -51,8 +51,9 @@ def rows(out) -> dict[str, dict]:
 def converted(tmp_path_factory):
     base = tmp_path_factory.mktemp("cityscapes")
     tree, out = make_tree(base / "tree"), base / "cs"
-    summary = json.loads(convert(tree, out).stdout)
-    return tree, out, summary
+    proc = convert(tree, out)
+    assert "[cityscapes] 57/57 samples" in proc.stderr and "ETA" in proc.stderr  # progress without a terminal: lines
+    return tree, out, json.loads(proc.stdout)
 
 
 def test_every_training_frame_with_both_neighbours_is_an_unlabeled_triplet(converted):
@@ -150,3 +151,21 @@ def test_a_killed_conversion_resumed_writes_the_same_bytes(tmp_path):
         assert (whole / shard["file"]).read_bytes() == (resumed / shard["file"]).read_bytes()
     assert not [p for p in resumed.iterdir() if ".tmp-" in p.name]
     run_cli("data", "info", "--data", resumed)  # every checksum holds
+
+
+def test_the_progress_bar_on_a_terminal_shows_the_rate_and_eta():
+    import io
+
+    from segsde.runtime.shards import Meter
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    meter = Meter("cityscapes", total=100, done=40, stream=screen)
+    time.sleep(0.2)
+    meter.advance(30)
+    meter.close()
+    assert "[cityscapes]" in screen.getvalue() and "70/100" in screen.getvalue() and "ETA" in screen.getvalue()
+    assert 0 < meter.rate < 30 / 0.2 + 1  # this run's pace: the 40 done before it do not count

@@ -81,27 +81,30 @@ class Meter:
         self.bar = None
         if getattr(stream, "isatty", lambda: False)():
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.markup import escape
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-            self.bar = Progress(TextColumn(f"[{label}]"), BarColumn(), MofNCompleteColumn(), TextColumn(f"{unit}"),
-                                TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn(),
-                                console=Console(file=stream), transient=False)
-            self.task = self.bar.add_task(label, total=total, completed=done, rate="")
+            self.bar = Progress(TextColumn(escape(f"[{label}]")), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+                                TextColumn("{task.fields[pace]}"), console=Console(file=stream), transient=False)
+            self.task = self.bar.add_task(label, total=total, completed=done, pace="")
             self.bar.start()
 
     @property
     def rate(self) -> float:
         return (self.done - self.first) / max(time.perf_counter() - self.start, 1e-9)
 
+    def pace(self) -> str:
+        """This run's rate (what an earlier, killed run did does not count) and the time left at it."""
+        eta = time.strftime("%H:%M:%S", time.gmtime((self.total - self.done) / self.rate)) if self.rate > 0 else "?"
+        return f"{self.rate:.1f}/s, ETA {eta}"
+
     def line(self) -> str:
-        eta = (self.total - self.done) / self.rate if self.rate > 0 else float("nan")
-        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "?"
-        return f"[{self.label}] {self.done}/{self.total} {self.unit}, {self.rate:.1f}/s, ETA {eta_text}"
+        return f"[{self.label}] {self.done}/{self.total} {self.unit}, {self.pace()}"
 
     def advance(self, n: int) -> None:
         self.done += n
         if self.bar is not None:
-            self.bar.update(self.task, completed=self.done, rate=f"{self.rate:.1f}/s")
+            self.bar.update(self.task, completed=self.done, pace=self.pace())
         elif time.perf_counter() - self.last_line >= self.every or self.done >= self.total:
             self.last_line = time.perf_counter()
             print(self.line(), file=self.stream, flush=True)
