@@ -137,6 +137,10 @@ def find_snippets(tree: Tree, samples: list[tuple[str, str]], stride: int) -> tu
     return snippets, skipped
 
 
+class CorruptImage(SegSDEError):
+    """An image file that is there but does not decode."""
+
+
 def _open(location: Location, size: tuple[int, int] | None, resample) -> tuple[np.ndarray, tuple[int, int]]:
     """The image at ``location`` resized to ``size`` (H, W), and its native size."""
     try:
@@ -147,13 +151,13 @@ def _open(location: Location, size: tuple[int, int] | None, resample) -> tuple[n
                 im = im.resize((size[1], size[0]), resample)
             return np.asarray(im), native
     except (OSError, ValueError, SyntaxError) as exc:
-        raise SegSDEError(f"cannot read image {location} ({exc}): the file is corrupt, re-extract it from the Cityscapes archive") from exc
+        raise CorruptImage(f"cannot read image {location} ({exc}): the file is corrupt, re-extract it from the Cityscapes archive") from exc
 
 
 def _rgb(location: Location, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
     image, native = _open(location, size, Image.BILINEAR)
     if image.ndim != 3 or image.shape[2] != 3:
-        raise SegSDEError(f"{location} is not an RGB image: re-extract leftImg8bit")
+        raise CorruptImage(f"{location} is not an RGB image: re-extract leftImg8bit")
     return image, native
 
 
@@ -216,13 +220,19 @@ class Task:
 
 def convert_task(root: str, size: tuple[int, int], task: Task) -> tuple[list[dict], list[dict]]:
     """A task's rows and what it skipped: an annotated sample that cannot be read is an error, an unlabeled
-    snippet with an unreadable frame is skipped."""
+    snippet with a frame that does not decode is skipped. A file that planning found and this node cannot is
+    an error: the root is not where every node reads it."""
     tree = Tree(root)
+    if not tree.root.is_dir():
+        import socket
+
+        raise SegSDEError(f"the Cityscapes root {tree.root} is not readable on node {socket.gethostname()}: put it on a path every "
+                          "node mounts or under the storage root (s3://...), or convert on one machine")
     if task.snippet is None:
         return [convert_sample(tree, size, split, sid) for split, sid in task.samples], []
     try:
         return convert_snippet(tree, size, task.snippet), []
-    except SegSDEError as exc:
+    except CorruptImage as exc:
         return [], [{"snippet": task.snippet.name, "reason": str(exc).split(": ")[0]}]
 
 
