@@ -150,3 +150,29 @@ def test_a_sweep_trains_on_the_worker_node(cluster):
     assert len(trials) == 2 and {r.info.status for r in trials} <= {"FINISHED", "KILLED"}  # ASHA may stop one
     assert {r.data.tags["segsde.node_id"] for r in trials} == {cluster.worker_node}
     assert (out / "optuna.db").is_file() and list((cluster.shared / "tune").glob("segsde-sweep-smoke-*"))
+
+
+def test_cityscapes_converts_on_the_worker_node_and_refuses_what_only_the_head_has(cluster):
+    from test_cityscapes import make_tree
+
+    tree = make_tree(cluster.shared / "cityscapes-raw")
+
+    def convert(root: Path, out: Path):
+        cmd = [BIN / "segsde", "data", "cityscapes", "--root", root, "--out", out, "--size", "128x64", "--address", cluster.address]
+        return subprocess.run(list(map(str, cmd)), env=cluster.env, capture_output=True, text=True, timeout=600)
+
+    done = convert(tree, cluster.shared / "cityscapes")  # the head has no CPU: every task runs on the worker node
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["splits"] == {"sequence": 54, "train": 2, "val": 1}
+    assert len(list((cluster.shared / "cityscapes").glob("shard-*.parquet"))) == 3
+
+    refused = convert(tree, cluster.out / "cityscapes")  # an --out on the head's disk alone
+    line = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 2 and line.startswith("segsde: error: node ") and "--out" in line and "s3://" in line, line
+    assert not list((cluster.out / "cityscapes").glob("shard-*"))
+
+    shutil.copytree(tree, cluster.out / "cityscapes-raw")  # a --root on the head's disk alone
+    refused = convert(cluster.out / "cityscapes-raw", cluster.shared / "refused")
+    line = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 2 and "is not readable on node" in line and "every node mounts" in line, line
+    assert not list((cluster.shared / "refused").glob("shard-*"))

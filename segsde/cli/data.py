@@ -22,6 +22,7 @@ def cmd_cityscapes(args) -> dict:
     from functools import partial
 
     from segsde.data import cityscapes
+    from segsde.orchestration.preflight import preflight
     from segsde.runtime.shards import build_on_ray
     from segsde.storage import as_location
 
@@ -33,6 +34,9 @@ def cmd_cityscapes(args) -> dict:
           + (f"; {len(skipped)} snippet(s) with missing frames skipped" if skipped else ""), file=sys.stderr, flush=True)
     m = build_on_ray(out, tasks, partial(cityscapes.convert_task, root.uri, (h, w)), description, source="cityscapes",
                      address=args.address, workers=args.workers, overwrite=args.overwrite, skipped=skipped,
+                     check_nodes=lambda where: preflight(where, tracking_uri="", fix=(
+                         f"a cluster's nodes do not share the driver's disk, so write to a path every node mounts or "
+                         f"under s3:// (--out {where} is not one)")),
                      size=[h, w], root=root.uri, sequence_stride=stride)
     done = m["converted"]
     return {"out": str(out), "splits": m["splits"], "shards": len(m["shards"]), "skipped_snippets": len(m["skipped"]),

@@ -33,10 +33,11 @@ def probe(markers: dict[str, str], token: str, tracking_uri: str) -> str | None:
     return None
 
 
-def preflight(storage: Location, tracking_uri: str, timeout_s: float = 120.0) -> int:
+def preflight(storage: Location, tracking_uri: str, timeout_s: float = 120.0, fix: str | None = None) -> int:
     """Check every alive node of the Ray cluster this process is connected to (see ``probe``); a node that
-    fails is a one-line error naming it and the fix. Returns the number of nodes checked. A single-node
-    cluster is checked by the driver alone: its own reads are what every later step uses."""
+    fails is a one-line error naming it and the fix (``fix``: another command's words for it). Returns the
+    number of nodes checked. A single-node cluster is checked by the driver alone: its own reads are what
+    every later step uses."""
     import os
 
     import ray
@@ -68,9 +69,10 @@ def preflight(storage: Location, tracking_uri: str, timeout_s: float = 120.0) ->
             problem = ray.get(ref) if ref in ready else f"did not answer within {timeout_s:.0f} s"
             if problem:
                 where = f"node {node['NodeManagerAddress']} ({node['NodeID'][:12]})"
-                raise SegSDEError(f"{where} {problem}: a cluster's nodes do not share the driver's disk, so mount {storage} "
-                                  "at the same path on every node or use an s3:// storage root (--storage), and track to "
-                                  "an MLflow server every node reaches (--tracking-uri http://HEAD:5000)")
+                raise SegSDEError(f"{where} {problem}: " + (fix or (
+                    f"a cluster's nodes do not share the driver's disk, so mount {storage} at the same path on every node "
+                    "or use an s3:// storage root (--storage), and track to an MLflow server every node reaches "
+                    "(--tracking-uri http://HEAD:5000)")))
         return len(nodes)
     finally:
         for marker in markers:

@@ -116,9 +116,10 @@ class Meter:
 
 def build_on_ray(out: Location | str, tasks: Sequence, convert: Callable, description: dict, *, source: str,
                  address: str | None = None, workers: int | None = None, overwrite: bool = False, skipped: Sequence[dict] = (),
-                 **meta) -> dict:
+                 check_nodes: Callable[[Location], object] | None = None, **meta) -> dict:
     """Run every task of ``tasks`` not yet finished at ``out`` as a Ray task (one CPU each), then write the
-    manifest (``skipped``: what planning left out, before what the tasks did). Returns it, with ``converted``
+    manifest (``skipped``: what planning left out, before what the tasks did). ``check_nodes(out)`` runs once
+    Ray is up, before any task (that every node reaches ``out``). Returns the manifest, with ``converted``
     (what this run did: tasks, rows, frames, seconds) added."""
     out = as_location(out)
     done = resume_point(out, description, overwrite)
@@ -127,7 +128,7 @@ def build_on_ray(out: Location | str, tasks: Sequence, convert: Callable, descri
     if pending:
         meter = Meter(source, total=sum(t.rows for t in tasks), done=sum(tasks[n].rows for n in done))
         try:
-            for entry in _run(out, [(n, tasks[n]) for n in pending], convert, address, workers):
+            for entry in _run(out, [(n, tasks[n]) for n in pending], convert, address, workers, check_nodes):
                 done[entry["number"]] = entry
                 meter.advance(tasks[entry["number"]].rows)
         finally:
@@ -145,13 +146,16 @@ def build_on_ray(out: Location | str, tasks: Sequence, convert: Callable, descri
                                      "frames": sum(e["frames"] for e in this_run), "seconds": time.perf_counter() - start}}
 
 
-def _run(out: Location, numbered: list[tuple[int, object]], convert: Callable, address: str | None, workers: int | None):
+def _run(out: Location, numbered: list[tuple[int, object]], convert: Callable, address: str | None, workers: int | None,
+         check_nodes: Callable[[Location], object] | None):
     """Yield each task's entry as it finishes; cancel the rest on an error or Ctrl-C."""
     import ray
 
     from segsde.runtime.ray_job import init_ray
 
     init_ray(address, num_cpus=workers or len(os.sched_getaffinity(0)))
+    if check_nodes is not None:
+        check_nodes(out)
     remote = ray.remote(num_cpus=1)(convert_and_write)
     refs = {remote.remote(out, n, convert, task): n for n, task in numbered}
     try:
