@@ -105,7 +105,7 @@ def add_data_commands(sub) -> None:
     p.add_argument("--workers", type=int, default=None, help="CPUs of the local Ray instance (default: all; ignored with --address)")
     p.add_argument("--address", default=None, help="Ray cluster address (`auto` on a `ray up` cluster; default: local Ray)")
     p.add_argument("--overwrite", action="store_true", help="delete what --out holds first")
-    p.set_defaults(func=cmd_cityscapes)
+    p.set_defaults(func=cmd_cityscapes, interrupted="the finished shards are kept: rerun the same command to convert the rest")
 
     p = data.add_parser("split", help="write a seeded random order of a split's ids (a budget k = its first k lines)")
     p.add_argument("--data", type=Path, required=True)
