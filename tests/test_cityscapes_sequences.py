@@ -126,9 +126,9 @@ def test_the_sde_stage_and_the_multitask_pool_read_the_sequence_split(converted,
 def test_a_killed_conversion_resumed_writes_the_same_bytes(tmp_path):
     samples = [("train", city, seq, 19) for city, seq in (("aachen", 0), ("bochum", 3), ("bremen", 12), ("cologne", 5),
                                                           ("darmstadt", 7), ("erfurt", 2))] + [("val", "lindau", 0, 19)]
-    tree = make_tree(tmp_path / "tree", samples, native=(512, 1024))
+    tree = make_tree(tmp_path / "tree", samples, native=(256, 512))
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    flags = ("--size", "256x128", "--workers", 1)
+    flags = ("--size", "128x64", "--workers", 1)
     run_cli("data", "cityscapes", "--root", tree, "--out", whole, *flags)
 
     proc = subprocess.Popen([str(BIN / "segsde"), "data", "cityscapes", "--root", str(tree), "--out", str(resumed), *map(str, flags)],
