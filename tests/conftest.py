@@ -1,4 +1,6 @@
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,16 @@ def run_cli(*args, check=True, **kw):
     if check and proc.returncode != 0:
         raise AssertionError(f"segsde {' '.join(map(str, args))} failed:\n{proc.stderr}")
     return proc
+
+
+def kill_session(session: int) -> None:
+    """SIGKILL every process of ``session`` (a lost machine): Ray's workers have process groups of their own,
+    so killing the leader's group is not enough."""
+    ps = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout.split()
+    for pid, sid in zip(ps[::2], ps[1::2]):
+        if int(sid) == session:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")

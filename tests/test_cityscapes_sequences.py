@@ -1,17 +1,14 @@
 """Cityscapes' unlabeled video: every training frame with both neighbours as a label-less triplet of the
 ``sequence`` split, converted as Ray tasks that resume after a kill, and the stages that read it."""
 
-import contextlib
 import json
-import os
-import signal
 import subprocess
 import time
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import BIN, run_cli
+from conftest import BIN, kill_session, run_cli
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from test_cityscapes import SAMPLES, make_tree
@@ -28,15 +25,6 @@ TRAIN = [(city, seq, frame) for split, city, seq, frame in SAMPLES if split == "
 
 def convert(tree, out, *flags, check=True):
     return run_cli("data", "cityscapes", "--root", tree, "--out", out, "--size", f"{SIZE[1]}x{SIZE[0]}", "--workers", 2, *flags, check=check)
-
-
-def kill_session(session: int) -> None:
-    """SIGKILL every process of ``session``: Ray's task workers have process groups of their own."""
-    ps = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout.split()
-    for pid, sid in zip(ps[::2], ps[1::2]):
-        if int(sid) == session:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
 
 
 def rows(out) -> dict[str, dict]:

@@ -6,7 +6,6 @@ shared directory (an NFS mount on a real cluster) is the storage root."""
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+from conftest import kill_session
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,16 +31,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _kill_session(sid: int) -> None:
-    ps = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout.split()
-    for pid, session in zip(ps[::2], ps[1::2]):
-        if int(session) == sid:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def _start(cmd: list, env: dict, sessions: list) -> None:
@@ -90,7 +80,7 @@ def cluster(tmp_path_factory):
                               worker_node=next(n for n, cpus in nodes if cpus > 0))
     finally:
         for sid in sessions:
-            _kill_session(sid)
+            kill_session(sid)
         shutil.rmtree(temp, ignore_errors=True)
 
 
