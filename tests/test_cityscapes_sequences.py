@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from test_cityscapes import SAMPLES, make_tree
 
+from segsde.data import cityscapes
 from segsde.data.camera import resize_intrinsics
 from segsde.data.dataset import SegSDEDataset
 from segsde.data.store import decode_png
@@ -69,14 +70,16 @@ def test_every_training_frame_with_both_neighbours_is_an_unlabeled_triplet(conve
     assert SegSDEDataset(out, ("train", "sequence")).split_counts() == {"train": 2, "sequence": 54}
 
 
-def test_every_kth_frame_or_none(converted, tmp_path):
-    tree, _, _ = converted
-    stride = json.loads(convert(tree, tmp_path / "k4", "--sequence-stride", 4).stdout)
-    # centres t-18, t-14, ..., t+6 of each snippet
-    assert stride["splits"] == {"sequence": 2 * 7, "train": 2, "val": 1}
-    assert sorted(r["id"] for r in rows(tmp_path / "k4").values() if r["split"] == "sequence")[:3] == [
-        "aachen_000000_000001", "aachen_000000_000005", "aachen_000000_000009"]
-    assert json.loads(convert(tree, tmp_path / "none", "--no-sequences").stdout)["splits"] == {"train": 2, "val": 1}
+def test_every_kth_frame_or_none(converted):
+    tree, _, _ = converted  # the plan decides the rows; the fixture's conversion shows that tasks write what it says
+    tasks, description, skipped = cityscapes.plan(str(tree), SIZE, sequence_stride=4)
+    snippets = [t.snippet for t in tasks if t.snippet is not None]
+    assert [s.centres for s in snippets] == [(1, 5, 9, 13, 17, 21, 25)] * 2  # t-18, t-14, ..., t+6 of each snippet
+    assert snippets[0].frames == [f for f in range(27) if f % 4 != 3]  # each centre's neighbours, read once
+    assert description["sequence_stride"] == 4 and not skipped
+    assert sum(t.rows for t in tasks) == 3 + 2 * 7
+    assert all(t.snippet is None for t in cityscapes.plan(str(tree), SIZE, sequence_stride=0)[0])
+    assert cityscapes.plan(str(tree), SIZE)[1]["task_list"] != description["task_list"]  # a resume checks its plan
 
 
 def test_an_unlabeled_snippet_with_a_missing_or_corrupt_frame_is_skipped_and_counted(tmp_path):

@@ -162,7 +162,7 @@ def test_cityscapes_converts_on_the_worker_node_and_refuses_what_only_the_head_h
     assert not list((cluster.out / "cityscapes").glob("shard-*"))
 
     shutil.copytree(tree, cluster.out / "cityscapes-raw")  # a --root on the head's disk alone
-    refused = convert(cluster.out / "cityscapes-raw", cluster.shared / "refused")
+    refused = convert(cluster.out / "cityscapes-raw", cluster.shared / "cityscapes-refused")
     line = refused.stderr.strip().splitlines()[-1]
     assert refused.returncode == 2 and "is not readable on node" in line and "every node mounts" in line, line
-    assert not list((cluster.shared / "refused").glob("shard-*"))
+    assert not list((cluster.shared / "cityscapes-refused").glob("shard-*"))
