@@ -26,6 +26,7 @@ import ray
 from PIL import Image
 
 from segsde.data import cityscapes
+from segsde.data.store import encode_png
 from segsde.data.synth.render import render_sequence
 from segsde.data.synth.scene import SynthConfig, make_scene
 from segsde.runtime.ray_job import init_ray
@@ -78,9 +79,8 @@ def per_triplet_baseline(tree: Path, size: tuple[int, int], snippet: cityscapes.
     start = time.perf_counter()
     t = cityscapes.Tree(tree)
     for f in snippet.centres:
-        frames = [cityscapes._rgb(t.file("leftImg8bit_sequence", "train", cityscapes.frame_id(snippet.city, snippet.seq, g)), size)[0]
-                  for g in (f - 1, f, f + 1)]
-        [cityscapes.encode_png(x) for x in frames]
+        for g in (f - 1, f, f + 1):
+            encode_png(cityscapes.load_frame(t.file("leftImg8bit_sequence", "train", cityscapes.frame_id(snippet.city, snippet.seq, g)), size)[0])
     return time.perf_counter() - start
 
 

@@ -154,7 +154,8 @@ def _open(location: Location, size: tuple[int, int] | None, resample) -> tuple[n
         raise CorruptImage(f"cannot read image {location} ({exc}): the file is corrupt, re-extract it from the Cityscapes archive") from exc
 
 
-def _rgb(location: Location, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+def load_frame(location: Location, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """An RGB frame resized to ``size`` (H, W), and its native size."""
     image, native = _open(location, size, Image.BILINEAR)
     if image.ndim != 3 or image.shape[2] != 3:
         raise CorruptImage(f"{location} is not an RGB image: re-extract leftImg8bit")
@@ -184,7 +185,7 @@ def load_intrinsics(location: Location) -> np.ndarray:
 def convert_sample(tree: Tree, size: tuple[int, int], split: str, sample_id: str) -> dict:
     """One annotated dataset row at ``size`` (H, W); intrinsics rescaled from the native resolution."""
     files = {role: tree.file(package, split, name) for role, (package, name) in _sample_files(sample_id).items()}
-    (prev, _), (image, native), (nxt, _) = (_rgb(files[role], size) for role in ("prev", "image", "next"))
+    (prev, _), (image, native), (nxt, _) = (load_frame(files[role], size) for role in ("prev", "image", "next"))
     K = resize_intrinsics(load_intrinsics(files["camera"]), native, size)
     return {"id": sample_id, "split": split, "frames": [encode_png(f) for f in (prev, image, nxt)],
             "label": encode_png(load_train_ids(files["label"], size)), "K": K.ravel().tolist()}
@@ -195,7 +196,7 @@ def convert_snippet(tree: Tree, size: tuple[int, int], snippet: Snippet) -> list
     city, seq = snippet.city, snippet.seq
     png, native = {}, None
     for f in snippet.frames:
-        image, native = _rgb(tree.file("leftImg8bit_sequence", "train", frame_id(city, seq, f)), size)
+        image, native = load_frame(tree.file("leftImg8bit_sequence", "train", frame_id(city, seq, f)), size)
         png[f] = encode_png(image)
     K = resize_intrinsics(load_intrinsics(tree.file("camera", "train", snippet.name)), native, size).ravel().tolist()
     return [{"id": frame_id(city, seq, f), "split": SEQUENCE_SPLIT, "frames": [png[f - 1], png[f], png[f + 1]], "K": K}

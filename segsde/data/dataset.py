@@ -6,6 +6,7 @@ Resize, crop and flip are applied identically to all frames, labels and depth ma
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ class SegSDEDataset(torch.utils.data.Dataset):
         self.manifest = read_manifest(self.root)
         index = read_index(self.root, self.manifest)
         splits = None if split is None else {split} if isinstance(split, str) else set(split)
-        by_id = {sid: (s, r) for sid, sp, s, r in index if splits is None or sp in splits}
+        by_id = {sid: (s, r, sp) for sid, sp, s, r in index if splits is None or sp in splits}
         if ids is None:
             ids = [sid for sid, sp, _, _ in index if splits is None or sp in splits]
         else:
@@ -63,8 +64,8 @@ class SegSDEDataset(torch.utils.data.Dataset):
         if not ids:
             raise SegSDEError(f"{self.root} has no samples in split '{split}': use one of {sorted(self.manifest['splits'])}")
         self.ids = list(ids)
-        self._where = [by_id[i] for i in self.ids]
-        self._split = {sid: sp for sid, sp, _, _ in index if sid in by_id}
+        self._where = [by_id[i][:2] for i in self.ids]
+        self._splits = [by_id[i][2] for i in self.ids]
         self.augment, self.sequence = augment, sequence
         self.pseudo_depth = read_side_column(self.root, PSEUDO_DEPTH)
         self._files: dict[int, pq.ParquetFile] = {}
@@ -84,10 +85,7 @@ class SegSDEDataset(torch.utils.data.Dataset):
 
     def split_counts(self) -> dict[str, int]:
         """How many of its samples each split holds."""
-        counts: dict[str, int] = {}
-        for sid in self.ids:
-            counts[self._split[sid]] = counts.get(self._split[sid], 0) + 1
-        return counts
+        return dict(Counter(self._splits))
 
     def _row(self, i: int) -> dict:
         shard, row = self._where[i]
