@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout wi
 from segsde.errors import SegSDEError  # noqa: E402
 
 
-def study_records(uri: str, experiment: str, parent: str | None = None) -> tuple[list[dict], list[str], list[int], str]:
-    """(trial records, rows, budgets, parent run id) of a study, read from the tracking store."""
+def study_records(uri: str, experiment: str, parent: str | None = None) -> tuple[list[dict], list[str], list[int], str, dict]:
+    """(trial records, rows, budgets, parent run id, the study's params) of a study, read from the tracking store."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -49,11 +49,11 @@ def study_records(uri: str, experiment: str, parent: str | None = None) -> tuple
         if record["miou"] is not None:
             record["per_image_confusion"] = _confusions(client, run.info.run_id)
         records.append(record)
-    return records, rows, budgets, parent
+    return records, rows, budgets, parent, params
 
 
 def _confusions(client, run_id: str) -> dict | None:
-    """The trial's per-image confusion matrices (the paired bootstrap over validation images), if it logged them."""
+    """The trial's per-image confusion matrices (the report's jackknife over validation images), if it logged them."""
     import json
     import tempfile
 
@@ -62,7 +62,7 @@ def _confusions(client, run_id: str) -> dict | None:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             return json.loads(Path(client.download_artifacts(run_id, f"final/{CONFUSIONS_FILE}", tmp)).read_text())
-        except Exception:  # an older trial, or one whose artifact store is gone: the bootstrap goes over seeds only
+        except Exception:  # an older trial, or one whose artifact store is gone: the interval goes over seeds only
             return None
 
 
@@ -76,8 +76,10 @@ def main(argv=None) -> int:
     try:
         from segsde.orchestration.report import write_report
 
-        records, rows, budgets, parent = study_records(args.tracking_uri, args.experiment, args.parent)
-        print(write_report(records, rows, budgets, args.out)[0])
+        records, rows, budgets, parent, params = study_records(args.tracking_uri, args.experiment, args.parent)
+        per_seed = params.get("study.sde_per_seed")
+        print(write_report(records, rows, budgets, args.out, min_effect=float(params.get("study.min_effect", 1.0)),
+                           sde_per_seed=None if per_seed is None else per_seed == "True")[0])
         print(f"report of parent run {parent} ({len(records)} trials) in {args.out}")
     except SegSDEError as exc:
         print(f"report: error: {exc}", file=sys.stderr)

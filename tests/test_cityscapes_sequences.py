@@ -104,12 +104,13 @@ def test_the_sde_stage_and_the_multitask_pool_read_the_sequence_split(converted,
     assert run.info.status == "FINISHED" and result["step"] == 5
     assert run.data.tags["data.triplets.sequence"] == "54" and run.data.tags["data.triplets.train"] == "2"
 
-    cfg = TrainConfig(multitask=True, transfer=True, weights=None, budget=1, steps=2, batch_labeled=1, batch_unlabeled=4, crop=None)
+    cfg = TrainConfig(multitask=True, transfer=True, pool_sequences=True, weights=None, budget=1, steps=2, batch_labeled=1,
+                      batch_unlabeled=4, crop=None)
     labeled = ["aachen_000000_000019"]
     pool = mix_pool(out, cfg, labeled)
     assert len(pool) == 1 + 54 and "bochum_000003_000019" in pool
     assert len(mix_pool(out, TrainConfig(teacher=True, budget=1, crop=None), labeled)) == 1  # single-task rows: annotated only
-    assert len(mix_pool(out, TrainConfig(multitask=True, transfer=True, pool_sequences=False, budget=1, crop=None), labeled)) == 1
+    assert len(mix_pool(out, TrainConfig(multitask=True, transfer=True, budget=1, crop=None), labeled)) == 1  # the original's default
     batch = TrialBatches(out, cfg, labeled, pool, 0, 0, 1)[0]["pool"]
     assert batch["frames"].shape == (4, 3, 3, *SIZE) and not batch["is_labeled"].any() and (batch["label"] == 255).all()
 

@@ -1,5 +1,6 @@
-"""The study report's statistics: paired bootstrap intervals over seeds and validation images, Holm, seeds
-needed, component-acted flags and the verdicts, on records made from real confusion matrices."""
+"""The study report's statistics: paired t-intervals over seeds with the validation images' variance, Holm, the
+seeds planned for a minimal effect, component-acted flags and the verdicts, on records made from real confusion
+matrices (their calibration by simulation: test_statistics_calibration.py)."""
 
 import numpy as np
 import pandas as pd
@@ -9,14 +10,16 @@ import torch
 from segsde.metrics.segmentation import confusion_matrix, decode_confusions, encode_confusions, scores
 from segsde.orchestration.comparison import comparison_table
 from segsde.orchestration.report import write_report
-from segsde.orchestration.statistics import holm, miou_of, paired_difference, seeds_needed
+from segsde.orchestration.statistics import holm, miou_of, paired_difference, power_of, seeds_for
 
 
-def test_holm_and_seeds_needed_match_their_textbook_values():
+def test_holm_and_the_seed_planner_match_their_textbook_values():
     assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert holm([0.5]) == [0.5]
-    assert seeds_needed(1.0, 1.5) == 18  # ((1.96 + 0.84) * 1.5 / 1)^2 = 17.7
-    assert seeds_needed(5.0, 0.5) == 2 and seeds_needed(1.0, float("nan")) is None
+    # a paired t-test for d = 1 sd at alpha 0.05 and 80 % power needs 10 pairs (noncentral t; z quantiles said 8)
+    assert seeds_for(1.5, 1.5) == 10 and 0.8 <= power_of(10, 1.5, 1.5) < power_of(11, 1.5, 1.5)
+    assert power_of(9, 1.5, 1.5) < 0.8
+    assert seeds_for(5.0, 0.5) == 3 and seeds_for(1.0, float("nan")) is None
 
 
 def test_vectorised_miou_is_the_metric_and_confusions_survive_encoding():
@@ -48,10 +51,11 @@ def test_paired_intervals_flags_and_verdicts(tmp_path):
                     _trial("silent", seed, level + 0.15, rng, **{"acted/confident_fraction": 0.01, "acted/unsup_ratio": 0.001})]
     table = comparison_table(records, ["baseline", "helps", "same", "silent"], [8]).set_index("row")
     helps, same, silent = table.loc["helps"], table.loc["same"], table.loc["silent"]
-    assert helps.n == 5 and helps.images and 0 < helps.ci_low < helps.delta < helps.ci_high
+    assert helps.n == 5 and helps.method == "paired t, n=5 seeds, image jackknife over 20 groups"
+    assert 0 < helps.ci_low < helps.delta < helps.ci_high
     assert helps.verdict == "better than Baseline" and helps.p_holm < 0.05
     assert same.ci_low < 0 < same.ci_high and same.verdict == "no difference shown"
-    assert not silent.acted and silent.verdict.startswith("did not act: 1.0 % of the pool pixels were confident")
+    assert not silent.acted and silent.verdict.startswith("did not act: 1.0 % of the unlabeled pool pixels were confident")
     assert silent.p_holm != silent.p_holm  # not tested, so not in the Holm family
     text, summary = write_report(records, ["baseline", "helps", "same", "silent"], [8], tmp_path)
     assert "(component did not act)" in text and "better than Baseline" in text and "mean ± sd over seeds" in text
@@ -66,10 +70,12 @@ def test_paired_intervals_flags_and_verdicts(tmp_path):
     assert "cannot be told from training noise" in write_report(one_seed, ["baseline", "helps", "same", "silent"], [8], tmp_path / "one")[0]
 
 
-def test_the_bootstrap_without_image_confusions_goes_over_seeds():
+def test_the_interval_without_image_confusions_goes_over_seeds():
     row, base = {s: 50.0 + s + 2 for s in range(4)}, {s: 50.0 + s for s in range(4)}
     paired = paired_difference(row, base)
-    assert not paired.images and paired.delta == pytest.approx(2) and paired.low == paired.high == pytest.approx(2)
+    assert paired.groups == 0 and paired.delta == pytest.approx(2) and paired.low == paired.high == pytest.approx(2)
+    spread = paired_difference({0: 3.0, 1: 1.0, 2: 2.0}, {0: 0.0, 1: 0.0, 2: 0.0})
+    assert spread.method == "paired t, n=3 seeds" and (spread.low, spread.high) == pytest.approx((2 - 4.303 / 3**0.5, 2 + 4.303 / 3**0.5), abs=1e-3)
     assert paired_difference({0: 1.0}, {1: 1.0}) is None
 
 
@@ -85,3 +91,32 @@ def test_component_activity_averages_the_second_half_and_records_the_mix_only_wh
         assert ("acted/mixed_area" in summary) == mixes and summary.get("acted/mixed_area", 0.25) == pytest.approx(0.25)
         assert summary["acted/teacher_miou"] == 0.3
     assert ComponentActivity(10, mixes=True).summary(None) == {}
+
+
+def test_the_seed_planner_takes_the_pilots_noise_holms_level_and_the_trials_cost():
+    from segsde.orchestration.planning import plan_markdown, seed_plan
+
+    rng = np.random.default_rng(1)
+    records = []
+    for seed in range(3):
+        level = 0.5 + 0.05 * rng.standard_normal()
+        records += [_trial("baseline", seed, level, rng), _trial("helps", seed, level + 0.05, rng),
+                    _trial("noisy", seed, level + 0.08 * rng.standard_normal(), rng), _trial("baseline_aa", seed, level, rng)]
+    records += [_trial("unpiloted", 0, 0.5, rng)]
+    rows = ["baseline", "helps", "noisy", "baseline_aa", "unpiloted"]
+    cost = {(r, 8): 60.0 for r in rows}
+    plan = seed_plan(records, rows, [8], min_effect=2.0, cost=cost).set_index("row")
+    table = comparison_table(records, rows, [8], min_effect=2.0).set_index("row")
+    assert plan.attrs["family"] == 3 and plan.loc["helps", "alpha"] == pytest.approx(0.05 / 3) and plan.loc["baseline_aa", "alpha"] == 0.05
+    for row in ("helps", "noisy"):
+        assert plan.loc[row, "sd"] == pytest.approx(table.loc[row, "sd_delta"]) and plan.loc[row, "source"] == "pilot, 3 seeds"
+        assert plan.loc[row, "seeds"] == seeds_for(2.0, plan.loc[row, "sd"], plan.loc[row, "image_var"], alpha=0.05 / 3)
+        assert plan.loc[row, "seeds"] == table.loc[row, "seeds_needed"]  # the report plans the same way
+    assert plan.loc["noisy", "seeds"] > plan.loc["helps", "seeds"]
+    assert plan.loc["unpiloted", "source"] == "pooled over 3 rows"  # one seed: the other rows' noise stands in
+    assert plan.loc["baseline", "seeds"] == plan.seeds.drop("baseline").max()
+    assert plan.loc["helps", "compute_h"] == pytest.approx(plan.loc["helps", "seeds"] * 60 / 3600)
+    text = plan_markdown(plan.reset_index(), concurrency=2)
+    assert "Holm over the 3 rows of the family" in text and "| helps | 8 |" in text and "trial-hours" in text
+    nothing = seed_plan([r for r in records if r["seed"] == 0], rows, [8], 2.0, cost).set_index("row")
+    assert nothing.loc["helps", "source"].startswith("no pilot") and pd.isna(nothing.loc["helps", "seeds"])

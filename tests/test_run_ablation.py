@@ -54,6 +54,11 @@ def test_study_runs_a_tune_grid_caches_every_stage_and_never_duplicates_runs(tmp
     for name in ("study.parquet", "class_iou.parquet"):  # MLflow alone gives the same tables as the study
         pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "rebuilt" / name), pd.read_parquet(report / name), check_exact=False)
 
+    plan = _run("--profile", "smoke", "--out", tmp_path, "--rows", "baseline,pseudolabel", "--plan", "--min-effect", "2")
+    assert plan.returncode == 0, plan.stderr
+    assert "Seeds for 80% power to find 2 mIoU points" in plan.stdout and "no pilot: run two seeds first" in plan.stdout
+    assert "| baseline | 4 |" in plan.stdout and len(_runs(tmp_path)) == len(runs)  # planning runs and logs nothing
+
     again = _run("--profile", "smoke", "--out", tmp_path, "--rows", "baseline,pseudolabel", "--verbose")  # every line
     assert again.returncode == 0, again.stderr
     assert "[data] cache hit" in again.stdout and "[trial] baseline-b4-s0: cache hit" in again.stdout
@@ -123,16 +128,28 @@ def _changed_code_reruns_its_stage_and_what_reads_it(out: Path):
 
 def test_the_evidence_study_plans_the_upper_bound_and_the_depth_oracle_control(tmp_path, synth_root):
     """The all-labels row labels every training image whatever the budget; the control transfers from an SDE
-    stage of its own (the quick sde section with oracle=depth), and the other transfer rows from the usual one."""
+    stage of its own (the quick sde section with oracle=depth), and the other transfer rows from the usual one; each
+    seed from its own SDE model, whose pseudo-depth has a column of its own."""
     from segsde.data.store import split_ids
     from segsde.errors import SegSDEError
+    from segsde.orchestration.study import _planned_model_stages, dataset_stage, plan_trials, study_config
+    from segsde.profiles import data_profile
+    from segsde.storage import Location
     from segsde.trainer.data import labeled_ids
     from segsde.trainer.run import train_config
 
     dry = _run("--profile", "evidence", "--out", tmp_path, "--dry-run")
     assert dry.returncode == 0, dry.stderr
     sde = [ln for ln in dry.stdout.splitlines() if ln.startswith("[sde] would train")]
-    assert len(sde) == 2 and "20 trials, 0 cached" in dry.stdout  # 4 rows x 5 seeds
+    assert len(sde) == 10 and "25 trials, 0 cached" in dry.stdout  # 2 kinds x 5 seeds; 5 rows x 5 seeds
+    cfg = study_config("evidence")
+    root = Location(str(tmp_path))
+    data = dataset_stage(data_profile("evidence"), root, 0, dry_run=True, log=lambda _: None)
+    configs = [train_config("evidence", r, {**cfg.train, "budget": 4}) for r in cfg.rows]
+    _, models, selections = _planned_model_stages(("evidence", configs, cfg.seeds, root, data, (), cfg.sde_per_seed), cfg)
+    transfer = {t.plan.train.seed: t.plan for t in plan_trials(cfg, data, root, models, selections) if t.plan.row == "transfer"}
+    assert len({p.sde_model for p in transfer.values()}) == len({p.pseudo_depth for p in transfer.values()}) == 5
+    assert transfer[3].sde_model == models[("self_supervised", 3)].uri != models[("depth_oracle", 3)].uri
     cfg = train_config("evidence", "all_labels", {"budget": 4})
     assert sorted(labeled_ids(synth_root, cfg)) == sorted(split_ids(synth_root, "train")) and not cfg.uses_unlabeled
     assert train_config("evidence", "transfer_oracle").sde_model == "depth_oracle"
@@ -147,7 +164,7 @@ def test_the_quick_study_plans_its_longest_trials_first(tmp_path):
     cfg = study_config("quick")
     cache = Location(str(tmp_path)).child("cache")
     selections = {("entropy", 0): cache.child("select-entropy.parquet"), ("sde", 0): cache.child("select-sde.parquet")}
-    sde_models = {"self_supervised": cache.child("sde-x", "model.pt")}
+    sde_models = {("self_supervised", 0): cache.child("sde-x", "model.pt")}
     trials = plan_trials(cfg, cache.child("data-0123456789ab"), Location(str(tmp_path)), sde_models, selections)
     cost = {t.plan.row: t.cost for t in trials}
     assert cost["combination"] > cost["mtl"] > cost["depthmix"] == cost["classmix"] == cost["pseudolabel"] > cost["baseline"]

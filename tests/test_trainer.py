@@ -161,7 +161,18 @@ def check_row_run(row: str, result: dict, out, study) -> None:
     labeled = client.download_artifacts(run.info.run_id, "labeled_ids.txt", str(out))
     ids = open(labeled).read().split()
     order = open(study["selection"]).read().split() if cfg.labeled == "selection" else random_order(train_ids(study["data"]), 0)
-    assert ids == order[:8]
+    assert ids == order[:8]  # baseline_aa too: Baseline's labels, its own training noise
+    # each component's own proof that it acted, in the result and in MLflow
+    if cfg.transfer:
+        assert result["acted/encoder_from_sde"] == 1.0
+    if cfg.multitask:
+        assert 0 < result["acted/depth_share"] < 1 and result["acted/exchange"] > 0
+    if cfg.labeled == "selection":
+        assert result["acted/random_overlap"] == len(set(ids) & set(random_order(train_ids(study["data"]), 0)[:8])) / 8
+        assert 0 < result["acted/random_class_coverage"] <= 1 and 0 < result["acted/class_coverage"] <= 1
+    if not (cfg.teacher or cfg.transfer or cfg.labeled == "selection"):
+        assert not any(k.startswith("acted/") for k in result)
+    assert {k for k in run.data.metrics if k.startswith("final/acted/")} == {f"final/{k}" for k in result if k.startswith("acted/")}
 
 
 @pytest.mark.parametrize("row", ROWS)

@@ -54,8 +54,10 @@ def cmd_select(args) -> dict:
     overrides = dict(args.set)
     overrides.update({k: v for k, v in (("budgets", args.budgets), ("seed", args.seed)) if v is not None})
     selection_config(args.profile, overrides)  # a bad setting is a one-line error before the SDE stage could run
-    sde_model = select_inputs(args.method, args.profile, args.data, storage_uri(args.storage, "outputs"), args.sde_checkpoint,
-                              args.tracking_uri)
+    sde_model, pseudo_depth = select_inputs(args.method, args.profile, args.data, storage_uri(args.storage, "outputs"),
+                                            args.sde_checkpoint, args.tracking_uri)
+    if pseudo_depth is not None:
+        overrides["pseudo_depth"] = pseudo_depth
     return run_select(args.data, args.method, args.out, sde_checkpoint=sde_model, profile=args.profile,
                       overrides=overrides, workers=args.workers, gpu=bool(args.gpu), address=args.address,
                       tracking_uri=args.tracking_uri, experiment=args.experiment, fresh=args.fresh)

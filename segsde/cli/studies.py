@@ -17,7 +17,13 @@ def cmd_study(args) -> int:
     from segsde.orchestration.study import run_study, study_config
 
     cfg = study_config(args.profile, sets=dict(args.set), rows=args.rows, budgets=args.budgets, seeds=args.seeds,
-                       concurrency=args.concurrency, workers=args.workers, gpu=args.gpu, data_seed=args.data_seed)
+                       concurrency=args.concurrency, workers=args.workers, gpu=args.gpu, data_seed=args.data_seed,
+                       min_effect=args.min_effect, sde_per_seed=args.sde_per_seed)
+    if args.plan:
+        from segsde.orchestration.planning import plan_study
+
+        plan_study(cfg, args.out, storage=args.storage, data_root=args.data_root)
+        return 0
     quiet = not (args.verbose or args.dry_run)
     console = StudyConsole(args.out.absolute() / "logs" / f"study-{time.strftime('%Y%m%d-%H%M%S')}.log", "study") if quiet else None
     with console or contextlib.nullcontext():
@@ -48,10 +54,17 @@ def add_study_commands(sub) -> None:
     study.add_argument("--rows", type=name_list, default=None, help="comma-separated rows of ablations/component_study.yaml (default: the profile's)")
     study.add_argument("--seeds", type=int_list, default=None, help="trial seeds, e.g. 0,1,2 (default: the profile's)")
     study.add_argument("--data-seed", type=int, default=None, help="seed of the testbed dataset (default 0)")
+    study.add_argument("--sde-per-seed", action="store_true", default=None,
+                       help="train one SDE model per seed, paired with that seed's trials (default: the profile's)")
     orchestration_flags(study, "segsde-study-PROFILE", "continue an interrupted study (so does a plain rerun: finished stages "
                         "and trials are cached, interrupted ones go on from their checkpoints)")
     study.add_argument("--force", action="append", default=[], choices=STAGES, help="recompute a stage (repeatable)")
     study.add_argument("--dry-run", action="store_true", help="print the stages and trials with their cache hits, run nothing")
+    study.add_argument("--plan", action="store_true",
+                       help="print the seeds each row needs to find --min-effect at 80 %% power (from the finished trials' noise) "
+                            "and their compute, run nothing")
+    study.add_argument("--min-effect", type=float, default=None,
+                       help="the smallest difference to Baseline worth finding, in mIoU points (default: the profile's, else 1)")
     study.add_argument("--verbose", action="store_true",
                        help="print Ray's and Tune's own output and every line of the study here (default: a live view, the "
                             "rest in OUT/logs/)")

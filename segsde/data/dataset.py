@@ -25,6 +25,15 @@ from segsde.errors import SegSDEError
 PSEUDO_DEPTH = "pseudo_depth"
 
 
+def pseudo_depth_column(model_id: str | None) -> str:
+    """The side column holding the pseudo-depth of the SDE model ``model_id`` (a stable name for it, e.g. its cache
+    entry): each model its own, so that a study with one SDE model per seed keeps every seed's export. None: the
+    column `segsde sde export` writes by default."""
+    import hashlib
+
+    return PSEUDO_DEPTH if model_id is None else f"{PSEUDO_DEPTH}-{hashlib.sha256(model_id.encode()).hexdigest()[:12]}"
+
+
 @dataclass(frozen=True)
 class Augment:
     """``resize`` and ``crop`` are (H, W). With ``random`` the crop position and a horizontal flip (p=0.5)
@@ -51,7 +60,7 @@ class SegSDEDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, root: str | Path, split: str | Sequence[str] | None = "train", ids: Sequence[str] | None = None,
-                 augment: Augment = Augment(), sequence: bool = False, cache_mb: float = 256.0):
+                 augment: Augment = Augment(), sequence: bool = False, cache_mb: float = 256.0, pseudo_depth: str = PSEUDO_DEPTH):
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
         index = read_index(self.root, self.manifest)
@@ -67,7 +76,7 @@ class SegSDEDataset(torch.utils.data.Dataset):
         self._where = [by_id[i][:2] for i in self.ids]
         self._splits = [by_id[i][2] for i in self.ids]
         self.augment, self.sequence = augment, sequence
-        self.pseudo_depth = read_side_column(self.root, PSEUDO_DEPTH)
+        self.pseudo_depth = read_side_column(self.root, pseudo_depth)  # the side column served as the items' ``pseudo_depth``
         self._files: dict[int, pq.ParquetFile] = {}
         self._groups: dict[tuple[int, int], list[dict]] = {}
         # decoded and resized samples, up to cache_mb: training revisits every sample each epoch, and
@@ -175,3 +184,17 @@ def validation_split(root: str | Path, resize: tuple[int, int] | None, limit: in
     """The ``val`` split resized for evaluation (no crop, no flip), its first ``limit`` samples if given."""
     ds = SegSDEDataset(root, "val", augment=Augment(resize, None, random=False))
     return SegSDEDataset(root, "val", ids=ds.ids[:limit], augment=ds.augment) if limit is not None else ds
+
+
+def class_pixels(data: Path, ids: list[str]) -> np.ndarray | None:
+    """[N, 19] labeled pixels per class of each image, or None when some image has no label."""
+    from segsde.data.labels import NUM_CLASSES
+
+    dataset = SegSDEDataset(data, "train", ids=ids)
+    counts = np.zeros((len(ids), NUM_CLASSES), np.int64)
+    for k in range(len(ids)):
+        label = dataset.label_array(k)
+        if label is None:
+            return None
+        counts[k] = np.bincount(label[label < NUM_CLASSES].ravel(), minlength=NUM_CLASSES)
+    return counts

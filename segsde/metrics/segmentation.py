@@ -44,7 +44,7 @@ def iou_table(result: dict, names: tuple[str, ...] = CLASS_NAMES) -> dict[str, l
 
 def encode_confusions(conf: torch.Tensor) -> dict:
     """Per-image confusion matrices [N, K, K] -> a compact JSON-able form (the non-zero cells only), from which
-    the report's paired bootstrap over validation images resamples images."""
+    the report's jackknife over validation images leaves images out."""
     flat = conf.reshape(-1)
     index = flat.nonzero().flatten()
     return {"shape": list(conf.shape), "index": index.tolist(), "count": flat[index].tolist()}

@@ -1,5 +1,6 @@
 """Each study row against Baseline: did its component act, how large is the same-seed difference, how sure are
-we (bootstrap interval, Holm-corrected test), and how many seeds a judgement would need."""
+we (paired t-interval over seeds with the shared validation images' variance, Holm-corrected over the study's
+family), and how many seeds a stated minimal effect would need."""
 
 from __future__ import annotations
 
@@ -7,36 +8,56 @@ import numpy as np
 import pandas as pd
 
 from segsde.metrics.segmentation import decode_confusions
-from segsde.orchestration.statistics import ALPHA, POWER, holm, paired_difference, seeds_needed
+from segsde.orchestration.statistics import ALPHA, LEVEL, POWER, holm, paired_difference, seeds_for
 
 BASELINE = "baseline"
+# reported beside the family, never in it: the upper bound, the positive control and the A/A negative control
+CONTROLS = ("all_labels", "transfer_oracle", "baseline_aa")
+MIN_EFFECT = 1.0   # mIoU points: the smallest difference a study is planned to find (the profile's study.min_effect)
 # a teacher row acts when pseudo-labels carry gradient: enough confident pool pixels, a mix that pastes
 # something, and a pseudo-label loss that is not negligible beside the supervised one (second half of training)
 MIN_CONFIDENT, MIN_MIXED, MIN_LOSS_RATIO = 0.05, 0.02, 0.01
-COLUMNS = ["row", "budget", "n", "mean", "sd", "delta", "sd_delta", "ci_low", "ci_high", "p", "p_holm", "images",
-           "seeds_needed", "teacher_minus_student", "acted", "verdict"]
+# a multi-task row acts when its depth loss and its feature exchange each carry at least this share
+MIN_SHARE = 0.01
+COLUMNS = ["row", "budget", "n", "mean", "sd", "delta", "sd_delta", "se", "df", "ci_low", "ci_high", "p", "p_holm", "method",
+           "control", "seeds_needed", "teacher_minus_student", "acted", "verdict"]
 
 
 def inaction(records: list[dict]) -> str | None:
-    """A plain sentence when the row's component did not act in its trials (means over seeds), else None."""
+    """A plain sentence when the row's component did not act in its trials (means over seeds), else None. Each
+    component has its check: teacher rows their confident pixels, mix and pseudo-label loss; multi-task rows the
+    depth loss's share and the feature exchange; transfer rows the encoder they started from; selection rows their
+    overlap with random's labels."""
     def mean(key):
         values = [r[key] for r in records if r.get(key) is not None]
         return float(np.mean(values)) if values else None
 
     confident, mixed, ratio = mean("acted/confident_fraction"), mean("acted/mixed_area"), mean("acted/unsup_ratio")
+    depth, exchange = mean("acted/depth_share"), mean("acted/exchange")
+    transferred, overlap = mean("acted/encoder_from_sde"), mean("acted/random_overlap")
     if confident is not None and confident < MIN_CONFIDENT:
-        return (f"did not act: {100 * confident:.1f} % of the pool pixels were confident over the second half of training "
-                f"(under {100 * MIN_CONFIDENT:.0f} %)")
+        return (f"did not act: {100 * confident:.1f} % of the unlabeled pool pixels were confident over the second half of "
+                f"training (under {100 * MIN_CONFIDENT:.0f} %)")
     if mixed is not None and mixed < MIN_MIXED:
         return f"did not act: the mix pasted {100 * mixed:.1f} % of the pixels (under {100 * MIN_MIXED:.0f} %)"
     if ratio is not None and ratio < MIN_LOSS_RATIO:
         return f"did not act: its pseudo-label loss was {100 * ratio:.2f} % of the supervised loss (under {100 * MIN_LOSS_RATIO:.0f} %)"
+    if depth is not None and depth < MIN_SHARE:
+        return f"did not act: the depth loss was {100 * depth:.2f} % of the loss (under {100 * MIN_SHARE:.0f} %)"
+    if exchange is not None and exchange < MIN_SHARE:
+        return f"did not act: the feature exchange added {100 * exchange:.2f} % to the segmentation features (under {100 * MIN_SHARE:.0f} %)"
+    if transferred is not None and transferred < 1:
+        return f"did not act: {100 * transferred:.0f} % of the encoder's tensors started from the SDE weights"
+    if overlap is not None and overlap >= 1:
+        return "did not act: the selection labeled the same images as random at this budget and seed"
     return None
 
 
-def comparison_table(records: list[dict], rows: list[str], budgets: list[int]) -> pd.DataFrame:
+def comparison_table(records: list[dict], rows: list[str], budgets: list[int], min_effect: float = MIN_EFFECT,
+                     controls=CONTROLS) -> pd.DataFrame:
     """One line per (row, budget): mIoU mean and sd over seeds, the paired difference to Baseline with its
-    interval and Holm-adjusted p-value, the seeds a judgement needs, and the verdict."""
+    interval (``method`` names it and its n), the p-value Holm-adjusted over every judged row of every budget
+    (``controls`` are judged beside that family at their own level), the seeds ``min_effect`` needs, and the verdict."""
     done = [r for r in records if r.get("miou") is not None]
     lines = []
     for b in budgets:
@@ -46,33 +67,45 @@ def comparison_table(records: list[dict], rows: list[str], budgets: list[int]) -
             recs, silent = at[row], inaction(at[row])
             scores = {int(r["seed"]): 100 * r["miou"] for r in recs}
             line = {"row": row, "budget": b, "n": len(recs), "mean": np.mean(list(scores.values())) if recs else np.nan,
-                    "sd": np.std(list(scores.values()), ddof=1) if len(recs) > 1 else np.nan, "acted": silent is None}
+                    "sd": np.std(list(scores.values()), ddof=1) if len(recs) > 1 else np.nan, "acted": silent is None,
+                    "control": row in controls}
             teacher = [100 * (r["teacher_miou"] - r["miou"]) for r in recs if r.get("teacher_miou") is not None]
             line["teacher_minus_student"] = float(np.mean(teacher)) if teacher else np.nan
             paired = None
             if row != BASELINE and recs and base:
-                paired = paired_difference(scores, {int(r["seed"]): 100 * r["miou"] for r in base}, _confusions(recs), _confusions(base))
-            if paired is not None:  # one seed: an interval over validation images alone would hide the training noise
-                line.update(n=paired.n, delta=paired.delta, sd_delta=paired.sd, images=paired.images,
-                            **(dict(ci_low=paired.low, ci_high=paired.high, p=paired.p) if paired.n >= 2 else {}))
+                (conf, groups), (base_conf, _) = _confusions(recs), _confusions(base)
+                paired = paired_difference(scores, {int(r["seed"]): 100 * r["miou"] for r in base}, conf, base_conf, groups)
+            if paired is not None:
+                line.update(n=paired.n, delta=paired.delta, sd_delta=paired.sd, method=paired.method, image_var=paired.image_var,
+                            **(dict(se=paired.se, df=paired.df, ci_low=paired.low, ci_high=paired.high, p=paired.p) if paired.n >= 2 else {}))
             line["verdict"] = "reference" if row == BASELINE else (silent or "")
             lines.append(line)
-    table = pd.DataFrame(lines).reindex(columns=COLUMNS)
-    for b in budgets:
-        _judge(table, table.budget == b)
+    table = pd.DataFrame(lines)
+    image_var = table.pop("image_var") if "image_var" in table else pd.Series(np.nan, index=table.index)
+    table = table.reindex(columns=COLUMNS)
+    _judge(table, image_var, min_effect)
+    table.attrs["min_effect"] = min_effect
     return table
 
 
-def _judge(table: pd.DataFrame, at: pd.Series) -> None:
-    """Holm over the budget's judged rows (n >= 2, component acted), the verdicts and the seeds needed."""
-    judged = at & (table.n >= 2) & table.delta.notna() & table.acted
-    if judged.any():
-        table.loc[judged, "p_holm"] = holm(table.loc[judged, "p"].tolist())
-    one_seed = at & (table.n == 1) & table.delta.notna()
-    spread = table.loc[one_seed, "delta"].std() if one_seed.sum() > 2 else np.nan  # rows' spread standing in for the noise
-    for i in table.index[at & table.delta.notna()]:
-        sd = table.at[i, "sd_delta"] if table.at[i, "n"] >= 2 else spread
-        table.at[i, "seeds_needed"] = seeds_needed(table.at[i, "delta"], sd)
+def _judge(table: pd.DataFrame, image_var: pd.Series, min_effect: float) -> None:
+    """Holm over the study's judged rows (n >= 2, component acted, not a control) across budgets, controls at their
+    own level, the verdicts, and the seeds the planner asks for ``min_effect`` at Holm's first-step level."""
+    judged = (table.n >= 2) & table.p.notna() & table.acted
+    family = judged & ~table.control.astype(bool)
+    if family.any():
+        table.loc[family, "p_holm"] = holm(table.loc[family, "p"].tolist())
+    table.loc[judged & table.control.astype(bool), "p_holm"] = table.p  # beside the family: unadjusted
+    size = max(int(((table.row != BASELINE) & ~table.control.astype(bool)).sum()), 1)  # the family once every row is judged
+    for b in table.budget.unique():
+        one_seed = (table.budget == b) & (table.n == 1) & table.delta.notna()
+        # with one seed the spread of the rows' differences stands in for the training noise
+        spread = table.loc[one_seed, "delta"].std() if one_seed.sum() > 2 else np.nan
+        for i in table.index[(table.budget == b) & table.delta.notna()]:
+            sd = table.at[i, "sd_delta"] if table.at[i, "n"] >= 2 else spread
+            alpha = ALPHA if table.at[i, "control"] else ALPHA / size
+            table.at[i, "seeds_needed"] = seeds_for(min_effect, sd, np.nan_to_num(image_var[i]), alpha=alpha)
+    for i in table.index[table.delta.notna()]:
         if table.at[i, "verdict"]:
             continue
         if table.at[i, "n"] < 2:
@@ -81,19 +114,27 @@ def _judge(table: pd.DataFrame, at: pd.Series) -> None:
             table.at[i, "verdict"] = "better than Baseline" if table.at[i, "delta"] > 0 else "worse than Baseline"
         else:
             table.at[i, "verdict"] = "no difference shown"
-    missing = at & (table.n == 0)
-    table.loc[missing, "verdict"] = "failed/missing"
+    table.loc[table.n == 0, "verdict"] = "failed/missing"
 
 
-def _confusions(records: list[dict]) -> dict[int, np.ndarray] | None:
-    found = {int(r["seed"]): decode_confusions(r["per_image_confusion"]) for r in records if r.get("per_image_confusion")}
-    return found or None
+def _confusions(records: list[dict]) -> tuple[dict[int, np.ndarray] | None, list | None]:
+    """{seed: per-image confusions} of the records that kept them, and the images' resampling units (a Cityscapes
+    city; on the testbed every image its own) where the trial recorded them."""
+    kept = [r for r in records if r.get("per_image_confusion")]
+    found = {int(r["seed"]): decode_confusions(r["per_image_confusion"]) for r in kept}
+    groups = next((r["per_image_confusion"].get("groups") for r in kept if r["per_image_confusion"].get("groups")), None)
+    return found or None, groups
 
 
 def comparison_markdown(table: pd.DataFrame, budget: int) -> str:
     at = table[table.budget == budget]
-    lines = [f"Against Baseline at {budget} labels: same-seed difference in mIoU points, 95 % bootstrap interval over seeds "
-             f"and validation images, two-sided p Holm-corrected over the rows, seeds for {100 * POWER:.0f} % power at this difference", "",
+    family = int((table.p_holm.notna() & ~table.control.astype(bool)).sum())
+    methods = sorted({m for m in at.method.dropna() if "n=1 " not in m})
+    controls = ", ".join(at.row[at.control.astype(bool)])
+    lines = [f"Against Baseline at {budget} labels: same-seed difference Δ in mIoU points with its {100 * LEVEL:.0f} % interval "
+             f"({'; '.join(methods) or 'none: one seed'}); two-sided p Holm-corrected over the study's {family} judged rows"
+             + (f" ({controls}: controls, beside the family at their own level)" if controls else "")
+             + f"; seeds for {100 * POWER:.0f} % power to find {table.attrs.get('min_effect', MIN_EFFECT):g} points", "",
              "| row | n | mIoU | Δ | 95 % interval | p (Holm) | seeds needed | teacher − student | verdict |", "|---" * 9 + "|"]
     for _, c in at.iterrows():
         def num(v, fmt):
@@ -101,12 +142,19 @@ def comparison_markdown(table: pd.DataFrame, budget: int) -> str:
         shown = c.row != BASELINE and c.acted and c.n > 0
         mean = "–" if c.n == 0 else f"{c['mean']:.2f}" + (f" ± {c['sd']:.2f}" if c.n > 1 else "")
         interval = f"[{c.ci_low:+.2f}, {c.ci_high:+.2f}]" if shown and c.n >= 2 and c.ci_low == c.ci_low else "–"
-        lines.append(f"| {c.row} | {c.n} | {mean} | {num(c.delta, '+.2f') if shown else '–'} | {interval} | "
+        name = f"{c.row} (control)" if c.control else c.row
+        lines.append(f"| {name} | {c.n} | {mean} | {num(c.delta, '+.2f') if shown else '–'} | {interval} | "
                      f"{num(c.p_holm, '.3f') if shown else '–'} | {num(c.seeds_needed, '.0f') if shown else '–'} | "
                      f"{num(c.teacher_minus_student, '+.2f')} | {c.verdict} |")
+    per_seed = table.attrs.get("sde_per_seed")
+    if per_seed is not None and (at.n > 1).any():
+        lines += ["", "Rows that read the SDE model: " + ("each seed trained its own SDE model, so their intervals cover the SDE "
+                                                          "stage's randomness too." if per_seed else
+                                                          "one SDE model served every seed, so their intervals are conditional "
+                                                          "on that SDE run (--sde-per-seed covers it).")]
     if ((at.n == 1) & at.delta.notna()).any():
         lines += ["", "With one seed a difference cannot be told from training noise; the seeds needed take the spread of the "
-                      "rows' differences as that noise. Run more seeds (--seeds 0,1,2,...)."]
+                      "rows' differences as that noise. Run more seeds (--seeds 0,1,2,...), or plan them with --plan."]
     return "\n".join(lines)
 
 
@@ -131,6 +179,8 @@ def forest_figure(table: pd.DataFrame, budgets: list[int]):
         ax.set_yticks(range(len(at)), at.row)
         ax.invert_yaxis()
         ax.set_xlabel("mIoU difference to Baseline (points)")
-        ax.set_title(f"{b} labels: same-seed difference, 95 % interval")
+        seeds = int(at.n.max()) if len(at) else 0
+        ax.set_title(f"{b} labels: same-seed Δ, {100 * LEVEL:.0f} % paired t-interval, n={seeds} seeds" if seeds > 1
+                     else f"{b} labels: same-seed Δ, one seed (no interval)")
     fig.tight_layout()
     return fig

@@ -1,5 +1,5 @@
 """The component-study report: rows x budgets (mean ± std over seeds), each row against Baseline on the same
-seeds with a bootstrap interval, a Holm-corrected test and a verdict (or why none can be given: one seed, or a
+seeds with a paired t-interval, a Holm-corrected test and a verdict (or why none can be given: one seed, or a
 component that did not act), class-wise IoU change, as Markdown, Parquet and figures. Built from trial records
 alone (dicts with row, budget, seed, miou, ``iou/<class>``, ``acted/*`` and optionally the per-image
 confusions), so the study and the MLflow-only ``mlflow/report.py`` share it."""
@@ -13,7 +13,7 @@ import pandas as pd
 
 from segsde.data.labels import CLASS_NAMES
 from segsde.data.store import atomic_savefig, atomic_write_bytes
-from segsde.orchestration.comparison import BASELINE, comparison_markdown, comparison_table, forest_figure
+from segsde.orchestration.comparison import BASELINE, MIN_EFFECT, comparison_markdown, comparison_table, forest_figure
 
 MISSING = "failed/missing"
 
@@ -30,12 +30,12 @@ def trial_frame(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(out, columns=["row", "budget", "seed", "miou", *CLASS_NAMES])
 
 
-def study_table(trials: pd.DataFrame, rows: list[str], budgets: list[int]) -> pd.DataFrame:
-    """Mean, std and count of mIoU per (row, budget) in study order, with the delta to Baseline's mean."""
+def study_table(trials: pd.DataFrame, rows: list[str], budgets: list[int], comparison: pd.DataFrame) -> pd.DataFrame:
+    """Mean, std and count of mIoU per (row, budget) in study order, with the comparison's same-seed difference to
+    Baseline (the one delta of the report: a difference of means would disagree with it when a seed failed)."""
     stats = trials.groupby(["row", "budget"])["miou"].agg(["mean", "std", "count"]).reset_index()
     cells = pd.DataFrame([(r, b) for r in rows for b in budgets], columns=["row", "budget"]).merge(stats, how="left")
-    base = cells[cells.row == BASELINE].set_index("budget")["mean"]
-    cells["delta"] = cells["mean"] - cells["budget"].map(base)
+    cells = cells.merge(comparison[["row", "budget", "delta"]], how="left")
     cells["count"] = cells["count"].fillna(0).astype(int)
     return cells
 
@@ -166,7 +166,8 @@ def html_report(markdown_text: str, figures: dict[str, bytes]) -> str:
            f"<body>{body}{images}</body></html>"
 
 
-def write_report(records: list[dict], rows: list[str], budgets: list[int], out: Path, logger=None) -> tuple[str, str]:
+def write_report(records: list[dict], rows: list[str], budgets: list[int], out: Path, logger=None,
+                 min_effect: float = MIN_EFFECT, sde_per_seed: bool | None = None) -> tuple[str, str]:
     """Write study.md, study.html, study.parquet, comparison.parquet, trials.parquet, class_iou.parquet and the
     figures under ``out`` (and into the MLflow run of ``logger``, with the comparison as metrics and the summary as
     its description); return the Markdown,
@@ -176,10 +177,11 @@ def write_report(records: list[dict], rows: list[str], budgets: list[int], out: 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     trials = trial_frame(records)
-    table = study_table(trials, rows, budgets)
-    comparison = comparison_table(records, rows, budgets)
+    comparison = comparison_table(records, rows, budgets, min_effect)
+    comparison.attrs["sde_per_seed"] = sde_per_seed  # which inference the rows that read the SDE model make
+    table = study_table(trials, rows, budgets, comparison)
     silent = {(c.row, c.budget) for c in comparison.itertuples() if not c.acted}
-    text = ["# Component study (mIoU %, mean ± std over seeds, delta to Baseline)", "", markdown(table, rows, budgets, silent)]
+    text = ["# Component study (mIoU %, mean ± std over seeds, same-seed Δ to Baseline)", "", markdown(table, rows, budgets, silent)]
     summary, classes = list(text), []
     figures = [(bar_figure(table, rows, budgets), "study_bars.png"), (forest_figure(comparison, budgets), "forest.png")]
     for b in budgets:

@@ -154,45 +154,50 @@ def sde_stage(profile: str, data: Location, storage: Location, tracking_uri: str
 
 
 def export_stage(model: Location, data: Location, force: bool = False, dry_run: bool = False, log=print,
-                 tracking: StageTracking | None = None) -> None:
-    """Pseudo-depth of every sample from the SDE model file ``model``, written into the dataset unless that
-    model's is there (its side files published with the metadata last)."""
-    from segsde.data.dataset import PSEUDO_DEPTH
+                 tracking: StageTracking | None = None) -> str:
+    """Pseudo-depth of every sample from the SDE model file ``model``, written into the dataset as that model's own
+    side column unless it is there (its side files published with the metadata last). Returns the column's name."""
+    from segsde.data.dataset import pseudo_depth_column
     from segsde.data.store import SIDE_DIR
     from segsde.sde.export import export_pseudo_depth
 
     model, data = as_location(model), as_location(data)
+    column = pseudo_depth_column(input_id(model))
     source = f"{input_id(model)}@{code_version('export')}"  # a new export code writes the column again
-    side = data.child(SIDE_DIR, f"{PSEUDO_DEPTH}.json")
+    side = data.child(SIDE_DIR, f"{column}.json")
     meta = json.loads(side.read_text()) if side.is_file() else None
     if meta is not None and meta.get("checkpoint") == source and not force:
-        log(f"[export] cache hit: {data.child(SIDE_DIR, PSEUDO_DEPTH + '.parquet')} comes from {source}")
+        log(f"[export] cache hit: {data.child(SIDE_DIR, column + '.parquet')} comes from {source}")
         record_stage(tracking, "export", model.parent, True)
-        return
+        return column
     if dry_run:
         log(f"[export] would write the pseudo-depth of {source} into {data}")
-        return
+        return column
     start = time.perf_counter()
     local = local_dataset(data)
-    result = export_pseudo_depth(localize(model), local, source=source)
+    result = export_pseudo_depth(localize(model), local, source=source, column=column)
     if not data.is_local:  # the column first, its metadata (what readers check) last
-        for name in (f"{PSEUDO_DEPTH}.parquet", f"{PSEUDO_DEPTH}.json"):
+        for name in (f"{column}.parquet", f"{column}.json"):
             data.child(SIDE_DIR, name).upload_file(local / SIDE_DIR / name)
-    log(f"[export] wrote the pseudo-depth of {result['images']} images to {data.child(SIDE_DIR)}")
+    log(f"[export] wrote the pseudo-depth of {result['images']} images to {data.child(SIDE_DIR, column + '.parquet')}")
     record_stage(tracking, "export", model.parent, False, {"seconds": time.perf_counter() - start, "images": result["images"]})
+    return column
 
 
 def selection_stage(method: str, profile: str, data: Location, storage: Location, seed: int = 0, budget: int | None = None,
                     sde_model: Location | None = None, tracking_uri: str | None = None, force: bool = False,
                     dry_run: bool = False, log=print, tracking: StageTracking | None = None,
-                    overrides: dict | None = None) -> Location:
+                    overrides: dict | None = None, pseudo_depth: str | None = None) -> Location:
     """The ordered selection list of ``method`` with the profile's schedule up to ``budget`` (see
     ``SelectionConfig.with_budget``) and the select section's ``overrides``, cached by configuration;
-    returns the Parquet file. Methods that need the SDE model are given ``sde_model`` (see ``select_inputs``)."""
+    returns the Parquet file. Methods that need the SDE model are given ``sde_model`` and its pseudo-depth column
+    (see ``select_inputs``)."""
     from segsde.selection.config import NEEDS_FEATURES, NEEDS_STUDENT
     from segsde.selection.run import check_method, read_selection_meta, run_select, selection_config
 
     check_method(method)
+    if method in NEEDS_STUDENT and pseudo_depth is not None:
+        overrides = {**(overrides or {}), "pseudo_depth": pseudo_depth}
     cfg = selection_config(profile, {**(overrides or {}), "seed": seed})
     cfg = cfg.with_budget(budget) if budget is not None else cfg
     needs_sde = method in NEEDS_FEATURES + NEEDS_STUDENT
@@ -217,24 +222,22 @@ def selection_stage(method: str, profile: str, data: Location, storage: Location
 
 
 def select_inputs(method: str, profile: str, data: Location, storage: Location, sde_checkpoint: Location | None = None,
-                  tracking_uri: str | None = None, log=print) -> Location | None:
+                  tracking_uri: str | None = None, log=print) -> tuple[Location | None, str | None]:
     """What a selection by ``method`` reads besides the dataset, computed or reused: the SDE model (the given
     one, else the profile's SDE stage) and, for the methods that train a student on it, its pseudo-depth.
-    Returns the SDE model, or None for a method without one."""
+    Returns (the SDE model, its pseudo-depth column), None where the method reads none."""
     from segsde.sde.run import MODEL_FILE
     from segsde.selection.config import NEEDS_FEATURES, NEEDS_STUDENT
 
     if method not in NEEDS_FEATURES + NEEDS_STUDENT:
-        return None
+        return None, None
     if sde_checkpoint is not None:
         model = as_location(sde_checkpoint)
         if not model.is_file():
             raise SegSDEError(f"--sde-checkpoint {model} does not exist: pass the model.pt written by `segsde sde`, or leave it out")
     else:
         model = sde_stage(profile, data, storage, tracking_uri=tracking_uri, log=log).child(MODEL_FILE)
-    if method in NEEDS_STUDENT:
-        export_stage(model, data, log=log)
-    return model
+    return model, export_stage(model, data, log=log) if method in NEEDS_STUDENT else None
 
 
 def trial_selection(selection: str | None, profile: str, row: str, overrides: dict, data, storage, sde_model=None,
@@ -248,6 +251,6 @@ def trial_selection(selection: str | None, profile: str, row: str, overrides: di
         return overrides, as_location(selection) if selection is not None else None
     overrides = {**overrides, "labeled": "selection", "selection": str(selection)}
     cfg = train_config(profile, row, overrides)
-    model = select_inputs(cfg.selection, profile, data, storage, sde_model, tracking_uri, log)
+    model, pseudo_depth = select_inputs(cfg.selection, profile, data, storage, sde_model, tracking_uri, log)
     return overrides, selection_stage(cfg.selection, profile, data, storage, seed=cfg.seed, budget=cfg.budget,
-                                      sde_model=model, tracking_uri=tracking_uri, log=log)
+                                      sde_model=model, tracking_uri=tracking_uri, log=log, pseudo_depth=pseudo_depth)

@@ -20,7 +20,7 @@ from segsde.orchestration.keys import code_version, entry_key
 from segsde.orchestration.stages import StageTracking, dataset_stage, export_stage, input_id, missed, sde_stage, selection_stage
 from segsde.profiles import data_profile, section_config
 from segsde.progress import start_board
-from segsde.runtime import Background
+from segsde.runtime import Background, effective_precision
 from segsde.sde.run import sde_config
 from segsde.selection.run import selection_config
 from segsde.storage import Location, as_location, cache_key, open_root, storage_uri
@@ -42,9 +42,16 @@ class StudyConfig:
     sde: dict = field(default_factory=dict)    # overrides of the profile's sde section for the SDE stage
     select: dict = field(default_factory=dict)  # overrides of the profile's select section for the selections
     data_seed: int = 0
+    min_effect: float = 1.0                   # mIoU points: the smallest difference the seeds are planned to find
+    pilot_sd: float | None = None             # paired sd (mIoU points) for --plan where no two seeds of a row have run
+    # one SDE pre-training (and export) per study seed, paired with that seed's trials: the intervals then cover the
+    # SDE stage's own randomness; otherwise one SDE model serves every seed and the intervals are conditional on it
+    sde_per_seed: bool = False
 
     def validate(self, where: str) -> None:
         check([(len(self.budgets) > 0 and min(self.budgets) >= 1, "budgets must be positive"),
+               (self.min_effect > 0, "min_effect must be > 0 (mIoU points)"),
+               (self.pilot_sd is None or self.pilot_sd > 0, "pilot_sd must be > 0 (mIoU points)"),
                (len(self.seeds) > 0, "seeds must not be empty"),
                (self.concurrency >= 1 and self.workers >= 1, "concurrency and workers must be >= 1")], where)
 
@@ -90,22 +97,29 @@ class Trial:
 
 
 def plan_trials(cfg: StudyConfig, data: Location, storage: Location, sde_models: dict, selections: dict) -> list[Trial]:
-    """Every (row, budget, seed) planned once: its config, its inputs, and its cache key (the config and the
-    inputs' own keys, never where the storage is; ``keys.entry_key`` adds the trainer's code)."""
+    """Every (row, budget, seed) planned once: its config, its inputs (``sde_models`` by (kind, seed), as
+    ``model_stages`` gives them), and its cache key (the config and the inputs' own keys, never where the storage
+    is; ``keys.entry_key`` adds the trainer's code)."""
+    from segsde.data.dataset import PSEUDO_DEPTH, pseudo_depth_column
+
     trials = []
     for row in cfg.rows:
         for budget in cfg.budgets:
             for seed in cfg.seeds:
                 tc = train_config(cfg.profile, row, {**cfg.train, "budget": budget, "seed": seed})
                 selection = selections.get((tc.selection, seed)) if tc.labeled == "selection" else None
-                model = sde_models.get(tc.sde_model) if tc.needs_sde else None
+                model = sde_models.get((tc.sde_model, seed)) if tc.needs_sde else None
                 # a trial with the SDE model may read its pseudo-depth: the export's code is an input too
+                # the device kind and the precision it computes in: a CPU result is never a cache hit for a GPU trial
+                device = "cuda" if cfg.gpu else "cpu"
                 inputs = {"stage": "train", "row": row, "config": asdict(tc), "data": input_id(data), "workers": cfg.workers,
+                          "device": device, "precision": effective_precision(device, tc.precision),
                           "sde_model": input_id(model), "pseudo_depth": code_version("export") if model else None,
                           "selection": input_id(selection)}
                 key = entry_key("train", inputs)
                 plan = TrialPlan(row, cfg.profile, tc, data.uri, model.uri if model else None, selection.uri if selection else None,
-                                 key, storage.child("cache", f"{trial_prefix(row, budget, seed)}{key}").uri)
+                                 key, storage.child("cache", f"{trial_prefix(row, budget, seed)}{key}").uri,
+                                 pseudo_depth_column(input_id(model)) if model else PSEUDO_DEPTH)
                 trials.append(Trial(plan, tc.relative_cost, trial_inputs(tc, seed), inputs))
     return trials
 
@@ -149,17 +163,18 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Location | str | None = No
     status, stages = "FAILED", None
     try:
         data = dataset_stage(data_profile(cfg.profile), root, cfg.data_seed, data_root, "data" in force, dry_run, log, tracking)
-        stage_args = (cfg.profile, train_configs, cfg.seeds, root, data, force)
+        stage_args = (cfg.profile, train_configs, cfg.seeds, root, data, force, cfg.sde_per_seed)
         ready = set()
         planned = None if dry_run or cfg.concurrency == 1 else _planned_model_stages(stage_args, cfg)
         if planned and planned[0]:
             # the stage jobs (one core each, in this thread) run beside the trials, which start as soon as their
             # inputs exist: a second thread speeds a small-batch SDE step up far less than 2x
             _, sde_models, selections = planned
-            stages = Background(model_stages, *stage_args, False, log, tracking, cfg.sde, cfg.select, ready.add,
-                                name="study-stages")
+            stages = Background(model_stages, *stage_args, dry_run=False, log=log, tracking=tracking, sde_overrides=cfg.sde,
+                                select_overrides=cfg.select, ready=ready.add, name="study-stages")
         else:
-            sde_models, selections = model_stages(*stage_args, dry_run, log, tracking, cfg.sde, cfg.select, ready.add)
+            sde_models, selections = model_stages(*stage_args, dry_run=dry_run, log=log, tracking=tracking, sde_overrides=cfg.sde,
+                                                  select_overrides=cfg.select, ready=ready.add)
         trials = plan_trials(cfg, data, root, sde_models, selections)
         todo = [t for t in trials if "train" in force or not t.done]
         _log_trials(trials, todo, root, "train" in force, dry_run, log)
@@ -225,14 +240,15 @@ def _planned_model_stages(stage_args: tuple, cfg: StudyConfig) -> tuple[bool, di
     """A quiet dry run of the stages after the dataset: whether one of them would run, and the SDE models
     and selection lists they give."""
     said = []
-    sde_models, selections = model_stages(*stage_args, True, said.append, None, cfg.sde, cfg.select)
+    sde_models, selections = model_stages(*stage_args, dry_run=True, log=said.append, sde_overrides=cfg.sde, select_overrides=cfg.select)
     return any(" would " in line for line in said), sde_models, selections
 
 
 def _needs_ray(cfg: StudyConfig, train_configs: list, storage: Location, data_root: Location | None, force) -> bool:
     """Whether a stage job or a trial would run: a quiet dry run of the DAG (rendering needs no Ray)."""
     data = dataset_stage(data_profile(cfg.profile), storage, cfg.data_seed, data_root, "data" in force, True, lambda _: None)
-    stage_work, sde_models, selections = _planned_model_stages((cfg.profile, train_configs, cfg.seeds, storage, data, force), cfg)
+    stage_work, sde_models, selections = _planned_model_stages((cfg.profile, train_configs, cfg.seeds, storage, data, force,
+                                                                cfg.sde_per_seed), cfg)
     return stage_work or "train" in force or not all(t.done for t in plan_trials(cfg, data, storage, sde_models, selections))
 
 
@@ -242,18 +258,19 @@ def input_stages(profile: str, train_configs: list, seeds, storage: Location, da
     """The stages every trial of ``train_configs`` needs, computed or reused: the dataset, then
     ``model_stages``. Returns (data, {kind: sde model}, {(method, seed): list file})."""
     data = dataset_stage(data_profile(profile), storage, data_seed, data_root, "data" in force, dry_run, log, tracking)
-    return (data, *model_stages(profile, train_configs, seeds, storage, data, force, dry_run, log, tracking, sde_overrides,
-                                select_overrides))
+    return (data, *model_stages(profile, train_configs, seeds, storage, data, force, dry_run=dry_run, log=log, tracking=tracking,
+                                sde_overrides=sde_overrides, select_overrides=select_overrides))
 
 
-def model_stages(profile: str, train_configs: list, seeds, storage: Location, data: Location, force=(), dry_run: bool = False,
-                 log=print, tracking: StageTracking | None = None, sde_overrides: dict | None = None,
+def model_stages(profile: str, train_configs: list, seeds, storage: Location, data: Location, force=(), per_seed: bool = False,
+                 dry_run: bool = False, log=print, tracking: StageTracking | None = None, sde_overrides: dict | None = None,
                  select_overrides: dict | None = None, ready=lambda name: None) -> tuple[dict, dict]:
     """The stages after the dataset, computed or reused: the SDE model (the profile's sde section with
-    ``sde_overrides``) and its pseudo-depth (when a row uses them), the depth-oracle SDE model (when a row
-    transfers from it), and each seed's selection list of every selection method (long enough for the largest
-    budget), the one most rows use first. ``ready`` is called with each output's ``trial_inputs`` name once it
-    exists. Returns ({"self_supervised" / "depth_oracle": sde model}, {(method, seed): list file})."""
+    ``sde_overrides``; with ``per_seed`` one per seed, of that seed) and its pseudo-depth (when a row uses them), the
+    depth-oracle SDE model (when a row transfers from it), and each seed's selection list of every selection method
+    (long enough for the largest budget, from that seed's SDE model), the one most rows use first. ``ready`` is
+    called with each output's ``trial_inputs`` name once it exists. Returns ({(kind, seed): sde model} with kind
+    "self_supervised" / "depth_oracle", {(method, seed): list file})."""
     largest = max(tc.budget for tc in train_configs)
     manifest = data.child(MANIFEST)
     available = json.loads(manifest.read_text())["splits"].get("train", 0) if manifest.is_file() else largest
@@ -261,37 +278,45 @@ def model_stages(profile: str, train_configs: list, seeds, storage: Location, da
         raise SegSDEError(f"budget {largest} is larger than the {available} training images of {data}: lower --budgets")
     from segsde.sde.run import MODEL_FILE
 
-    sde_models, sde_model = {}, None
-    if any(tc.needs_sde and tc.sde_model == "self_supervised" or tc.labeled == "selection" and tc.selection not in ("random", "entropy")
-           for tc in train_configs):
-        sde_model = sde_stage(profile, data, storage, None, "sde" in force, dry_run, log, tracking, sde_overrides).child(MODEL_FILE)
-        export_stage(sde_model, data, bool({"export", "sde"} & set(force)), dry_run, log, tracking)
-        sde_models["self_supervised"] = sde_model
-        ready(sde_input("self_supervised"))
-    if any(tc.needs_sde and tc.sde_model == "depth_oracle" for tc in train_configs):  # the positive control's
-        sde_models["depth_oracle"] = sde_stage(profile, data, storage, None, "sde" in force, dry_run, log, tracking,
-                                               {**(sde_overrides or {}), "oracle": "depth"}).child(MODEL_FILE)
-        ready(sde_input("depth_oracle"))
+    sde_models, columns = {}, {}
+    def sde_models_of(kind: str, overrides: dict, export: bool) -> None:
+        made = {}
+        for seed in seeds:
+            run_seed = seed if per_seed else None
+            if run_seed not in made:
+                made[run_seed] = sde_stage(profile, data, storage, None, "sde" in force, dry_run, log, tracking,
+                                           {**overrides, **({"seed": seed} if per_seed else {})}).child(MODEL_FILE)
+                if export:
+                    columns[run_seed] = export_stage(made[run_seed], data, bool({"export", "sde"} & set(force)), dry_run, log, tracking)
+            sde_models[(kind, seed)] = made[run_seed]
+            ready(sde_input(kind, seed))
+
+    uses_sde = [tc for tc in train_configs if tc.needs_sde]
+    if any(tc.sde_model == "self_supervised" for tc in uses_sde) or any(tc.labeled == "selection" and tc.selection not in ("random", "entropy")
+                                                                        for tc in train_configs):
+        sde_models_of("self_supervised", sde_overrides or {}, export=True)
+    if any(tc.sde_model == "depth_oracle" for tc in uses_sde):  # the positive control's
+        sde_models_of("depth_oracle", {**(sde_overrides or {}), "oracle": "depth"}, export=False)
     selections = {}
     methods = [tc.selection for tc in train_configs if tc.labeled == "selection" and tc.selection]
     for method in sorted(set(methods), key=lambda m: (-methods.count(m), m)):
         for seed in seeds:
             selections[(method, seed)] = selection_stage(
-                method, profile, data, storage, seed=seed, budget=largest, sde_model=sde_model,
+                method, profile, data, storage, seed=seed, budget=largest, sde_model=sde_models.get(("self_supervised", seed)),
                 force=bool({"select", "sde"} & set(force)), dry_run=dry_run, log=log, tracking=tracking,
-                overrides=select_overrides)
+                overrides=select_overrides, pseudo_depth=columns.get(seed if per_seed else None))
             ready(selection_input(method, seed))
     return sde_models, selections
 
 
-def sde_input(kind: str) -> str:
-    return "sde" if kind == "self_supervised" else f"sde-{kind}"
+def sde_input(kind: str, seed: int) -> str:
+    return f"sde-{kind}-s{seed}"
 
 
 def trial_inputs(tc, seed: int) -> frozenset[str]:
-    """The stage outputs a trial of train config ``tc`` and ``seed`` reads: ``sde`` (the SDE model and its
-    pseudo-depth) and its selection list (``selection_input``)."""
-    return frozenset(([sde_input(tc.sde_model)] if tc.needs_sde else [])
+    """The stage outputs a trial of train config ``tc`` and ``seed`` reads: its SDE model with its pseudo-depth
+    (``sde_input``) and its selection list (``selection_input``)."""
+    return frozenset(([sde_input(tc.sde_model, seed)] if tc.needs_sde else [])
                      + ([selection_input(tc.selection, seed)] if tc.labeled == "selection" and tc.selection else []))
 
 
@@ -365,7 +390,7 @@ def _record(trial: Trial) -> dict:
     base = {"row": trial.plan.row, "budget": trial.plan.train.budget, "seed": trial.plan.train.seed}
     if not trial.done:
         return {**base, "miou": None}
-    confusions = trial.result.child(CONFUSIONS_FILE)  # the report's bootstrap over validation images
+    confusions = trial.result.child(CONFUSIONS_FILE)  # the report's jackknife over validation images
     extra = {"per_image_confusion": json.loads(confusions.read_text())} if confusions.is_file() else {}
     return {**json.loads(trial.result.child(METRICS_FILE).read_text()), **extra, **base}
 
@@ -377,7 +402,7 @@ def _report(cfg: StudyConfig, records: list[dict], out: Path, storage: Location,
 
     logger = RunLogger(tracking.uri, tracking.parent_run_id)
     where = out / "study" / f"{cfg.profile}-{cache_key({'study': asdict(cfg)})}"
-    text, summary = write_report(records, list(cfg.rows), list(cfg.budgets), where, logger)
+    text, summary = write_report(records, list(cfg.rows), list(cfg.budgets), where, logger, cfg.min_effect, cfg.sde_per_seed)
     if not storage.is_local:  # the driver's copy is for reading; the storage root keeps the durable one
         storage.child("study", where.name).upload_dir(where)
     log(f"{summary}\nClass IoU, figures and Parquet tables: {where} (study.md)" if brief else text)

@@ -13,8 +13,9 @@ import optuna
 from ray.tune.search.optuna import OptunaSearch
 
 from segsde.configs import check
+from segsde.data.dataset import PSEUDO_DEPTH, pseudo_depth_column
 from segsde.errors import SegSDEError
-from segsde.orchestration.stages import StageTracking
+from segsde.orchestration.stages import StageTracking, input_id
 from segsde.profiles import ABLATIONS_DIR, load_yaml, section_config
 from segsde.sde.run import sde_config
 from segsde.storage import Location, as_location, cache_key, open_root, storage_uri
@@ -161,7 +162,8 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Location | str | None = No
         try:
             selection = selections.get((tc.selection, cfg.seed)) if tc.labeled == "selection" else None
             tracking = StageTracking(uri, experiment, parent)
-            _tune_budget(cfg, name, space, tc, data, root, sde_models.get(tc.sde_model), selection, tracking, storage, address, resume, log)
+            _tune_budget(cfg, name, space, tc, data, root, sde_models.get((tc.sde_model, cfg.seed)), selection, tracking, storage, address,
+                         resume, log)
             results[budget] = _summarise_budget(cfg, name, storage, tracking, out, log)
             status = "FINISHED"
         except KeyboardInterrupt:
@@ -198,8 +200,9 @@ def _tune_budget(cfg, name, space, tc, data, root, sde_model, selection, trackin
                                      study_name=name, storage=storage, full_steps=tc.steps, interrupted=interrupted[:samples])
     scheduler = ASHAScheduler(time_attr="step", metric=METRIC, mode="max", max_t=tc.steps, grace_period=tc.eval_interval,
                               reduction_factor=cfg.reduction_factor)
-    plan = TrialPlan(cfg.row, cfg.profile, tc, data.uri, sde_model.uri if sde_model and tc.needs_sde else None,
-                     selection.uri if selection else None)
+    sde_model = sde_model if sde_model and tc.needs_sde else None
+    plan = TrialPlan(cfg.row, cfg.profile, tc, data.uri, sde_model.uri if sde_model else None, selection.uri if selection else None,
+                     pseudo_depth=pseudo_depth_column(input_id(sde_model)) if sde_model else PSEUDO_DEPTH)
     log(f"[sweep] {samples} trials of row '{cfg.row}' over {sorted(k.removeprefix('params/') for k in space)}, "
         f"ASHA on {METRIC} every {tc.eval_interval} of {tc.steps} steps, {cfg.concurrency} at a time")
     ray.tune.Tuner(tune_trainable(settings), param_space={"plan": plan.to_dict()},

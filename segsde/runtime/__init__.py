@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 CHECKPOINT_FILE = "state.pt"
@@ -102,8 +104,13 @@ def autocast(device: torch.device, precision: str = "auto"):
     """The autocast region of a network pass. ``auto``: bf16 on a GPU, float32 on a CPU; ``bf16``: bf16 on
     either (about 1.5x faster on a CPU with AVX512-BF16 or AMX, emulated and slower on one without);
     ``fp32``: no autocast."""
-    enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    enabled = effective_precision(device.type, precision) == "bf16"
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def effective_precision(device_type: str, precision: str = "auto") -> str:
+    """What ``precision`` means on a device of ``device_type`` ("cpu" or "cuda"): "bf16" or "fp32"."""
+    return "bf16" if precision == "bf16" or (precision == "auto" and device_type == "cuda") else "fp32"
 
 
 def place(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -122,7 +129,7 @@ def batch_indices(n: int, step: int, batch: int, rank: int, world: int, seed: in
     out = []
     for pos in range(start, start + batch):
         epoch, offset = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(stream_seed("epoch", seed, epoch)))
         out.append(int(perm[offset]))
     return out
 
@@ -134,10 +141,13 @@ def progress(line: str) -> None:
     sys.stderr.flush()
 
 
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """Seed for the random draws of one step on one rank (augmentation, noise): derived from the step,
-    so a resumed run draws exactly what an uninterrupted one would, on every rank, without RNG state."""
-    return (seed * 1_000_003 + rank * 7_919 + step) % 2**63
+def stream_seed(purpose: str, *key: int) -> int:
+    """A seed of its own for each purpose (``"trainer/augment"``) and key (seed, replicate, rank, step...), from
+    numpy's SeedSequence: two purposes never share a stream (an arithmetic seed such as seed + step + 1 equals the
+    next step's), and a seed derived from the step lets a resumed run draw exactly what an uninterrupted one would,
+    on every rank, without RNG state."""
+    state = np.random.SeedSequence([zlib.crc32(purpose.encode()), *(int(k) for k in key)]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) | (int(state[1]) >> 1)
 
 
 def save_state(directory: Path, state: dict) -> Path:
@@ -217,17 +227,17 @@ def evaluation_mode(model: torch.nn.Module, worker: Worker):
 
 
 class Background:
-    """``fn(*args)`` in a daemon thread. ``result()`` waits for it in short joins, so Ctrl-C still reaches
+    """``fn(*args, **kwargs)`` in a daemon thread. ``result()`` waits for it in short joins, so Ctrl-C still reaches
     the main thread, and returns its value or raises what it raised."""
 
-    def __init__(self, fn, *args, name: str = "background"):
+    def __init__(self, fn, *args, name: str = "background", **kwargs):
         import threading
 
         self._outcome: dict = {}
 
         def run():
             try:
-                self._outcome["result"] = fn(*args)
+                self._outcome["result"] = fn(*args, **kwargs)
             except BaseException as exc:  # handed to the thread that asks for the result
                 self._outcome["error"] = exc
 

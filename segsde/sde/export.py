@@ -67,8 +67,8 @@ def disparity_map(model: SDEModel, images: torch.Tensor) -> torch.Tensor:
 
 
 def export_pseudo_depth(checkpoint: Path, data: Path, batch: int = 8, device: str | None = None, log=sys.stderr,
-                        source: str | None = None) -> dict:
-    """Write the pseudo-depth column into the local dataset ``data``; ``source`` names the model in its
+                        source: str | None = None, column: str = PSEUDO_DEPTH) -> dict:
+    """Write the pseudo-depth side ``column`` into the local dataset ``data``; ``source`` names the model in its
     metadata (default: the checkpoint's absolute path), which the export stage compares with its input."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_sde_model(checkpoint, device)
@@ -82,6 +82,6 @@ def export_pseudo_depth(checkpoint: Path, data: Path, batch: int = 8, device: st
         for it, d in zip(items, disp):
             values[it["id"]] = encode_unit_png(d.astype(np.float64))
         print(f"[export] {len(values)}/{len(dataset)} images ({len(values) / (time.perf_counter() - start):.1f}/s)", file=log, flush=True)
-    path = write_side_column(data, PSEUDO_DEPTH, values, checkpoint=source or str(Path(checkpoint).absolute()),
+    path = write_side_column(data, column, values, checkpoint=source or str(Path(checkpoint).absolute()),
                              encoding="16-bit PNG of per-image min-max normalised sigmoid disparity (1 = nearest)")
     return {"out": str(path), "images": len(values)}

@@ -20,7 +20,7 @@ from segsde.data.dataset import Augment, SegSDEDataset, validation_split
 from segsde.data.store import local_dataset, video_splits
 from segsde.metrics.depth import METRICS, depth_error_sums, summarise
 from segsde.progress import post
-from segsde.runtime import autocast, batch_indices, evaluation_mode, place, progress, report, resume_state, start_worker, step_seed, worker_tags
+from segsde.runtime import autocast, batch_indices, evaluation_mode, place, progress, report, resume_state, start_worker, stream_seed, worker_tags
 from segsde.sde.config import SDEConfig
 from segsde.sde.export import disparity_map
 from segsde.sde.geometry import disp_to_depth
@@ -48,8 +48,9 @@ class StepBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> dict:
         step, cfg = self.start + k, self.cfg
-        torch.manual_seed(step_seed(cfg.seed, self.rank, step))
-        items = [self.dataset[i] for i in batch_indices(len(self.dataset), step, cfg.batch_size, self.rank, self.world, cfg.seed)]
+        torch.manual_seed(stream_seed("sde/augment", cfg.seed, self.rank, step))
+        order = stream_seed("sde/order", cfg.seed)
+        items = [self.dataset[i] for i in batch_indices(len(self.dataset), step, cfg.batch_size, self.rank, self.world, order)]
         frames, K = torch.stack([it["frames"] for it in items]), torch.stack([it["K"] for it in items])
         batch = {"step": step, "frames": frames, "K": K, "jitter": self.jitter.forward_parameters(frames[:, 1].shape)}
         if cfg.oracle != "none":
@@ -153,7 +154,7 @@ def train_loop_per_worker(config: dict) -> None:
     optional ``tracking_uri`` + ``mlflow_run_id`` (rank 0 logs there), ``resume_from`` (a checkpoint
     directory, used when Ray Train has none of its own) and ``stop_after`` (end early at that step)."""
     cfg = SDEConfig.from_dict(config["sde"])
-    worker = start_worker(cfg.threads, cfg.seed, cfg.precision)
+    worker = start_worker(cfg.threads, stream_seed("sde/init", cfg.seed), cfg.precision)
     config = {**config, "data": str(local_dataset(config["data"]))}  # read from this node's copy
     gpu = worker.device.type == "cuda"
     # channels-last on a CPU too: oneDNN's bf16 convolutions prefer it (no difference in float32)
@@ -194,7 +195,7 @@ def train_loop_per_worker(config: dict) -> None:
             _set_mode(model, phase)
         for group in optimiser.param_groups:
             group["lr"] = cfg.lr(step)
-        torch.manual_seed(step_seed(cfg.seed, worker.rank, step) + 1)  # the automask tie-break noise
+        torch.manual_seed(stream_seed("sde/step", cfg.seed, worker.rank, step))  # the automask tie-break noise
         frames, K = (batch[k].to(worker.device, non_blocking=True) for k in ("frames", "K"))
         net_frames = network_frames(jitter, frames, batch["jitter"])
         truth = {k: v.to(worker.device, non_blocking=True) for k, v in batch["truth"].items()} if "truth" in batch else None

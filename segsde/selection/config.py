@@ -17,6 +17,7 @@ NEEDS_STUDENT = ("sde", "difficulty")
 class SelectionConfig:
     budgets: tuple[int, ...] = (25, 50, 100, 200, 372, 744)   # rounds; each list is a prefix of the next
     seed: int = 0
+    pseudo_depth: str = "pseudo_depth"  # the dataset's side column of SDE pseudo-depth its student learns (per SDE model)
     weight: float = 1000.0               # beta: score = distance to the selected set + weight * difficulty
     # diversity features: SDE decoder layer 6 (1/8 resolution) average-pooled to this grid
     grid: tuple[int, int] = (4, 8)

@@ -22,7 +22,7 @@ from segsde.data.dataset import PSEUDO_DEPTH, Augment, SegSDEDataset
 from segsde.data.labels import IGNORE_INDEX
 from segsde.models.decoder import UNetDecoder
 from segsde.models.encoder import ResNetEncoder
-from segsde.runtime import autocast, batch_indices, evaluation_mode, place, progress, step_seed
+from segsde.runtime import autocast, batch_indices, evaluation_mode, place, progress, stream_seed
 from segsde.selection.config import SelectionConfig
 from segsde.selection.scores import berhu_loss, bottom_rows_mask, difficulty, mean_entropy
 
@@ -104,8 +104,8 @@ def compute_features(cfg: SelectionConfig, data: str, ids: list[str], sde_model:
 
 
 def _batch(dataset: SegSDEDataset, cfg: SelectionConfig, step: int, worker) -> dict:
-    torch.manual_seed(step_seed(cfg.seed, worker.rank, step))
-    idx = batch_indices(len(dataset), step, cfg.student_batch, worker.rank, worker.world, cfg.seed)
+    torch.manual_seed(stream_seed("select/augment", cfg.seed, worker.rank, step))
+    idx = batch_indices(len(dataset), step, cfg.student_batch, worker.rank, worker.world, stream_seed("select/order", cfg.seed))
     items = [dataset[i] for i in idx]
     keys = ("image", "label") + ((PSEUDO_DEPTH,) if PSEUDO_DEPTH in items[0] else ())
     return {k: torch.stack([it[k] for it in items]).to(worker.device) for k in keys}
@@ -140,7 +140,7 @@ def train_round(kind: str, cfg: SelectionConfig, data: str, selected: list[str],
     """A round's model (student | segmentation) built from ``cfg.seed`` and trained ``steps`` steps on
     ``selected``; ``resume`` (model, optimizer, step) continues a round stopped mid-way, and
     ``checkpoint(state)`` receives that state every ``checkpoint_interval`` steps."""
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(stream_seed(f"select/{kind}", cfg.seed))
     model = place(round_network(kind, cfg), worker.device)
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.student_lr)
     start = 0
@@ -151,7 +151,7 @@ def train_round(kind: str, cfg: SelectionConfig, data: str, selected: list[str],
     net = model
     if worker.world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[worker.device.index] if worker.device.type == "cuda" else None)
-    train_set = SegSDEDataset(data, "train", ids=selected, augment=Augment(cfg.resize, cfg.crop, random=True))
+    train_set = SegSDEDataset(data, "train", ids=selected, augment=Augment(cfg.resize, cfg.crop, random=True), pseudo_depth=cfg.pseudo_depth)
     model.train()
     t0, running = time.perf_counter(), 0.0
     for step in range(start, steps):
@@ -177,5 +177,6 @@ def train_round(kind: str, cfg: SelectionConfig, data: str, selected: list[str],
 
 def score_candidates(kind: str, model: nn.Module, cfg: SelectionConfig, data: str, candidates: list[str], worker) -> dict[str, float]:
     """{id: score} of every candidate on rank 0 ({} on the other ranks)."""
-    dataset = SegSDEDataset(data, "train", ids=candidates, augment=Augment(cfg.resize, None, random=False), cache_mb=0)
+    dataset = SegSDEDataset(data, "train", ids=candidates, augment=Augment(cfg.resize, None, random=False), cache_mb=0,
+                            pseudo_depth=cfg.pseudo_depth)
     return _gather(worker, _score(kind, model, dataset, cfg, worker))

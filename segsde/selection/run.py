@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from segsde.data.dataset import class_pixels
 from segsde.data.splits import random_order
 from segsde.data.store import local_dataset, read_manifest, read_side_meta, split_ids
 from segsde.errors import SegSDEError
@@ -45,21 +46,6 @@ def check_method(method: str) -> None:
 
         close = difflib.get_close_matches(method, METHODS, n=1)
         raise SegSDEError(f"unknown selection method '{method}': " + (f"did you mean '{close[0]}'?" if close else f"choose one of {list(METHODS)}"))
-
-
-def class_pixels(data: Path, ids: list[str]) -> np.ndarray | None:
-    """[N, 19] labeled pixels per class of each image, or None when some image has no label."""
-    from segsde.data.dataset import SegSDEDataset
-    from segsde.data.labels import NUM_CLASSES
-
-    dataset = SegSDEDataset(data, "train", ids=ids)
-    counts = np.zeros((len(ids), NUM_CLASSES), np.int64)
-    for k in range(len(ids)):
-        label = dataset.label_array(k)
-        if label is None:
-            return None
-        counts[k] = np.bincount(label[label < NUM_CLASSES].ravel(), minlength=NUM_CLASSES)
-    return counts
 
 
 def class_coverage(counts: np.ndarray, chosen: np.ndarray) -> float:
@@ -126,7 +112,7 @@ def run_select(data: Location | Path, method: str, out: Location | Path, sde_che
     sde_model = as_location(sde_checkpoint) if sde_checkpoint is not None and method in NEEDS_FEATURES + NEEDS_STUDENT else None
     if method in NEEDS_FEATURES + NEEDS_STUDENT and sde_model is None:
         raise SegSDEError(f"method '{method}' needs the SDE model: pass --sde-checkpoint MODEL.pt (written by `segsde sde`)")
-    if method in NEEDS_STUDENT and read_side_meta(local, "pseudo_depth") is None:
+    if method in NEEDS_STUDENT and read_side_meta(local, cfg.pseudo_depth) is None:
         raise SegSDEError(f"method '{method}' trains its student on the SDE pseudo-depth, which {data} lacks: run "
                           "`segsde sde export --checkpoint MODEL.pt --data DIR` first")
     meta = {"method": method, "config": asdict(cfg), "data": str(data), "sde_model": str(sde_model) if sde_model else None}

@@ -34,13 +34,14 @@ class TrainConfig:
     labeled: str = "random"              # random: seeded permutation prefix | selection: prefix of an ordered list | all
     selection: str | None = None         # the selection method of a `selection` row (sde, entropy, ...)
     budget: int = 372
-    seed: int = 0
+    seed: int = 0                        # the labeled subset and, with ``replicate``, every stream of training noise
+    replicate: int = 0                   # another training-noise stream (init, batch order, augmentation), same labels
     # mean teacher and mixing
     teacher: bool = False
     ema_alpha: float = 0.99
     mix: str = "none"
     mix_pool: str = "unlabeled"
-    pool_sequences: bool = True          # multitask: the pool adds the dataset's unlabeled video split, where it has one
+    pool_sequences: bool = False         # multitask: the pool adds the dataset's unlabeled video split, where it has one
     depth_source: str = "sde"
     epsilon: float = 0.03                # DepthMix, in per-image min-max normalised disparity
     confidence: str = "per_pixel"
@@ -120,6 +121,7 @@ class TrainConfig:
              "depth_source 'teacher' needs the multi-task decoder (multitask: true): use 'sde' otherwise"),
             (not self.multitask or self.transfer, "multitask initialises both decoders from SDE: set transfer: true too"),
             (self.budget >= 1 and self.steps >= 1, "budget and steps must be >= 1"),
+            (self.seed >= 0 and self.replicate >= 0, "seed and replicate must be >= 0"),
             (self.batch_labeled >= 2 and self.batch_unlabeled >= 2,
              "batch_labeled and batch_unlabeled must be >= 2 (the ASPP's batch norm needs two samples)"),
             (0 <= self.ema_alpha < 1, "ema_alpha must be in [0, 1)"),

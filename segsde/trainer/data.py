@@ -2,7 +2,7 @@
 
 The labeled set is a prefix of an ordered id list: a seeded permutation of the training split (``random``)
 or a selection list (``selection``), so every budget is a prefix of every larger one. Batches are computed
-from (seed, rank, step) alone, so a resumed trial sees exactly the batches of an uninterrupted one.
+from (seed, replicate, rank, step) alone, so a resumed trial sees exactly the batches of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from segsde.data.dataset import PSEUDO_DEPTH, Augment, SegSDEDataset
+from segsde.data.dataset import PSEUDO_DEPTH, Augment, SegSDEDataset, class_pixels
 from segsde.data.labels import IGNORE_INDEX
 from segsde.data.splits import check_ids, random_order, read_order, take_budget
 from segsde.data.store import SEQUENCE_SPLIT, split_ids, video_splits
 from segsde.errors import SegSDEError
-from segsde.runtime import batch_indices, step_seed
+from segsde.runtime import batch_indices, stream_seed
 from segsde.trainer.config import TrainConfig
 
 
@@ -38,6 +38,23 @@ def labeled_ids(data: Path, cfg: TrainConfig, selection_file: Path | None = None
         order = read_order(selection_file)
         check_ids(order, pool, f"selection list {selection_file}")
     return take_budget(order, cfg.budget)
+
+
+def selection_activity(data: Path, cfg: TrainConfig, labeled: list[str]) -> dict[str, float]:
+    """What a selection row's labels did differently from random's at the same budget and seed: the share of its
+    labeled images that random labels too (1: the selection acted as random), and the share of the 19 classes that
+    each set's labels contain."""
+    random = take_budget(random_order(train_ids(data), cfg.seed), cfg.budget)
+    activity = {"random_overlap": len(set(labeled) & set(random)) / max(len(labeled), 1)}
+    union = sorted(set(labeled) | set(random))
+    counts = class_pixels(data, union)
+    if counts is not None:
+        row = {sid: k for k, sid in enumerate(union)}
+        def coverage(ids):
+            return float((counts[[row[i] for i in ids]].sum(0) > 0).mean())
+
+        activity.update(class_coverage=coverage(labeled), random_class_coverage=coverage(random))
+    return activity
 
 
 def pool_splits(data: Path, cfg: TrainConfig) -> tuple[str, ...]:
@@ -67,10 +84,11 @@ class TrialBatches(torch.utils.data.Dataset):
     ``is_labeled``, the depth map DepthMix needs, and labels only for labeled members)."""
 
     def __init__(self, data: Path, cfg: TrainConfig, labeled: list[str], pool: list[str] | None,
-                 start: int, rank: int, world: int):
+                 start: int, rank: int, world: int, pseudo_depth: str = PSEUDO_DEPTH):
         augment = Augment(cfg.resize, cfg.crop, random=True)
         self.labeled = SegSDEDataset(data, "train", ids=labeled, augment=augment, sequence=cfg.multitask)
-        self.pool = SegSDEDataset(data, pool_splits(data, cfg), ids=pool, augment=augment, sequence=cfg.multitask) if pool else None
+        self.pool = SegSDEDataset(data, pool_splits(data, cfg), ids=pool, augment=augment, sequence=cfg.multitask,
+                                  pseudo_depth=pseudo_depth) if pool else None
         self.labeled_set = set(labeled)
         self.cfg, self.start, self.rank, self.world = cfg, start, rank, world
         self.depth_key = {"sde": PSEUDO_DEPTH, "ground_truth": "depth"}.get(cfg.depth_source) if cfg.mix == "depth" else None
@@ -86,12 +104,14 @@ class TrialBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> dict:
         step, cfg = self.start + k, self.cfg
-        torch.manual_seed(step_seed(cfg.seed, self.rank, step))
+        torch.manual_seed(stream_seed("trainer/augment", cfg.seed, cfg.replicate, self.rank, step))  # crops and flips
         keys = ("image", "label") + (("frames", "K") if cfg.multitask else ())
-        idx = batch_indices(len(self.labeled), step, cfg.batch_labeled, self.rank, self.world, cfg.seed)
+        order = stream_seed("trainer/labeled", cfg.seed, cfg.replicate)
+        idx = batch_indices(len(self.labeled), step, cfg.batch_labeled, self.rank, self.world, order)
         out = {"step": step, "labeled": self._stack([self.labeled[i] for i in idx], keys)}
         if self.pool is not None:
-            idx = batch_indices(len(self.pool), step, cfg.batch_unlabeled, self.rank, self.world, cfg.seed + 1)
+            order = stream_seed("trainer/pool", cfg.seed, cfg.replicate)
+            idx = batch_indices(len(self.pool), step, cfg.batch_unlabeled, self.rank, self.world, order)
             items = [self.pool[i] for i in idx]
             if self.depth_key is not None:
                 if any(self.depth_key not in it for it in items):

@@ -5,7 +5,8 @@ follows), then the pseudo-label loss on the mixed pool batch; gradients are clip
 EMA teacher follows the student. Every ``eval_interval`` steps all ranks score their share of the
 validation split, the confusion matrix is all-reduced and mIoU is reported to Ray Train
 (what Tune's schedulers act on); checkpoints hold student, teacher, optimiser and step, and every random
-draw is seeded by (seed, rank, step), so a resumed trial continues exactly.
+draw comes from a stream of its own purpose seeded by (seed, replicate, rank, step), so a resumed trial continues
+exactly.
 """
 
 from __future__ import annotations
@@ -19,18 +20,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from segsde.data.dataset import SegSDEDataset, validation_split
+from segsde.data.dataset import PSEUDO_DEPTH, SegSDEDataset, validation_split
 from segsde.data.labels import CLASS_NAMES
 from segsde.data.store import local_dataset
 from segsde.metrics.segmentation import confusion_matrix, encode_confusions, iou_table, scores
 from segsde.progress import post
-from segsde.runtime import autocast, evaluation_mode, place, progress, report, resume_state, start_worker, step_seed, worker_tags
+from segsde.runtime import autocast, evaluation_mode, place, progress, report, resume_state, start_worker, stream_seed, worker_tags
 from segsde.ssl.augment import StrongAugment
 from segsde.ssl.teacher import ema_alpha, ema_update, make_teacher
 from segsde.storage import Location, localize
 from segsde.trainer.config import CONFUSIONS_FILE, TrainConfig, final_scores, in_percent
 from segsde.trainer.data import TrialBatches
-from segsde.trainer.model import build_network, load_transfer, parameter_groups
+from segsde.trainer.model import build_network, parameter_groups, share_from, transfer_into
 from segsde.trainer.step import pseudo_label_loss, supervised_loss
 
 
@@ -47,7 +48,7 @@ def evaluate(model, val_set: SegSDEDataset, worker, full_resolution_root: str | 
     from segsde.data.cityscapes import native_label
 
     conf = torch.zeros(2, 19, 19, dtype=torch.int64, device=worker.device)
-    per_image = torch.zeros(len(val_set), 19, 19, dtype=torch.int64, device=worker.device)  # the report's bootstrap
+    per_image = torch.zeros(len(val_set), 19, 19, dtype=torch.int64, device=worker.device)  # the report's jackknife
     mine = list(range(worker.rank, len(val_set), worker.world))
     examples = []
     with evaluation_mode(model, worker):
@@ -82,17 +83,18 @@ def train_loop_per_worker(config: dict) -> None:
     ``pool`` (id lists), ``sde_model`` (model.pt, for transfer), optional ``tracking_uri`` +
     ``mlflow_run_id``, ``full_resolution_root``, ``resume_from`` and ``stop_after``."""
     cfg = TrainConfig.from_dict(config["train"])
-    worker = start_worker(cfg.threads, cfg.seed, cfg.precision)
+    worker = start_worker(cfg.threads, stream_seed("trainer/init", cfg.seed, cfg.replicate), cfg.precision)
     source_data = config["data"]  # the storage location, for the run's dataset record
     config = {**config, "data": str(local_dataset(config["data"])),  # read from this node's copies
               "sde_model": str(localize(config["sde_model"])) if config.get("sde_model") else None}
     gpu = worker.device.type == "cuda"
     model = build_network(cfg)
-    sde_cfg = load_transfer(model, Path(config["sde_model"]), cfg) if cfg.transfer else None
+    sde_cfg, sde_encoder = transfer_into(model, Path(config["sde_model"]), cfg) if cfg.transfer else (None, None)
     place(model, worker.device)
     teacher = make_teacher(model, drop=("pose",) if cfg.multitask else ()) if cfg.teacher else None
     optimiser = torch.optim.SGD(parameter_groups(model, cfg), lr=cfg.lr_decoder, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    start, best, acted = 0, float("nan"), ComponentActivity(cfg.steps, mixes=cfg.mix != "none")
+    start, best = 0, float("nan")
+    acted = ComponentActivity(cfg.steps, mixes=cfg.mix != "none", facts=config.get("activity"))
     state = resume_state(config.get("resume_from"), worker.device)
     if state is not None:
         model.load_state_dict(state["model"])
@@ -100,7 +102,10 @@ def train_loop_per_worker(config: dict) -> None:
         if teacher is not None:
             teacher.load_state_dict(state["teacher"])
         start, best = state["step"], state.get("best_miou", best)
-        acted.sums.update(state.get("acted", {}))
+        acted.restore(state.get("acted", {}))
+    elif sde_encoder is not None:  # the encoder that trains starts from the SDE weights (a resumed one did)
+        acted.facts["encoder_from_sde"] = share_from(model.encoder, sde_encoder)
+    del sde_encoder
     net = model
     if worker.world > 1:
         # with the multi-task net, the pseudo-label pass leaves the depth heads, side output and pose net unused
@@ -116,7 +121,8 @@ def train_loop_per_worker(config: dict) -> None:
     augment = StrongAugment(cfg.crop or cfg.resize or val_shape(config["data"]), cfg.jitter_p, cfg.jitter_strength, cfg.blur_p, cfg.blur_sigma)
     val_set = validation_set(config["data"], cfg)
     batches = torch.utils.data.DataLoader(
-        TrialBatches(Path(config["data"]), cfg, config["labeled"], config.get("pool"), start, worker.rank, worker.world),
+        TrialBatches(Path(config["data"]), cfg, config["labeled"], config.get("pool"), start, worker.rank, worker.world,
+                     config.get("pseudo_depth") or PSEUDO_DEPTH),
         batch_size=None, num_workers=cfg.loader_workers, pin_memory=gpu)
     stop = min(config.get("stop_after") or cfg.steps, cfg.steps)
     running, logged, t0, seen, example = {}, 0, time.perf_counter(), 0, None
@@ -131,7 +137,8 @@ def train_loop_per_worker(config: dict) -> None:
         evaluating = done % cfg.eval_interval == 0 or done == stop
         for group in optimiser.param_groups:
             group["lr"] = group["base_lr"] * cfg.lr_factor(step)
-        torch.manual_seed(step_seed(cfg.seed, worker.rank, step) + 1)  # augmentation, partners, class choice
+        # strong augmentation, mix partners, class choice
+        torch.manual_seed(stream_seed("trainer/step", cfg.seed, cfg.replicate, worker.rank, step))
         labeled = {k: v.to(worker.device, non_blocking=True) for k, v in batch["labeled"].items()}
         pool = {k: v.to(worker.device, non_blocking=True) for k, v in batch["pool"].items()} if "pool" in batch else None
         optimiser.zero_grad(set_to_none=True)
@@ -147,10 +154,11 @@ def train_loop_per_worker(config: dict) -> None:
                 unsup, more, mixed = pseudo_label_loss(net, teacher, pool, cfg, augment, student_disparity, keep_example=evaluating)
             _check_finite(unsup, step)
             unsup.backward()
+            # the pseudo-label term beside the supervised segmentation term, as the gradient sees them (weighted)
+            ratio = cfg.unsup_weight * float(more["unsupervised"]) / max(cfg.seg_weight * float(logs["supervised"]), 1e-12)
             loss, logs, example = loss.detach() + unsup.detach(), {**logs, **more}, mixed or example
-            logs.update(unsup_ratio=float(more["unsupervised"]) / max(float(logs["supervised"]), 1e-12),
-                        ema_alpha=ema_alpha(step, cfg.ema_alpha))
-            acted.add(step, logs)
+            logs.update(unsup_ratio=ratio, ema_alpha=ema_alpha(step, cfg.ema_alpha))
+        acted.add(step, logs)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimiser.step()
         if teacher is not None:
@@ -179,7 +187,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if done == cfg.steps:
                     metrics.update(acted.summary(metrics.get("teacher_miou")))
                     if worker.is_main:
-                        _keep_confusions(result["per_image"], config.get("result"), logger)
+                        _keep_confusions(result["per_image"], resampling_units(val_set), config.get("result"), logger)
                 best = metrics["best_miou"] = max(best, metrics["miou"]) if best == best else metrics["miou"]
                 if worker.is_main:
                     progress(f"[train] validation at step {done}: mIoU {100 * metrics['miou']:.2f} "
@@ -193,37 +201,55 @@ def train_loop_per_worker(config: dict) -> None:
                 logger.flush()
             report(worker, metrics, state={"model": model.state_dict(), "teacher": teacher.state_dict() if teacher is not None else None,
                                            "optimizer": optimiser.state_dict(), "step": done, "best_miou": best, "config": asdict(cfg),
-                                           "acted": dict(acted.sums)})
+                                           "acted": acted.state()})
 
 
 class ComponentActivity:
-    """What the teacher and the mix did over the second half of training, where a component that acts must
-    show it: the fraction of confident pool pixels, the area pasted from the partner image, and the
-    pseudo-label / supervised loss ratio (means over the steps), with the teacher's final mIoU."""
+    """What each component did, where a component that acts must show it. Means over the second half of
+    training: confident pool pixels, the area pasted from the partner image and the pseudo-label / supervised
+    loss ratio (teacher rows); the depth loss's share of the loss and what the feature exchange adds to the
+    segmentation features (multi-task rows). Facts fixed at the start: whether the encoder started from the SDE
+    weights (transfer rows), how the labeled set differs from random's (selection rows). And the teacher's mIoU."""
 
-    def __init__(self, steps: int, mixes: bool):
-        self.start, self.mixes, self.sums = steps // 2, mixes, {}
+    AVERAGED = ("confident_fraction", "unsup_ratio", "depth_share", "exchange")
+
+    def __init__(self, steps: int, mixes: bool, facts: dict | None = None):
+        self.start, self.mixes, self.sums, self.facts = steps // 2, mixes, {}, dict(facts or {})
 
     def add(self, step: int, logs: dict) -> None:
         if step >= self.start:
-            values = {"confident_fraction": logs["confident_fraction"], "unsup_ratio": logs["unsup_ratio"], "steps": 1}
-            if self.mixes:  # pseudo-labels without a mix keep the whole image by design
+            values = {k: float(logs[k]) for k in self.AVERAGED if k in logs}
+            if self.mixes and "mask_ratio" in logs:  # pseudo-labels without a mix keep the whole image by design
                 values["mixed_area"] = 1 - float(logs["mask_ratio"])
-            for k, v in values.items():
-                self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            for k, v in {**values, "steps": 1}.items():
+                self.sums[k] = self.sums.get(k, 0.0) + v
 
     def summary(self, teacher_miou: float | None) -> dict:
         n = self.sums.get("steps", 0)
-        if not n:
-            return {}
-        out = {f"acted/{k}": v / n for k, v in self.sums.items() if k != "steps"}
-        return {**out, **({"acted/teacher_miou": teacher_miou} if teacher_miou is not None else {})}
+        out = {f"acted/{k}": v / n for k, v in self.sums.items() if k != "steps"} if n else {}
+        out.update({f"acted/{k}": float(v) for k, v in self.facts.items()})
+        return {**out, **({"acted/teacher_miou": teacher_miou} if teacher_miou is not None and out else {})}
+
+    def state(self) -> dict:
+        return {"sums": dict(self.sums), "facts": dict(self.facts)}
+
+    def restore(self, state: dict) -> None:
+        self.sums.update(state.get("sums", {}))
+        self.facts.update(state.get("facts", {}))
 
 
-def _keep_confusions(per_image: torch.Tensor, result: str | None, logger) -> None:
-    """The final evaluation's per-image confusion matrices, beside the trial's result and in its MLflow run:
-    what the study report's paired bootstrap over validation images resamples."""
-    encoded = encode_confusions(per_image)
+def resampling_units(val_set: SegSDEDataset) -> list[str]:
+    """Each validation image's resampling unit for the report's image jackknife: on Cityscapes its city (frames of
+    one city share streets, weather and camera), on the testbed the image itself (each is rendered independently)."""
+    if val_set.manifest["source"] == "cityscapes":
+        return [sid.split("_")[0] for sid in val_set.ids]
+    return list(val_set.ids)
+
+
+def _keep_confusions(per_image: torch.Tensor, groups: list[str], result: str | None, logger) -> None:
+    """The final evaluation's per-image confusion matrices with each image's resampling unit, beside the trial's
+    result and in its MLflow run: what the study report's jackknife over validation images leaves out."""
+    encoded = {**encode_confusions(per_image), "groups": groups}
     if result:
         Location(result).child(CONFUSIONS_FILE).write_text(json.dumps(encoded))
     if logger:

@@ -94,10 +94,13 @@ class MultiTaskNet(nn.Module):
         maps = self.encoder(image)
         d = self.depth.run_stages(maps, UP_TO_QUARTER)
         s = self.seg.run_stages(maps, UP_TO_QUARTER)
-        seg_x = s[2] + self.gate_to_seg(d[2])
+        exchanged = self.gate_to_seg(d[2])
+        seg_x = s[2] + exchanged
         s_final = self.seg.run_stages(maps, FROM_QUARTER, x=seg_x, size=size)[0]
         side = F.interpolate(self.side(s[2]), size=size, mode="bilinear", align_corners=False)
-        out = {"logits": self.head(s_final), "side": side}
+        # how much the depth decoder adds to the segmentation features (0: the exchange passes nothing)
+        exchange = (exchanged.detach().float().norm() / s[2].detach().float().norm().clamp(min=1e-12))
+        out = {"logits": self.head(s_final), "side": side, "exchange": exchange}
         if depth:
             depth_x = d[2] + self.gate_to_depth(s[2])
             d.update({2: depth_x, **self.depth.run_stages(maps, FROM_QUARTER, x=depth_x, size=size)})
@@ -127,7 +130,23 @@ def load_transfer(net: nn.Module, sde_model: Path, cfg: TrainConfig) -> SDEConfi
     """Initialise ``net`` from the SDE stage's ``model.pt``: encoder and decoder (ASPP included) for the
     segmentation decoder, and for :class:`MultiTaskNet` also the depth decoder with its heads and the pose
     net. Returns the SDE config (the multi-task SDE loss uses its settings)."""
+    return transfer_into(net, sde_model, cfg)[0]
+
+
+def transfer_into(net: nn.Module, sde_model: Path, cfg: TrainConfig) -> tuple[SDEConfig, dict[str, torch.Tensor]]:
+    """``load_transfer``, also returning the SDE encoder's weights (what ``share_from`` compares with once training starts)."""
     sde = transfer_source(sde_model, cfg)
+    _load(net, sde)
+    return sde.cfg, {k: v.detach().clone() for k, v in sde.encoder.state_dict().items()}
+
+
+def share_from(encoder: nn.Module, weights: dict[str, torch.Tensor]) -> float:
+    """The share of ``encoder``'s tensors equal to ``weights``: 1 when a transfer trial starts from the SDE encoder."""
+    mine = encoder.state_dict()
+    return sum(torch.equal(mine[k].cpu(), v) for k, v in weights.items() if k in mine) / max(len(weights), 1)
+
+
+def _load(net: nn.Module, sde) -> None:
     net.encoder.load_state_dict(sde.encoder.state_dict())
     decoder = {k: v for k, v in sde.decoder.state_dict().items() if not k.startswith("heads.")}
     seg_decoder = net.seg if isinstance(net, MultiTaskNet) else net.decoder
@@ -135,7 +154,6 @@ def load_transfer(net: nn.Module, sde_model: Path, cfg: TrainConfig) -> SDEConfi
     if isinstance(net, MultiTaskNet):
         net.depth.load_state_dict(sde.decoder.state_dict())
         net.pose.load_state_dict(sde.pose.state_dict())
-    return sde.cfg
 
 
 def parameter_groups(net: nn.Module, cfg: TrainConfig) -> list[dict]:

@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from segsde.data.dataset import PSEUDO_DEPTH
 from segsde.data.store import local_dataset, read_manifest
 from segsde.errors import SegSDEError
 from segsde.profiles import ABLATIONS_DIR, load_profile, load_yaml
@@ -67,6 +68,7 @@ class TrialPlan:
     selection: str | None = None  # the ordered id list whose prefix is labeled (rows with labeled: selection)
     key: str | None = None        # stable: the MLflow run key and Ray Train run name
     result: str | None = None     # the entry its metrics.json goes to
+    pseudo_depth: str = PSEUDO_DEPTH  # the dataset's side column with the SDE model's pseudo-depth (DepthMix rows)
 
     @classmethod
     def make(cls, profile: str, row: str, overrides: dict | None, data, sde_model=None, selection=None,
@@ -120,7 +122,7 @@ def prepare_trial(plan: TrialPlan, workers: int = 1, gpu: bool = False, address:
                   tracking_uri: str | None = None, resume_from: Path | None = None, stop_after: int | None = None) -> PreparedTrial:
     """Check everything a trial needs before anything runs (one-line errors) and resolve its labeled set."""
     from segsde.runtime.ray_job import check_resources
-    from segsde.trainer.data import labeled_ids, mix_pool
+    from segsde.trainer.data import labeled_ids, mix_pool, selection_activity
 
     cfg, row = plan.train, plan.row
     data = local_dataset(plan.data)
@@ -137,17 +139,18 @@ def prepare_trial(plan: TrialPlan, workers: int = 1, gpu: bool = False, address:
     if resume_from is not None and not (Path(resume_from) / CHECKPOINT_FILE).is_file():
         raise SegSDEError(f"--resume-from {resume_from} is not a checkpoint directory (no {CHECKPOINT_FILE}): pass one from a run's ray/ folder")
     if cfg.teacher and cfg.mix == "depth":
-        _check_depth_source(cfg, data, manifest)
+        _check_depth_source(cfg, data, manifest, plan.pseudo_depth)
     check_resources(workers, gpu, address)
     labeled = labeled_ids(data, cfg, localize(plan.selection) if plan.selection else None)
     pool = mix_pool(data, cfg, labeled) if cfg.uses_unlabeled else None
+    activity = selection_activity(data, cfg, labeled) if cfg.labeled == "selection" else None
     full_root = manifest.get("root") if cfg.eval_full_resolution and manifest["source"] == "cityscapes" else None
     params = {"train": asdict(cfg), "row": row, "profile": plan.profile, "data": plan.data, "workers": workers, "gpu": gpu,
               "sde_model": plan.sde_model, "selection_file": plan.selection}
     loop_config = {"train": asdict(cfg), "data": plan.data, "labeled": labeled, "pool": pool, "sde_model": plan.sde_model,
                    "tracking_uri": tracking_uri, "full_resolution_root": full_root,
                    "resume_from": str(resume_from) if resume_from else None, "stop_after": stop_after, "result": plan.result,
-                   "progress": plan.key}
+                   "progress": plan.key, "activity": activity, "pseudo_depth": plan.pseudo_depth}
     return PreparedTrial(plan, labeled, params, loop_config)
 
 
@@ -191,11 +194,10 @@ def run_train(data: Location | Path, out: Location | Path, row: str = "baseline"
         return summary
 
 
-def _check_depth_source(cfg: TrainConfig, data: Path, manifest: dict) -> None:
-    from segsde.data.dataset import PSEUDO_DEPTH
+def _check_depth_source(cfg: TrainConfig, data: Path, manifest: dict, column: str) -> None:
     from segsde.data.store import read_side_meta
 
-    if cfg.depth_source == "sde" and read_side_meta(data, PSEUDO_DEPTH) is None:
+    if cfg.depth_source == "sde" and read_side_meta(data, column) is None:
         raise SegSDEError(f"DepthMix with depth_source 'sde' needs the SDE pseudo-depth in {data}: run "
                           "`segsde sde export --checkpoint MODEL.pt --data DIR` first, or choose another depth_source")
     if cfg.depth_source == "ground_truth" and manifest["source"] != "synthetic":

@@ -36,7 +36,8 @@ def supervised_loss(net, labeled: dict, pool: dict | None, cfg: TrainConfig, sde
     sde = batchwise_sde_loss(frames, K, out["disparities"], frame_poses(module.pose, frames, sde_cfg), sde_cfg, n)
     loss = cfg.seg_weight * ce + cfg.sde_weight * sde
     disparity = out["disparities"][0][n:, 0].detach().float() if pool is not None else None
-    return loss, {"supervised": ce.detach(), "sde": sde.detach()}, disparity
+    depth_share = (cfg.sde_weight * sde / loss.clamp(min=1e-12)).detach()  # of what the gradient sees
+    return loss, {"supervised": ce.detach(), "sde": sde.detach(), "depth_share": depth_share, "exchange": out["exchange"]}, disparity
 
 
 def batchwise_sde_loss(frames: torch.Tensor, K: torch.Tensor, disparities: list[torch.Tensor], poses: list[torch.Tensor],
@@ -65,6 +66,15 @@ def mixing_mask(cfg: TrainConfig, pool: dict, targets: torch.Tensor, partner: to
     return depth_mask(disparity, partner, cfg.epsilon)
 
 
+def confident_unlabeled_fraction(targets: torch.Tensor, unlabeled: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Mixed soft targets [B, K, H, W] and where each pixel came from an unlabeled image [B, H, W] -> the share of
+    those pixels whose pseudo-label is confident: what says whether the teacher acted (a labeled pool member's
+    one-hot ground truth is always confident, and would count for a teacher that labels nothing)."""
+    confidence = targets.max(1).values
+    counted = unlabeled & (confidence > 0)
+    return ((confidence >= threshold) & counted).sum() / counted.sum().clamp(min=1)
+
+
 def pseudo_label_loss(net, teacher, pool: dict, cfg: TrainConfig, augment, student_disparity: torch.Tensor | None,
                       keep_example: bool = False) -> tuple[torch.Tensor, dict, dict | None]:
     """-> (loss, logged terms, an example of the mixing for the figure when ``keep_example``)."""
@@ -79,7 +89,10 @@ def pseudo_label_loss(net, teacher, pool: dict, cfg: TrainConfig, augment, stude
         partner = partners(x.shape[0], generator, device=x.device)
         mask = mixing_mask(cfg, pool, targets, partner, teacher_out, student_disparity, generator)
         mixed = augment(mix(mask, x, partner))
-        labels, weight, fraction = pseudo_labels(mix(mask, targets, partner), cfg.confidence_threshold, cfg.confidence)
+        mixed_targets = mix(mask, targets, partner)
+        labels, weight, _ = pseudo_labels(mixed_targets, cfg.confidence_threshold, cfg.confidence)
+        fraction = confident_unlabeled_fraction(mixed_targets, mix(mask, ~pool["is_labeled"][:, None, None].expand_as(mask), partner),
+                                                cfg.confidence_threshold)
     loss = weighted_cross_entropy(net(mixed, depth=False)["logits"], labels, weight)
     example = None
     if keep_example:

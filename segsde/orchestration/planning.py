@@ -1,0 +1,116 @@
+"""Planning a study's seeds: how many seeds each row needs to find the profile's minimal effect (``study.min_effect``)
+at 80 % power with the paired t-test of the report, at Holm's first-step level over the study's family, and what
+they would cost. The noise comes from a pilot: the planned study's own finished trials (any two seeds of a row and
+Baseline), else the profile's ``study.pilot_sd``."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from segsde.orchestration.comparison import BASELINE, CONTROLS, _confusions
+from segsde.orchestration.statistics import ALPHA, POWER, paired_difference, seeds_for
+
+
+def seed_plan(records: list[dict], rows: list[str], budgets: list[int], min_effect: float, cost: dict,
+              pilot_sd: float | None = None, controls=CONTROLS) -> pd.DataFrame:
+    """One line per (row, budget) but Baseline: the pilot's paired sd and image variance (``source`` says where
+    they come from), the seeds ``min_effect`` needs, and their compute in trial-seconds (``cost``: {(row, budget):
+    seconds of one trial}, nan where unknown). Baseline's line needs the most seeds of its budget."""
+    done = [r for r in records if r.get("miou") is not None]
+    family = [(r, b) for r in rows for b in budgets if r != BASELINE and r not in controls]
+    lines = []
+    for b in budgets:
+        base = [r for r in done if r["row"] == BASELINE and int(r["budget"]) == b]
+        for row in [r for r in rows if r != BASELINE]:
+            recs = [r for r in done if r["row"] == row and int(r["budget"]) == b]
+            paired = None
+            if recs and base:
+                (conf, groups), (base_conf, _) = _confusions(recs), _confusions(base)
+                paired = paired_difference({int(r["seed"]): 100 * r["miou"] for r in recs},
+                                           {int(r["seed"]): 100 * r["miou"] for r in base}, conf, base_conf, groups)
+            pilot = paired is not None and paired.n >= 2
+            lines.append({"row": row, "budget": b, "pilot_seeds": paired.n if pilot else 0,
+                          "sd": paired.sd if pilot else np.nan, "image_var": paired.image_var if pilot else 0.0,
+                          "source": f"pilot, {paired.n} seeds" if pilot else "", "control": row in controls})
+    table = pd.DataFrame(lines, columns=["row", "budget", "pilot_seeds", "sd", "image_var", "source", "control"])
+    measured = table.sd.dropna()
+    pooled = float(np.sqrt((measured**2).mean())) if len(measured) else pilot_sd
+    fallback = f"pooled over {len(measured)} rows" if len(measured) else "the profile's pilot_sd" if pilot_sd else ""
+    missing = table.sd.isna()
+    table.loc[missing, "sd"] = pooled if pooled is not None else np.nan
+    table.loc[missing, "source"] = fallback or "no pilot: run two seeds first (--seeds 0,1)"
+    alpha_family = ALPHA / max(len(family), 1)
+    table["alpha"] = np.where(table.control, ALPHA, alpha_family)
+    table["seeds"] = [seeds_for(min_effect, sd, iv, alpha=a) if sd == sd else None
+                      for sd, iv, a in zip(table.sd, table.image_var, table.alpha)]
+    table["trial_s"] = [cost.get((r, b), np.nan) for r, b in zip(table.row, table.budget)]
+    table["compute_h"] = table.seeds.astype(float) * table.trial_s / 3600
+    for b in budgets:  # Baseline runs as many seeds as the row that needs most
+        at = table[table.budget == b]
+        most = at.seeds.dropna().max() if at.seeds.notna().any() else np.nan
+        table.loc[len(table)] = {"row": BASELINE, "budget": b, "pilot_seeds": np.nan, "sd": np.nan, "image_var": np.nan,
+                                 "source": "paired with every row", "control": False, "alpha": np.nan, "seeds": most,
+                                 "trial_s": cost.get((BASELINE, b), np.nan),
+                                 "compute_h": most * cost.get((BASELINE, b), np.nan) / 3600}
+    table.attrs.update(min_effect=min_effect, family=len(family), alpha_family=alpha_family)
+    return table
+
+
+def plan_markdown(table: pd.DataFrame, concurrency: int) -> str:
+    """The plan as a table a person reads, with the total compute and its wall time at ``concurrency``."""
+    def num(v, fmt):
+        return "–" if v is None or v != v else format(v, fmt)
+
+    lines = [f"Seeds for {POWER:.0%} power to find {table.attrs['min_effect']:g} mIoU points (paired t-test; Holm over the "
+             f"{table.attrs['family']} rows of the family: first step at α = {table.attrs['alpha_family']:.4f}; controls at "
+             f"α = {ALPHA})", "",
+             "| row | budget | paired sd (source) | image variance | seeds | one trial | compute |", "|---" * 7 + "|"]
+    for c in table.itertuples():
+        seeds = "unreachable: the validation images' noise alone is too large" if c.seeds != c.seeds and c.sd == c.sd and c.row != BASELINE \
+            else num(c.seeds, ".0f")
+        lines.append(f"| {c.row}{' (control)' if c.control else ''} | {c.budget} | {num(c.sd, '.2f')} ({c.source}) | "
+                     f"{num(c.image_var, '.3f')} | {seeds} | {num(c.trial_s, '.0f')} s | {num(c.compute_h, '.2f')} h |")
+    total = float(np.nansum(table.compute_h))
+    unknown = int(table.compute_h.isna().sum())
+    lines += ["", f"Compute: {total:.1f} trial-hours" + (f" ({unknown} rows of unknown cost left out)" if unknown else "")
+              + f", about {total / concurrency:.1f} h of wall time at {concurrency} trials at once on this machine."]
+    return "\n".join(lines)
+
+
+def trial_costs(trials, records: list[dict]) -> dict:
+    """{(row, budget): seconds of one trial}: the finished trials' own wall time, else the cost model
+    (``TrainConfig.relative_cost``) scaled by the seconds per cost unit of the finished ones."""
+    seconds = {}
+    for t, r in zip(trials, records):
+        if r.get("seconds"):
+            seconds.setdefault((t.plan.row, t.plan.train.budget), []).append(float(r["seconds"]))
+    measured = {k: float(np.mean(v)) for k, v in seconds.items()}
+    per_unit = [float(r["seconds"]) / t.cost for t, r in zip(trials, records) if r.get("seconds") and t.cost]
+    unit = float(np.median(per_unit)) if per_unit else math.nan
+    return {(t.plan.row, t.plan.train.budget): measured.get((t.plan.row, t.plan.train.budget), unit * t.cost) for t in trials}
+
+
+def plan_study(cfg, out: Path, storage: str | None = None, data_root=None, log=print) -> pd.DataFrame:
+    """``segsde study --plan``: the seeds and compute the study's rows need, from what is cached (runs nothing)."""
+    from segsde.orchestration.study import _planned_model_stages, _record, dataset_stage, plan_trials
+    from segsde.profiles import data_profile
+    from segsde.storage import as_location, open_root, storage_uri
+    from segsde.trainer.run import train_config
+
+    root = open_root(storage_uri(storage, Path(out).absolute()))
+    configs = [train_config(cfg.profile, r, {**cfg.train, "budget": max(cfg.budgets), "seed": cfg.seeds[0]}) for r in cfg.rows]
+    data = dataset_stage(data_profile(cfg.profile), root, cfg.data_seed, as_location(data_root) if data_root else None, False, True,
+                         lambda _: None)
+    _, sde_models, selections = _planned_model_stages((cfg.profile, configs, cfg.seeds, root, data, (), cfg.sde_per_seed), cfg)
+    trials = plan_trials(cfg, data, root, sde_models, selections)
+    records = [_record(t) for t in trials]
+    table = seed_plan(records, list(cfg.rows), list(cfg.budgets), cfg.min_effect, trial_costs(trials, records), cfg.pilot_sd)
+    log(plan_markdown(table, cfg.concurrency))
+    pilots = sum(r.get("miou") is not None for r in records)
+    log(f"[study] planned from {pilots} finished trials of {len(trials)}" + (", with one SDE stage per seed besides" if cfg.sde_per_seed else "")
+        + "; nothing was run")
+    return table
