@@ -51,7 +51,7 @@ class SDEConfig:
     val_images: int | None = None            # None: the whole validation split
     eval_max_depth: float = 80.0             # monodepth2's evaluation cap
     threads: int | None = None               # torch CPU threads per worker (None: leave torch's default)
-    precision: str = "auto"                  # auto: bf16 on GPU, fp32 on CPU | bf16 | fp32 (runtime.autocast)
+    precision: str = "auto"                  # auto: bf16 on GPU and native-bf16 CPUs, else fp32 | bf16 | fp32
     loader_workers: int = 0
 
     @property

@@ -46,7 +46,7 @@ class SelectionConfig:
     log_interval: int = 50
     checkpoint_interval: int = 1000
     threads: int | None = None
-    precision: str = "auto"        # auto: bf16 on GPU, fp32 on CPU | bf16 | fp32 (runtime.autocast)
+    precision: str = "auto"        # auto: bf16 on GPU and native-bf16 CPUs, else fp32 | bf16 | fp32
 
     def round_steps(self, round_index: int) -> int:
         return round_index * self.student_steps

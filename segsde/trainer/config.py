@@ -75,7 +75,7 @@ class TrainConfig:
     val_images: int | None = None        # None: the whole validation split
     eval_full_resolution: bool = False   # Cityscapes: also score against the native 2048x1024 labels
     threads: int | None = None
-    precision: str = "auto"             # auto: bf16 on GPU, fp32 on CPU | bf16 | fp32 (runtime.autocast)
+    precision: str = "auto"             # auto: bf16 on GPU and native-bf16 CPUs, else fp32 | bf16 | fp32
     loader_workers: int = 0
 
     @property
