@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main() -> None:
-    from segsde.orchestration.study import input_stages, run_study, study_config
+    from segsde.orchestration.stages import input_stages
+    from segsde.orchestration.study import run_study, study_config
     from segsde.storage import Location
     from segsde.trainer.run import train_config
 

@@ -132,7 +132,8 @@ def test_the_evidence_study_plans_the_upper_bound_and_the_depth_oracle_control(t
     seed from its own SDE model, whose pseudo-depth has a column of its own."""
     from segsde.data.store import split_ids
     from segsde.errors import SegSDEError
-    from segsde.orchestration.study import _planned_model_stages, dataset_stage, plan_trials, study_config
+    from segsde.orchestration.stages import dataset_stage
+    from segsde.orchestration.study import _planned_model_stages, plan_trials, study_config
     from segsde.profiles import data_profile
     from segsde.storage import Location
     from segsde.trainer.data import labeled_ids

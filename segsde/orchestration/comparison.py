@@ -131,10 +131,11 @@ def comparison_markdown(table: pd.DataFrame, budget: int) -> str:
     family = int((table.p_holm.notna() & ~table.control.astype(bool)).sum())
     methods = sorted({m for m in at.method.dropna() if "n=1 " not in m})
     controls = ", ".join(at.row[at.control.astype(bool)])
+    holm_note = (f"two-sided p Holm-corrected over the study's {family} judged rows"
+                 + (f" ({controls}: controls, beside the family at their own level)" if controls else "")) if family else "no row judged"
     lines = [f"Against Baseline at {budget} labels: same-seed difference Δ in mIoU points with its {100 * LEVEL:.0f} % interval "
-             f"({'; '.join(methods) or 'none: one seed'}); two-sided p Holm-corrected over the study's {family} judged rows"
-             + (f" ({controls}: controls, beside the family at their own level)" if controls else "")
-             + f"; seeds for {100 * POWER:.0f} % power to find {table.attrs.get('min_effect', MIN_EFFECT):g} points", "",
+             f"({'; '.join(methods) or 'none: one seed'}); {holm_note}; seeds for {100 * POWER:.0f} % power to find "
+             f"{table.attrs.get('min_effect', MIN_EFFECT):g} points", "",
              "| row | n | mIoU | Δ | 95 % interval | p (Holm) | seeds needed | teacher − student | verdict |", "|---" * 9 + "|"]
     for _, c in at.iterrows():
         def num(v, fmt):

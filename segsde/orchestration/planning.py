@@ -96,7 +96,8 @@ def trial_costs(trials, records: list[dict]) -> dict:
 
 def plan_study(cfg, out: Path, storage: str | None = None, data_root=None, log=print) -> pd.DataFrame:
     """``segsde study --plan``: the seeds and compute the study's rows need, from what is cached (runs nothing)."""
-    from segsde.orchestration.study import _planned_model_stages, _record, dataset_stage, plan_trials
+    from segsde.orchestration.stages import dataset_stage
+    from segsde.orchestration.study import _planned_model_stages, _record, plan_trials
     from segsde.profiles import data_profile
     from segsde.storage import as_location, open_root, storage_uri
     from segsde.trainer.run import train_config

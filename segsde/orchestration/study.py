@@ -14,10 +14,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from segsde.configs import check
-from segsde.data.store import MANIFEST
 from segsde.errors import SegSDEError
 from segsde.orchestration.keys import code_version, entry_key
-from segsde.orchestration.stages import StageTracking, dataset_stage, export_stage, input_id, missed, sde_stage, selection_stage
+from segsde.orchestration.stages import StageTracking, dataset_stage, input_id, missed, model_stages, trial_inputs
 from segsde.profiles import data_profile, section_config
 from segsde.progress import start_board
 from segsde.runtime import Background, effective_precision
@@ -250,79 +249,6 @@ def _needs_ray(cfg: StudyConfig, train_configs: list, storage: Location, data_ro
     stage_work, sde_models, selections = _planned_model_stages((cfg.profile, train_configs, cfg.seeds, storage, data, force,
                                                                 cfg.sde_per_seed), cfg)
     return stage_work or "train" in force or not all(t.done for t in plan_trials(cfg, data, storage, sde_models, selections))
-
-
-def input_stages(profile: str, train_configs: list, seeds, storage: Location, data_root: Location | None, data_seed: int,
-                 force=(), dry_run: bool = False, log=print, tracking: StageTracking | None = None,
-                 sde_overrides: dict | None = None, select_overrides: dict | None = None) -> tuple[Location, dict, dict]:
-    """The stages every trial of ``train_configs`` needs, computed or reused: the dataset, then
-    ``model_stages``. Returns (data, {kind: sde model}, {(method, seed): list file})."""
-    data = dataset_stage(data_profile(profile), storage, data_seed, data_root, "data" in force, dry_run, log, tracking)
-    return (data, *model_stages(profile, train_configs, seeds, storage, data, force, dry_run=dry_run, log=log, tracking=tracking,
-                                sde_overrides=sde_overrides, select_overrides=select_overrides))
-
-
-def model_stages(profile: str, train_configs: list, seeds, storage: Location, data: Location, force=(), per_seed: bool = False,
-                 dry_run: bool = False, log=print, tracking: StageTracking | None = None, sde_overrides: dict | None = None,
-                 select_overrides: dict | None = None, ready=lambda name: None) -> tuple[dict, dict]:
-    """The stages after the dataset, computed or reused: the SDE model (the profile's sde section with
-    ``sde_overrides``; with ``per_seed`` one per seed, of that seed) and its pseudo-depth (when a row uses them), the
-    depth-oracle SDE model (when a row transfers from it), and each seed's selection list of every selection method
-    (long enough for the largest budget, from that seed's SDE model), the one most rows use first. ``ready`` is
-    called with each output's ``trial_inputs`` name once it exists. Returns ({(kind, seed): sde model} with kind
-    "self_supervised" / "depth_oracle", {(method, seed): list file})."""
-    largest = max(tc.budget for tc in train_configs)
-    manifest = data.child(MANIFEST)
-    available = json.loads(manifest.read_text())["splits"].get("train", 0) if manifest.is_file() else largest
-    if largest > available:
-        raise SegSDEError(f"budget {largest} is larger than the {available} training images of {data}: lower --budgets")
-    from segsde.sde.run import MODEL_FILE
-
-    sde_models, columns = {}, {}
-    def sde_models_of(kind: str, overrides: dict, export: bool) -> None:
-        made = {}
-        for seed in seeds:
-            run_seed = seed if per_seed else None
-            if run_seed not in made:
-                made[run_seed] = sde_stage(profile, data, storage, None, "sde" in force, dry_run, log, tracking,
-                                           {**overrides, **({"seed": seed} if per_seed else {})}).child(MODEL_FILE)
-                if export:
-                    columns[run_seed] = export_stage(made[run_seed], data, bool({"export", "sde"} & set(force)), dry_run, log, tracking)
-            sde_models[(kind, seed)] = made[run_seed]
-            ready(sde_input(kind, seed))
-
-    uses_sde = [tc for tc in train_configs if tc.needs_sde]
-    if any(tc.sde_model == "self_supervised" for tc in uses_sde) or any(tc.labeled == "selection" and tc.selection not in ("random", "entropy")
-                                                                        for tc in train_configs):
-        sde_models_of("self_supervised", sde_overrides or {}, export=True)
-    if any(tc.sde_model == "depth_oracle" for tc in uses_sde):  # the positive control's
-        sde_models_of("depth_oracle", {**(sde_overrides or {}), "oracle": "depth"}, export=False)
-    selections = {}
-    methods = [tc.selection for tc in train_configs if tc.labeled == "selection" and tc.selection]
-    for method in sorted(set(methods), key=lambda m: (-methods.count(m), m)):
-        for seed in seeds:
-            selections[(method, seed)] = selection_stage(
-                method, profile, data, storage, seed=seed, budget=largest, sde_model=sde_models.get(("self_supervised", seed)),
-                force=bool({"select", "sde"} & set(force)), dry_run=dry_run, log=log, tracking=tracking,
-                overrides=select_overrides, pseudo_depth=columns.get(seed if per_seed else None))
-            ready(selection_input(method, seed))
-    return sde_models, selections
-
-
-def sde_input(kind: str, seed: int) -> str:
-    return f"sde-{kind}-s{seed}"
-
-
-def trial_inputs(tc, seed: int) -> frozenset[str]:
-    """The stage outputs a trial of train config ``tc`` and ``seed`` reads: its SDE model with its pseudo-depth
-    (``sde_input``) and its selection list (``selection_input``)."""
-    return frozenset(([sde_input(tc.sde_model, seed)] if tc.needs_sde else [])
-                     + ([selection_input(tc.selection, seed)] if tc.labeled == "selection" and tc.selection else []))
-
-
-def selection_input(method: str, seed: int) -> str:
-    """The name ``model_stages`` gives a selection list once it exists, and trials wait for."""
-    return f"select-{method}-s{seed}"
 
 
 def start_ray(profile: str, row: str, train: dict, concurrency: int, workers: int, gpu: bool, address: str | None) -> None:

@@ -130,7 +130,8 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Location | str | None = No
     study (the sweep's own state) is a sqlite file in the driver's ``out``; every other artifact goes to the
     storage root (``storage``, else ``$SEGSDE_STORAGE``, else ``out``)."""
     from segsde.orchestration.preflight import preflight
-    from segsde.orchestration.study import input_stages, start_ray
+    from segsde.orchestration.stages import input_stages
+    from segsde.orchestration.study import start_ray
     from segsde.tracking import end_run, get_or_create_run, kill_running_children, resolve_tracking_uri
 
     out = Path(out).absolute()
