@@ -19,7 +19,7 @@ MIN_EFFECT = 1.0   # mIoU points: the smallest difference a study is planned to 
 MIN_CONFIDENT, MIN_MIXED, MIN_LOSS_RATIO = 0.05, 0.02, 0.01
 # a multi-task row acts when its depth loss and its feature exchange each carry at least this share
 MIN_SHARE = 0.01
-COLUMNS = ["row", "budget", "n", "mean", "sd", "delta", "sd_delta", "se", "df", "ci_low", "ci_high", "p", "p_holm", "method",
+COLUMNS = ["row", "budget", "n", "mean", "sd", "delta", "sd_delta", "image_var", "se", "df", "ci_low", "ci_high", "p", "p_holm", "method",
            "control", "seeds_needed", "teacher_minus_student", "acted", "verdict"]
 
 
@@ -80,15 +80,13 @@ def comparison_table(records: list[dict], rows: list[str], budgets: list[int], m
                             **(dict(se=paired.se, df=paired.df, ci_low=paired.low, ci_high=paired.high, p=paired.p) if paired.n >= 2 else {}))
             line["verdict"] = "reference" if row == BASELINE else (silent or "")
             lines.append(line)
-    table = pd.DataFrame(lines)
-    image_var = table.pop("image_var") if "image_var" in table else pd.Series(np.nan, index=table.index)
-    table = table.reindex(columns=COLUMNS)
-    _judge(table, image_var, min_effect)
+    table = pd.DataFrame(lines).reindex(columns=COLUMNS)
+    _judge(table, min_effect)
     table.attrs["min_effect"] = min_effect
     return table
 
 
-def _judge(table: pd.DataFrame, image_var: pd.Series, min_effect: float) -> None:
+def _judge(table: pd.DataFrame, min_effect: float) -> None:
     """Holm over the study's judged rows (n >= 2, component acted, not a control) across budgets, controls at their
     own level, the verdicts, and the seeds the planner asks for ``min_effect`` at Holm's first-step level."""
     judged = (table.n >= 2) & table.p.notna() & table.acted
@@ -104,7 +102,7 @@ def _judge(table: pd.DataFrame, image_var: pd.Series, min_effect: float) -> None
         for i in table.index[(table.budget == b) & table.delta.notna()]:
             sd = table.at[i, "sd_delta"] if table.at[i, "n"] >= 2 else spread
             alpha = ALPHA if table.at[i, "control"] else ALPHA / size
-            table.at[i, "seeds_needed"] = seeds_for(min_effect, sd, np.nan_to_num(image_var[i]), alpha=alpha)
+            table.at[i, "seeds_needed"] = seeds_for(min_effect, sd, np.nan_to_num(table.at[i, "image_var"]), alpha=alpha)
     for i in table.index[table.delta.notna()]:
         if table.at[i, "verdict"]:
             continue

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from segsde.orchestration.comparison import BASELINE, CONTROLS, _confusions
-from segsde.orchestration.statistics import ALPHA, POWER, paired_difference, seeds_for
+from segsde.orchestration.comparison import BASELINE, CONTROLS, comparison_table
+from segsde.orchestration.statistics import ALPHA, POWER, seeds_for
 
 
 def seed_plan(records: list[dict], rows: list[str], budgets: list[int], min_effect: float, cost: dict,
@@ -20,23 +20,14 @@ def seed_plan(records: list[dict], rows: list[str], budgets: list[int], min_effe
     """One line per (row, budget) but Baseline: the pilot's paired sd and image variance (``source`` says where
     they come from), the seeds ``min_effect`` needs, and their compute in trial-seconds (``cost``: {(row, budget):
     seconds of one trial}, nan where unknown). Baseline's line needs the most seeds of its budget."""
-    done = [r for r in records if r.get("miou") is not None]
     family = [(r, b) for r in rows for b in budgets if r != BASELINE and r not in controls]
-    lines = []
-    for b in budgets:
-        base = [r for r in done if r["row"] == BASELINE and int(r["budget"]) == b]
-        for row in [r for r in rows if r != BASELINE]:
-            recs = [r for r in done if r["row"] == row and int(r["budget"]) == b]
-            paired = None
-            if recs and base:
-                (conf, groups), (base_conf, _) = _confusions(recs), _confusions(base)
-                paired = paired_difference({int(r["seed"]): 100 * r["miou"] for r in recs},
-                                           {int(r["seed"]): 100 * r["miou"] for r in base}, conf, base_conf, groups)
-            pilot = paired is not None and paired.n >= 2
-            lines.append({"row": row, "budget": b, "pilot_seeds": paired.n if pilot else 0,
-                          "sd": paired.sd if pilot else np.nan, "image_var": paired.image_var if pilot else 0.0,
-                          "source": f"pilot, {paired.n} seeds" if pilot else "", "control": row in controls})
-    table = pd.DataFrame(lines, columns=["row", "budget", "pilot_seeds", "sd", "image_var", "source", "control"])
+    paired = comparison_table(records, rows, budgets, min_effect, controls)  # the report's pairing, seed by seed
+    paired = paired[paired.row != BASELINE].reset_index(drop=True)
+    pilot = (paired.n >= 2) & paired.sd_delta.notna()
+    table = pd.DataFrame({"row": paired.row, "budget": paired.budget, "pilot_seeds": np.where(pilot, paired.n, 0),
+                          "sd": paired.sd_delta.where(pilot), "image_var": paired.image_var.where(pilot, 0.0),
+                          "source": [f"pilot, {n} seeds" if p else "" for n, p in zip(paired.n, pilot)],
+                          "control": paired.control.astype(bool)})
     measured = table.sd.dropna()
     pooled = float(np.sqrt((measured**2).mean())) if len(measured) else pilot_sd
     fallback = f"pooled over {len(measured)} rows" if len(measured) else "the profile's pilot_sd" if pilot_sd else ""
