@@ -30,6 +30,7 @@ def test_study_runs_a_tune_grid_caches_every_stage_and_never_duplicates_runs(tmp
     first = _run("--profile", "smoke", "--out", tmp_path, "--rows", "baseline,pseudolabel")
     assert first.returncode == 0, first.stderr
     assert "2 trials (2 run, 0 cached, 0 failed)" in first.stdout
+    assert len(list(tmp_path.glob("cache/train-*/metrics.json"))) == 2 and not list(tmp_path.glob("ray/train-*"))  # no training state
     _quiet_terminal(first, tmp_path)
     assert "| baseline | " in first.stdout and "| pseudolabel | " in first.stdout  # the study table is printed
     report = next((tmp_path / "study").iterdir())

@@ -142,6 +142,9 @@ def test_a_study_on_s3_killed_mid_trial_resumes_without_rerunning_what_finished(
     assert sorted(trials) == ["baseline", "transfer"] and {r.info.status for r in trials.values()} == {"FINISHED"}
     steps = [m.step for m in client.get_metric_history(trials["transfer"].info.run_id, "train/loss")]
     assert set(steps) == set(range(1, 25)) and steps.count(1) == 1, steps  # went on from its checkpoint in S3
+    sde = next(n for n in root.child("cache").children() if n.startswith("sde-"))
+    assert root.child("cache", sde, "model.pt").is_file() and not root.child("cache", sde, "ray").exists()
+    assert not [r for r in root.child("ray").children() if r.startswith("train-")]  # results kept, training state gone
 
     metrics = next(n for n in root.child("cache").children() if n.startswith("sde-"))
     root.child("cache", metrics, "metrics.json").delete()  # an entry without its marker reads as absent

@@ -86,3 +86,6 @@ def orchestration_flags(p: argparse.ArgumentParser, experiment_note: str, resume
     storage_flag(p)
     ray_flags(p, None, experiment_note, workers_default=None)
     p.add_argument("--resume", action="store_true", help=resume_help)
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep the training state of finished trials and SDE stages under the storage root (default: "
+                        "only their results and models; the state is for resuming, ~130 MB a trial)")

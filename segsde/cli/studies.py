@@ -29,7 +29,7 @@ def cmd_study(args) -> int:
     with console or contextlib.nullcontext():
         result = run_study(cfg, args.out, data_root=args.data_root, storage=args.storage, force=tuple(args.force),
                            address=args.address, tracking_uri=args.tracking_uri, experiment=args.experiment, resume=args.resume,
-                           dry_run=args.dry_run, console=console)
+                           dry_run=args.dry_run, console=console, keep_checkpoints=args.keep_checkpoints)
     return 1 if result.get("failed") else 0  # the table is printed either way, failed cells marked
 
 
@@ -39,7 +39,7 @@ def cmd_sweep(args) -> int:
     cfg = sweep_config(args.profile, sets=dict(args.set), row=args.row, budgets=args.budgets, samples=args.samples,
                        params=args.params, seed=args.seed, concurrency=args.concurrency, workers=args.workers, gpu=args.gpu)
     run_sweep(cfg, args.out, data_root=args.data_root, storage=args.storage, address=args.address, tracking_uri=args.tracking_uri,
-              experiment=args.experiment, resume=args.resume)
+              experiment=args.experiment, resume=args.resume, keep_checkpoints=args.keep_checkpoints)
     return 0
 
 

@@ -20,8 +20,8 @@ from segsde.orchestration.keys import code_version, describe, entry_key, remembe
 from segsde.profiles import DataProfile, data_profile
 from segsde.storage import Location, as_location, localize
 
-__all__ = ["dataset_stage", "sde_stage", "export_stage", "selection_stage", "select_inputs", "input_id", "input_stages", "model_stages",
-           "trial_inputs"]
+__all__ = ["dataset_stage", "sde_stage", "train_checkpoints", "export_stage", "selection_stage", "select_inputs", "input_id",
+           "input_stages", "model_stages", "trial_inputs"]
 
 
 @dataclass(frozen=True)
@@ -124,12 +124,21 @@ def dataset_stage(profile: DataProfile, storage: Location, seed: int, data_root:
     return path
 
 
+TRAINING_STATE = "ray"  # the SDE entry's Ray Train run: its checkpoints, for resuming
+
+
+def train_checkpoints(storage: str | Location, key: str) -> Location:
+    """Where the Train run of the trial with key ``key`` keeps its checkpoints under the storage root."""
+    return as_location(storage).child("ray", f"train-{key}")
+
+
 def sde_stage(profile: str, data: Location, storage: Location, tracking_uri: str | None = None, force: bool = False,
               dry_run: bool = False, log=print, tracking: StageTracking | None = None,
-              overrides: dict | None = None) -> Location:
+              overrides: dict | None = None, keep_checkpoints: bool = False) -> Location:
     """SDE pre-training on ``data`` (the profile's sde section with ``overrides``), cached by its config and
     dataset; returns the entry holding model.pt. An interrupted run of the same configuration continues
-    from its last Ray Train checkpoint."""
+    from its last Ray Train checkpoint; a finished one keeps its model and metrics, and its training state
+    (networks, optimiser: ~3x the model) only with ``keep_checkpoints``."""
     from segsde.sde.run import METRICS_FILE, MODEL_FILE, run_sde, sde_config
 
     cfg = sde_config(profile, overrides)
@@ -138,6 +147,8 @@ def sde_stage(profile: str, data: Location, storage: Location, tracking_uri: str
     if path.child(MODEL_FILE).is_file() and path.child(METRICS_FILE).is_file() and not force:
         metrics = json.loads(path.child(METRICS_FILE).read_text())
         log(f"[sde] cache hit: reusing {path} (AbsRel {metrics.get('abs_rel', float('nan')):.3f})")
+        if not (keep_checkpoints or dry_run):  # a kill between the metrics and the clean-up left them
+            path.child(TRAINING_STATE).delete()
         record_stage(tracking, "sde", path, True)
         return path
     reason = missed(storage, path, "sde-", "sde", config, force, dry_run)
@@ -150,6 +161,8 @@ def sde_stage(profile: str, data: Location, storage: Location, tracking_uri: str
     quality = (f"AbsRel {metrics['abs_rel']:.3f}, RMSE {metrics['rmse']:.2f}, d1 {metrics['a1']:.3f} (median-scaled, validation split)"
                if "abs_rel" in metrics else "no ground-truth depth to validate against")
     log(f"[sde] done in {metrics['seconds']:.0f} s: {quality}")
+    if not keep_checkpoints:
+        path.child(TRAINING_STATE).delete()
     record_stage(tracking, "sde", path, False)
     return path
 
@@ -259,23 +272,24 @@ def trial_selection(selection: str | None, profile: str, row: str, overrides: di
 
 def input_stages(profile: str, train_configs: list, seeds, storage: Location, data_root: Location | None, data_seed: int,
                  force=(), dry_run: bool = False, log=print, tracking: StageTracking | None = None,
-                 sde_overrides: dict | None = None, select_overrides: dict | None = None) -> tuple[Location, dict, dict]:
+                 sde_overrides: dict | None = None, select_overrides: dict | None = None,
+                 keep_checkpoints: bool = False) -> tuple[Location, dict, dict]:
     """The stages every trial of ``train_configs`` needs, computed or reused: the dataset, then
     ``model_stages``. Returns (data, {kind: sde model}, {(method, seed): list file})."""
     data = dataset_stage(data_profile(profile), storage, data_seed, data_root, "data" in force, dry_run, log, tracking)
     return (data, *model_stages(profile, train_configs, seeds, storage, data, force, dry_run=dry_run, log=log, tracking=tracking,
-                                sde_overrides=sde_overrides, select_overrides=select_overrides))
+                                sde_overrides=sde_overrides, select_overrides=select_overrides, keep_checkpoints=keep_checkpoints))
 
 
 def model_stages(profile: str, train_configs: list, seeds, storage: Location, data: Location, force=(), per_seed: bool = False,
                  dry_run: bool = False, log=print, tracking: StageTracking | None = None, sde_overrides: dict | None = None,
-                 select_overrides: dict | None = None, ready=lambda name: None) -> tuple[dict, dict]:
+                 select_overrides: dict | None = None, ready=lambda name: None, keep_checkpoints: bool = False) -> tuple[dict, dict]:
     """The stages after the dataset, computed or reused: the SDE model (the profile's sde section with
     ``sde_overrides``; with ``per_seed`` one per seed, of that seed) and its pseudo-depth (when a row uses them), the
     depth-oracle SDE model (when a row transfers from it), and each seed's selection list of every selection method
     (long enough for the largest budget, from that seed's SDE model), the one most rows use first. ``ready`` is
     called with each output's ``trial_inputs`` name once it exists. Returns ({(kind, seed): sde model} with kind
-    "self_supervised" / "depth_oracle", {(method, seed): list file})."""
+    "self_supervised" / "depth_oracle", {(method, seed): list file}). ``keep_checkpoints``: see ``sde_stage``."""
     largest = max(tc.budget for tc in train_configs)
     manifest = data.child(MANIFEST)
     available = json.loads(manifest.read_text())["splits"].get("train", 0) if manifest.is_file() else largest
@@ -290,7 +304,7 @@ def model_stages(profile: str, train_configs: list, seeds, storage: Location, da
             run_seed = seed if per_seed else None
             if run_seed not in made:
                 made[run_seed] = sde_stage(profile, data, storage, None, "sde" in force, dry_run, log, tracking,
-                                           {**overrides, **({"seed": seed} if per_seed else {})}).child(MODEL_FILE)
+                                           {**overrides, **({"seed": seed} if per_seed else {})}, keep_checkpoints).child(MODEL_FILE)
                 if export:
                     columns[run_seed] = export_stage(made[run_seed], data, bool({"export", "sde"} & set(force)), dry_run, log, tracking)
             sde_models[(kind, seed)] = made[run_seed]

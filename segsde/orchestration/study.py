@@ -16,7 +16,7 @@ from pathlib import Path
 from segsde.configs import check
 from segsde.errors import SegSDEError
 from segsde.orchestration.keys import code_version, entry_key
-from segsde.orchestration.stages import StageTracking, dataset_stage, input_id, missed, model_stages, trial_inputs
+from segsde.orchestration.stages import StageTracking, dataset_stage, input_id, missed, model_stages, train_checkpoints, trial_inputs
 from segsde.profiles import data_profile, section_config
 from segsde.progress import start_board
 from segsde.runtime import Background, effective_precision
@@ -125,11 +125,13 @@ def plan_trials(cfg: StudyConfig, data: Location, storage: Location, sde_models:
 
 def run_study(cfg: StudyConfig, out: Path, data_root: Location | str | None = None, force: tuple[str, ...] = (),
               address: str | None = None, tracking_uri: str | None = None, experiment: str | None = None,
-              resume: bool = False, dry_run: bool = False, storage: str | None = None, log=print, console=None) -> dict:
+              resume: bool = False, dry_run: bool = False, storage: str | None = None, log=print, console=None,
+              keep_checkpoints: bool = False) -> dict:
     """Run (or, with ``dry_run``, print) the study; return the trial records and where the report went.
     ``out``: the driver's directory (report, default MLflow store); ``storage``: the root of every durable
     artifact (default: ``$SEGSDE_STORAGE``, else ``out``); ``console``: a ``console.StudyConsole`` that shows a
-    live view and keeps Ray's output in a log file (else every line goes to ``log``)."""
+    live view and keeps Ray's output in a log file (else every line goes to ``log``); ``keep_checkpoints``: finished
+    trials and SDE stages keep their training state (see ``sde_stage`` and ``TrialSettings``)."""
     from segsde.orchestration.preflight import preflight
     from segsde.tracking import RunLogger, end_run, get_or_create_run, kill_running_children, resolve_tracking_uri
 
@@ -170,10 +172,10 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Location | str | None = No
             # inputs exist: a second thread speeds a small-batch SDE step up far less than 2x
             _, sde_models, selections = planned
             stages = Background(model_stages, *stage_args, dry_run=False, log=log, tracking=tracking, sde_overrides=cfg.sde,
-                                select_overrides=cfg.select, ready=ready.add, name="study-stages")
+                                select_overrides=cfg.select, ready=ready.add, keep_checkpoints=keep_checkpoints, name="study-stages")
         else:
             sde_models, selections = model_stages(*stage_args, dry_run=dry_run, log=log, tracking=tracking, sde_overrides=cfg.sde,
-                                                  select_overrides=cfg.select, ready=ready.add)
+                                                  select_overrides=cfg.select, ready=ready.add, keep_checkpoints=keep_checkpoints)
         trials = plan_trials(cfg, data, root, sde_models, selections)
         todo = [t for t in trials if "train" in force or not t.done]
         _log_trials(trials, todo, root, "train" in force, dry_run, log)
@@ -181,9 +183,13 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Location | str | None = No
             log(f"[study] dry run: {len(trials)} trials, {len(trials) - len(todo)} cached; nothing was run")
             return {"trials": [t.name for t in trials], "todo": [t.name for t in todo]}
         _clear_forced(todo, force, root)
+        if not keep_checkpoints:  # a kill between a trial's result and its clean-up left them
+            for t in trials:
+                if t not in todo:
+                    train_checkpoints(root, t.key).delete()
         if console is not None:
             console.watch({t.key: t.name for t in todo})
-        errors = _tune_grid(cfg, todo, root, tracking, address, log, ready, stages) if todo else {}
+        errors = _tune_grid(cfg, todo, root, tracking, address, log, ready, stages, keep_checkpoints) if todo else {}
         if stages is not None and not stages.alive():
             stages.result()  # a stage job's error, if one failed
         if any(not t.done and t.key not in errors for t in todo):
@@ -232,7 +238,7 @@ def _log_trials(trials: list[Trial], todo: list[Trial], storage: Location, force
 def _clear_forced(todo: list[Trial], force, storage: Location) -> None:
     if "train" in force:
         for t in todo:  # recompute, not resume from the finished Train run
-            storage.child("ray", f"train-{t.key}").delete()
+            train_checkpoints(storage, t.key).delete()
 
 
 def _planned_model_stages(stage_args: tuple, cfg: StudyConfig) -> tuple[bool, dict, dict]:
@@ -267,7 +273,7 @@ def start_ray(profile: str, row: str, train: dict, concurrency: int, workers: in
 
 
 def _tune_grid(cfg: StudyConfig, todo: list[Trial], storage: Location, tracking: StageTracking, address: str | None,
-               log, ready: set, stages: Background | None) -> dict[str, str]:
+               log, ready: set, stages: Background | None, keep_checkpoints: bool = False) -> dict[str, str]:
     """The trials that are not cached, on Ray Tune: each starts once its inputs are in ``ready``, longest
     first, one fewer at a time while the ``stages`` job holds a core. Returns the last line of each failed
     trial's error by trial key."""
@@ -278,7 +284,7 @@ def _tune_grid(cfg: StudyConfig, todo: list[Trial], storage: Location, tracking:
     start_ray(cfg.profile, cfg.rows[0], cfg.train, cfg.concurrency, cfg.workers, cfg.gpu, address)
     settings = TrialSettings(storage.uri, tracking.uri, tracking.experiment, tracking.parent_run_id, cfg.workers, cfg.gpu, address,
                              stream_evaluations=False, in_process=runs_in_process(cfg.workers, address),
-                             threads=train_config(cfg.profile, cfg.rows[0], cfg.train).threads or 1)
+                             threads=train_config(cfg.profile, cfg.rows[0], cfg.train).threads or 1, keep_checkpoints=keep_checkpoints)
     stages_running = (lambda: stages.alive()) if stages is not None else (lambda: False)
     searcher = ReadyFirst([({"plan": t.plan.to_dict()}, t.cost, t.needs) for t in todo], ready,
                           lambda: cfg.concurrency - stages_running(), stages_running)
@@ -286,10 +292,10 @@ def _tune_grid(cfg: StudyConfig, todo: list[Trial], storage: Location, tracking:
     beside = ", one fewer while the stage jobs run, each once its inputs exist" if stages is not None else ""
     log(f"[study] running {len(todo)} trials, {cfg.concurrency} at a time{beside} ({storage.child('tune', name)})")
     # a trial process is reused by the next trial, its imports done: 3 s less CPU per trial
+    closing = MlflowStatusCallback(tracking.uri, tracking.experiment, discard_checkpoints=None if keep_checkpoints else storage.uri)
     tuner = ray.tune.Tuner(tune_trainable(settings), tune_config=ray.tune.TuneConfig(
                                search_alg=searcher, num_samples=len(todo), max_concurrent_trials=cfg.concurrency, reuse_actors=True),
-                           run_config=fresh_run_config(storage.child("tune"), name, MlflowStatusCallback(tracking.uri, tracking.experiment),
-                                                       max_failures=settings.tune_max_failures))
+                           run_config=fresh_run_config(storage.child("tune"), name, closing, max_failures=settings.tune_max_failures))
     errors = {}
     # trials waiting for a stage job's output are not trials short of resources: no Tune warning about those
     with _environ({f"TUNE_WARN_INSUFFICENT_RESOURCE_THRESHOLD_S{s}": "86400" for s in ("", "_AUTOSCALER")} if stages is not None else {}):

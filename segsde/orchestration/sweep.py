@@ -125,10 +125,11 @@ def optuna_storage(out: Path) -> optuna.storages.RDBStorage:
 
 def run_sweep(cfg: SweepConfig, out: Path, data_root: Location | str | None = None, address: str | None = None,
               tracking_uri: str | None = None, experiment: str | None = None, resume: bool = False,
-              storage: str | None = None, log=print) -> dict:
+              storage: str | None = None, log=print, keep_checkpoints: bool = False) -> dict:
     """One sweep per budget; returns, per budget, the best settings and where the study lives. The Optuna
     study (the sweep's own state) is a sqlite file in the driver's ``out``; every other artifact goes to the
-    storage root (``storage``, else ``$SEGSDE_STORAGE``, else ``out``)."""
+    storage root (``storage``, else ``$SEGSDE_STORAGE``, else ``out``). Finished and pruned trials, and the SDE stage,
+    keep their training state only with ``keep_checkpoints``."""
     from segsde.orchestration.preflight import preflight
     from segsde.orchestration.stages import input_stages
     from segsde.orchestration.study import start_ray
@@ -151,7 +152,7 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Location | str | None = No
     preflight(root, uri)
     data, sde_models, selections = input_stages(cfg.profile, configs, (cfg.seed,), root,
                                                 as_location(data_root) if data_root else None, cfg.data_seed, log=log,
-                                                sde_overrides=cfg.sde)
+                                                sde_overrides=cfg.sde, keep_checkpoints=keep_checkpoints)
     results = {}
     for budget, tc in zip(cfg.budgets, configs):
         name = names[budget]
@@ -164,7 +165,7 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Location | str | None = No
             selection = selections.get((tc.selection, cfg.seed)) if tc.labeled == "selection" else None
             tracking = StageTracking(uri, experiment, parent)
             _tune_budget(cfg, name, space, tc, data, root, sde_models.get((tc.sde_model, cfg.seed)), selection, tracking, storage, address,
-                         resume, log)
+                         resume, log, keep_checkpoints)
             results[budget] = _summarise_budget(cfg, name, storage, tracking, out, log)
             status = "FINISHED"
         except KeyboardInterrupt:
@@ -176,7 +177,8 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Location | str | None = No
     return {"budgets": results, "tracking_uri": uri, "experiment": experiment, "optuna_storage": str(out / "optuna.db")}
 
 
-def _tune_budget(cfg, name, space, tc, data, root, sde_model, selection, tracking, storage, address, resume, log) -> None:
+def _tune_budget(cfg, name, space, tc, data, root, sde_model, selection, tracking, storage, address, resume, log,
+                 keep_checkpoints: bool = False) -> None:
     """One Tuner over the trials the Optuna study still lacks. The study is the sweep's only state (see
     ``fresh_run_config``): a resumed sweep starts a new Tuner that hands the interrupted Optuna trials out again."""
     import ray.tune
@@ -195,7 +197,8 @@ def _tune_budget(cfg, name, space, tc, data, root, sde_model, selection, trackin
     if samples <= 0:
         return
     settings = TrialSettings(root.uri, tracking.uri, tracking.experiment, tracking.parent_run_id, cfg.workers, cfg.gpu, address,
-                             in_process=runs_in_process(cfg.workers, address), threads=tc.threads or 1)
+                             in_process=runs_in_process(cfg.workers, address), threads=tc.threads or 1,
+                             keep_checkpoints=keep_checkpoints)
     searcher = AshaAwareOptunaSearch(space=space, metric=METRIC, mode="max", sampler=optuna.samplers.TPESampler(seed=cfg.seed),
                                      points_to_evaluate=None if study.trials else [defaults(cfg, space)],
                                      study_name=name, storage=storage, full_steps=tc.steps, interrupted=interrupted[:samples])
@@ -209,7 +212,9 @@ def _tune_budget(cfg, name, space, tc, data, root, sde_model, selection, trackin
     ray.tune.Tuner(tune_trainable(settings), param_space={"plan": plan.to_dict()},
                    tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=samples,
                                                    max_concurrent_trials=cfg.concurrency),
-                   run_config=fresh_run_config(root.child("tune"), name, MlflowStatusCallback(tracking.uri, tracking.experiment, tc.steps),
+                   run_config=fresh_run_config(root.child("tune"), name,
+                                               MlflowStatusCallback(tracking.uri, tracking.experiment, tc.steps,
+                                                                    None if keep_checkpoints else root.uri),
                                                max_failures=settings.tune_max_failures)).fit()
     if any(t.state == optuna.trial.TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
         raise KeyboardInterrupt  # Tune took a Ctrl-C and ended the trials early (an ended trial is told to Optuna)

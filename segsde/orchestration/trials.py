@@ -36,6 +36,9 @@ class TrialSettings:
     # on one machine and one worker, 10 s less start-up per trial; Tune, not Train, restarts a failed trial
     in_process: bool = False
     threads: int = 1                # the CPUs an in-process trial holds
+    # a finished trial's Train checkpoints (student, teacher, optimiser, the SDE network: ~130 MB) are for resuming
+    # it, and go once it is complete (MlflowStatusCallback); kept with --keep-checkpoints
+    keep_checkpoints: bool = False
 
     @property
     def tune_max_failures(self) -> int:
@@ -78,6 +81,8 @@ def trial_driver(config: dict, settings: TrialSettings) -> None:
                            on_report=evaluation_to_tune if settings.stream_evaluations and settings.in_process else None)
     result = trainer.fit()
     summary = summarise(trial, result, time.perf_counter() - start, run_id)
+    if not settings.keep_checkpoints:  # MlflowStatusCallback removes them once the trial is complete
+        summary["checkpoint"] = None
     if plan.result:
         Location(plan.result).child(METRICS_FILE).write_text(json.dumps(summary, indent=1))
     if not settings.stream_evaluations:
@@ -130,11 +135,13 @@ def fresh_run_config(storage: Location, name: str, callback: ray.tune.Callback, 
 class MlflowStatusCallback(ray.tune.Callback):
     """Closes each trial's child run from the Tune driver: FINISHED, KILLED (tagged ``stopped_early``) when
     a scheduler stopped it before ``full_steps``, or FAILED with the reason. Needed because ASHA kills a
-    trial before its own code could close the run. Stateless: runs are found by the Ray trial id tag,
+    trial before its own code could close the run; with ``discard_checkpoints`` (the storage root) it also removes
+    the Train checkpoints of every complete trial (a failed one keeps them for --resume). Stateless: runs are found by the Ray trial id tag,
     so it works unchanged after ``Tuner.restore``."""
 
-    def __init__(self, uri: str, experiment: str, full_steps: int | None = None):
+    def __init__(self, uri: str, experiment: str, full_steps: int | None = None, discard_checkpoints: str | None = None):
         self.uri, self.experiment, self.full_steps = uri, experiment, full_steps
+        self.discard_checkpoints = discard_checkpoints  # the storage root, where the complete trials' checkpoints go from
 
     def _run_id(self, trial) -> str | None:
         from mlflow.tracking import MlflowClient
@@ -147,6 +154,10 @@ class MlflowStatusCallback(ray.tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         from mlflow.tracking import MlflowClient
 
+        from segsde.orchestration.stages import train_checkpoints
+
+        if self.discard_checkpoints:  # finished, or stopped by a scheduler (at max_t too): it never resumes
+            train_checkpoints(self.discard_checkpoints, trial.config.get("trial_key") or trial.config["plan"]["key"]).delete()
         run_id = self._run_id(trial)
         if run_id is None:
             return

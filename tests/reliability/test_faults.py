@@ -54,9 +54,9 @@ def table(out: Path) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def uninterrupted(ablations, tmp_path_factory):
-    """baseline beside a diverging row, without any other fault."""
+    """baseline beside a diverging row, without any other fault, keeping its checkpoints."""
     out = tmp_path_factory.mktemp("uninterrupted")
-    return out, study(out, ablations, "--rows", "baseline,diverging", *LONGER)
+    return out, study(out, ablations, "--rows", "baseline,diverging", *LONGER, "--keep-checkpoints")
 
 
 def test_a_failing_trial_is_failed_everywhere_and_the_study_goes_on(uninterrupted):
@@ -69,6 +69,7 @@ def test_a_failing_trial_is_failed_everywhere_and_the_study_goes_on(uninterrupte
     assert runs["diverging"].info.status == "FAILED" and "loss" in runs["diverging"].data.tags["segsde.failure"]
     assert not list(out.glob("cache/train-diverging-*/metrics.json"))  # nothing cached for it: --resume retries it
     assert table(out).set_index("row")["miou"].isna().to_dict() == {"baseline": False, "diverging": True}
+    assert len(list(out.glob("ray/train-*/checkpoint_*"))) == 1  # baseline's, asked for (diverging failed before its first)
 
 
 def test_a_killed_training_process_and_a_killed_study_lose_nothing_and_duplicate_nothing(ablations, uninterrupted, tmp_path):
@@ -89,6 +90,7 @@ def test_a_killed_training_process_and_a_killed_study_lose_nothing_and_duplicate
     assert set(steps) == set(range(1, 25)) and steps.count(1) == 1, steps  # both restarts went on from a checkpoint
     reference = table(uninterrupted[0]).set_index("row")["miou"].loc[["baseline"]]
     pd.testing.assert_series_equal(table(tmp_path).set_index("row")["miou"], reference)  # as if nothing happened
+    assert not list(tmp_path.glob("ray/train-*"))  # once its result is in, a trial's training state goes
 
 
 def test_ctrl_c_while_the_stage_jobs_run_beside_a_trial_closes_their_runs(ablations, tmp_path):
