@@ -120,3 +120,31 @@ def test_the_seed_planner_takes_the_pilots_noise_holms_level_and_the_trials_cost
     assert "Holm over the 3 rows of the family" in text and "| helps | 8 |" in text and "trial-hours" in text
     nothing = seed_plan([r for r in records if r["seed"] == 0], rows, [8], 2.0, cost).set_index("row")
     assert nothing.loc["helps", "source"].startswith("no pilot") and pd.isna(nothing.loc["helps", "seeds"])
+
+
+def test_an_sde_model_that_does_not_beat_a_constant_depth_is_named_with_its_seed(tmp_path, synth_root):
+    from segsde.data.dataset import validation_split
+    from segsde.metrics.depth import depth_error_sums, summarise
+    from segsde.orchestration.sde_quality import constant_depth_reference
+
+    reference = constant_depth_reference(synth_root, None, 80.0)
+    assert 0 < reference["a1"] < 1 and reference["abs_rel"] > 0
+    val = validation_split(str(synth_root), None)
+    gt = torch.stack([val[i]["depth"] for i in range(len(val))])
+    assert summarise(depth_error_sums(gt, gt))["a1"] == 1.0  # the truth beats it: the reference is not a floor of the metric
+    assert summarise(depth_error_sums(torch.full_like(gt, 7.0), gt, 1e-3, 80.0)) == pytest.approx(reference)  # any constant
+
+    rng = np.random.default_rng(1)
+    records = []
+    for seed in range(3):
+        level = 0.5 + 0.03 * rng.standard_normal()
+        good = {"sde/model": f"sde-{seed}", "sde/abs_rel": 0.3, "sde/a1": 0.5, "acted/encoder_from_sde": 1.0}
+        collapsed = {**good, "sde/abs_rel": 2.4, "sde/a1": 0.1}
+        records += [_trial("baseline", seed, level, rng), _trial("transfer", seed, level + 0.05, rng, **(collapsed if seed == 2 else good))]
+    text, summary = write_report(records, ["baseline", "transfer"], [8], tmp_path, depth_reference=reference)
+    comparison = pd.read_parquet(tmp_path / "comparison.parquet").set_index("row")
+    assert comparison.loc["transfer", "note"] == "the SDE model of seed 2 learned no depth" and comparison.loc["transfer", "acted"]
+    assert "| sde-2 | 2 | 2.400 | 0.100 | **no**" in summary and "| sde-0 | 0 | 0.300 | 0.500 | yes |" in summary
+    assert f"a constant depth scores AbsRel {reference['abs_rel']:.3f}" in text
+    unchecked = write_report(records, ["baseline", "transfer"], [8], tmp_path / "cityscapes")[0]  # no ground-truth depth
+    assert "their quality is not checked" in unchecked and "learned no depth" not in unchecked

@@ -20,7 +20,7 @@ MIN_CONFIDENT, MIN_MIXED, MIN_LOSS_RATIO = 0.05, 0.02, 0.01
 # a multi-task row acts when its depth loss and its feature exchange each carry at least this share
 MIN_SHARE = 0.01
 COLUMNS = ["row", "budget", "n", "mean", "sd", "delta", "sd_delta", "image_var", "se", "df", "ci_low", "ci_high", "p", "p_holm", "method",
-           "control", "seeds_needed", "teacher_minus_student", "acted", "verdict"]
+           "control", "seeds_needed", "teacher_minus_student", "acted", "verdict", "note"]
 
 
 def inaction(records: list[dict]) -> str | None:
@@ -79,6 +79,9 @@ def comparison_table(records: list[dict], rows: list[str], budgets: list[int], m
                 line.update(n=paired.n, delta=paired.delta, sd_delta=paired.sd, method=paired.method, image_var=paired.image_var,
                             **(dict(se=paired.se, df=paired.df, ci_low=paired.low, ci_high=paired.high, p=paired.p) if paired.n >= 2 else {}))
             line["verdict"] = "reference" if row == BASELINE else (silent or "")
+            no_depth = sorted(int(r["seed"]) for r in recs if r.get("sde/learned") is False)  # see sde_quality
+            line["note"] = (f"the SDE model of seed{'s' if len(no_depth) > 1 else ''} {', '.join(map(str, no_depth))} learned no depth"
+                            if no_depth else "")
             lines.append(line)
     table = pd.DataFrame(lines).reindex(columns=COLUMNS)
     _judge(table, min_effect)
@@ -144,7 +147,7 @@ def comparison_markdown(table: pd.DataFrame, budget: int) -> str:
         name = f"{c.row} (control)" if c.control else c.row
         lines.append(f"| {name} | {c.n} | {mean} | {num(c.delta, '+.2f') if shown else '–'} | {interval} | "
                      f"{num(c.p_holm, '.3f') if shown else '–'} | {num(c.seeds_needed, '.0f') if shown else '–'} | "
-                     f"{num(c.teacher_minus_student, '+.2f')} | {c.verdict} |")
+                     f"{num(c.teacher_minus_student, '+.2f')} | {c.verdict}{f' ({c.note})' if c.note else ''} |")
     per_seed = table.attrs.get("sde_per_seed")
     if per_seed is not None and (at.n > 1).any():
         lines += ["", "Rows that read the SDE model: " + ("each seed trained its own SDE model, so their intervals cover the SDE "

@@ -14,6 +14,7 @@ import pandas as pd
 from segsde.data.labels import CLASS_NAMES
 from segsde.data.store import atomic_savefig, atomic_write_bytes
 from segsde.orchestration.comparison import BASELINE, MIN_EFFECT, comparison_markdown, comparison_table, forest_figure
+from segsde.orchestration.sde_quality import learned_depth, sde_models_markdown
 
 MISSING = "failed/missing"
 
@@ -167,15 +168,17 @@ def html_report(markdown_text: str, figures: dict[str, bytes]) -> str:
 
 
 def write_report(records: list[dict], rows: list[str], budgets: list[int], out: Path, logger=None,
-                 min_effect: float = MIN_EFFECT, sde_per_seed: bool | None = None) -> tuple[str, str]:
+                 min_effect: float = MIN_EFFECT, sde_per_seed: bool | None = None, depth_reference: dict | None = None) -> tuple[str, str]:
     """Write study.md, study.html, study.parquet, comparison.parquet, trials.parquet, class_iou.parquet and the
     figures under ``out`` (and into the MLflow run of ``logger``, with the comparison as metrics and the summary as
     its description); return the Markdown,
-    and its summary for a terminal (the study table and the comparisons, without the class tables)."""
+    and its summary for a terminal (the study table and the comparisons, without the class tables). ``depth_reference``:
+    a constant depth's errors, against which the SDE models the trials read are checked (``sde_quality``)."""
     import matplotlib.pyplot as plt
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    records = [{**r, "sde/learned": learned_depth(r, depth_reference)} if r.get("sde/model") else r for r in records]
     trials = trial_frame(records)
     comparison = comparison_table(records, rows, budgets, min_effect)
     comparison.attrs["sde_per_seed"] = sde_per_seed  # which inference the rows that read the SDE model make
@@ -190,6 +193,9 @@ def write_report(records: list[dict], rows: list[str], budgets: list[int], out: 
         summary += ["", comparison_markdown(comparison, b)]
         classes.append(means.assign(budget=b).reset_index())
         figures.append((heatmap_figure(delta, b, means), f"class_iou_delta_b{b}.png"))
+    models = sde_models_markdown(records, depth_reference)
+    text += ["", models] if models else []
+    summary += ["", models] if models else []
     markdown_text = "\n".join(text) + "\n"
     atomic_write_bytes(out / "study.md", markdown_text.encode())
     frames = [("study.parquet", table), ("comparison.parquet", comparison), ("trials.parquet", trials),

@@ -16,6 +16,7 @@ from pathlib import Path
 from segsde.configs import check
 from segsde.errors import SegSDEError
 from segsde.orchestration.keys import code_version, entry_key
+from segsde.orchestration.sde_quality import constant_depth_reference, model_quality
 from segsde.orchestration.stages import StageTracking, dataset_stage, input_id, missed, model_stages, train_checkpoints, trial_inputs
 from segsde.profiles import data_profile, section_config
 from segsde.progress import start_board
@@ -202,7 +203,7 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Location | str | None = No
         records = [_record(t) for t in trials]
         if console is not None:
             console.finish()
-        report = _report(cfg, records, out, root, tracking, log, brief=console is not None)
+        report = _report(cfg, records, out, root, tracking, log, data, brief=console is not None)
         failed = sum(r.get("miou") is None for r in records)
         RunLogger(tracking.uri, tracking.parent_run_id).client.set_tag(tracking.parent_run_id, "segsde.failed_trials", str(failed))
         status = "FINISHED"
@@ -324,17 +325,22 @@ def _record(trial: Trial) -> dict:
         return {**base, "miou": None}
     confusions = trial.result.child(CONFUSIONS_FILE)  # the report's jackknife over validation images
     extra = {"per_image_confusion": json.loads(confusions.read_text())} if confusions.is_file() else {}
-    return {**json.loads(trial.result.child(METRICS_FILE).read_text()), **extra, **base}
+    return {**json.loads(trial.result.child(METRICS_FILE).read_text()), **extra, **model_quality(trial.plan.sde_model), **base}
 
 
 def _report(cfg: StudyConfig, records: list[dict], out: Path, storage: Location, tracking: StageTracking, log,
-            brief: bool = False) -> Path:
+            data: Location, brief: bool = False) -> Path:
     from segsde.orchestration.report import write_report
     from segsde.tracking import RunLogger
 
     logger = RunLogger(tracking.uri, tracking.parent_run_id)
     where = out / "study" / f"{cfg.profile}-{cache_key({'study': asdict(cfg)})}"
-    text, summary = write_report(records, list(cfg.rows), list(cfg.budgets), where, logger, cfg.min_effect, cfg.sde_per_seed)
+    reference = None
+    if any(r.get("sde/model") for r in records):  # what an SDE model must beat to have learned depth
+        sde = sde_config(cfg.profile, cfg.sde)
+        reference = constant_depth_reference(data, sde.val_images, sde.eval_max_depth)
+    text, summary = write_report(records, list(cfg.rows), list(cfg.budgets), where, logger, cfg.min_effect, cfg.sde_per_seed,
+                                 reference)
     if not storage.is_local:  # the driver's copy is for reading; the storage root keeps the durable one
         storage.child("study", where.name).upload_dir(where)
     log(f"{summary}\nClass IoU, figures and Parquet tables: {where} (study.md)" if brief else text)
