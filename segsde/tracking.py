@@ -303,12 +303,18 @@ class RunLogger:
         from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.data.http_dataset_source import HTTPDatasetSource
         from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.sources import LocalArtifactDatasetSource
         from mlflow.entities import DatasetInput, InputTag
 
-        try:
-            source = resolve_dataset_source(uri)
-        except Exception:  # e.g. an S3 URI with an endpoint override
-            source = HTTPDatasetSource(url=uri)
+        if "://" not in uri or uri.startswith("file://"):
+            # named, not resolved: MLflow's registry holds the local source twice and warns that a path is ambiguous
+            # with itself (mlflow/mlflow#9702), once per trial
+            source = LocalArtifactDatasetSource(uri)
+        else:
+            try:
+                source = resolve_dataset_source(uri)
+            except Exception:  # e.g. an S3 URI with an endpoint override
+                source = HTTPDatasetSource(url=uri)
         entity = MetaDataset(source, name=name, digest=digest)._to_mlflow_entity()
         inputs = [DatasetInput(dataset=entity, tags=[InputTag(key="mlflow.data.context", value=context)])]
         self._call(lambda: self.client.log_inputs(self.run_id, datasets=inputs))

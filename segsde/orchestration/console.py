@@ -67,7 +67,10 @@ class StudyConsole:
         self.started = self.t0 = time.time()
         self.live, self.tty = None, self.terminal.isatty()
         if self.tty:
-            self.live = Live(console=Console(file=self.terminal), get_renderable=self._view, refresh_per_second=2, transient=True)
+            # rich redirects sys.stdout/stderr above the view by default, which would bring Ray's forwarded worker lines
+            # and Python warnings back to the terminal: they belong in the log file that fds 1 and 2 go to
+            self.live = Live(console=Console(file=self.terminal), get_renderable=self._view, refresh_per_second=2, transient=True,
+                             redirect_stdout=False, redirect_stderr=False)
             self.live.start()
         self._poller = threading.Thread(target=self._poll, name="segsde-console", daemon=True)
         self._poller.start()
