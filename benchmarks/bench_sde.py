@@ -13,6 +13,7 @@ settings for all of them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import tempfile
@@ -32,10 +33,11 @@ PAPER = {"decoder_channels": (64, 128, 128, 256, 256), "pose_input_scale": 1.0, 
 
 
 def images_per_s(data: str, profile: str, overrides: dict, steps: int, device: torch.device, fused: bool = True,
-                 prefetched: bool = False, channels_last: bool = True) -> float:
+                 prefetched: bool = False, channels_last: bool = True, trace=None) -> float:
     """Training images/s over ``steps`` steps after two warm-ups. ``prefetched``: cycle four batches loaded
     onto the device beforehand, so only the network step is timed (the data loading's share is the rest).
-    ``channels_last``: the weights' layout the training loop uses (runtime.place); the paper's baseline is NCHW."""
+    ``channels_last``: the weights' layout the training loop uses (runtime.place); the paper's baseline is NCHW.
+    ``trace``: a context manager (a torch profiler) entered around the timed steps alone."""
     cfg = sde_config(profile, {"phase1_steps": 0, "phase2_steps": steps + 2, **overrides})
     torch.manual_seed(0)
     gpu = device.type == "cuda"
@@ -47,11 +49,13 @@ def images_per_s(data: str, profile: str, overrides: dict, steps: int, device: t
     batches, jitter = StepBatches(data, cfg, 0, 0, 1), colour_jitter(cfg)
     if prefetched:
         batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in batches[k].items()} for k in range(4)]
-    start = None
+    start, tracing = None, contextlib.ExitStack()
     for step in range(steps + 2):
         if step == 2:  # two warm-up steps
             if gpu:
                 torch.cuda.synchronize()
+            if trace is not None:
+                tracing.enter_context(trace)
             start = time.perf_counter()
         b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batches[step % len(batches)].items()}
         net_frames = network_frames(jitter, b["frames"], b["jitter"])
@@ -62,7 +66,9 @@ def images_per_s(data: str, profile: str, overrides: dict, steps: int, device: t
         opt.step()
     if gpu:
         torch.cuda.synchronize()
-    return steps * cfg.batch_size / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    tracing.close()
+    return steps * cfg.batch_size / seconds
 
 
 def main() -> None:

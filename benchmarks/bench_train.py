@@ -11,7 +11,9 @@ augmentation, pseudo-labels) and divides their time by the step time (goal: < 5 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import tempfile
 import time
@@ -55,7 +57,9 @@ def mixing_seconds(cfg, pool, teacher, augment, student_disparity) -> float:
         return time.perf_counter() - start
 
 
-def measure(data: Path, sde_model: Path, profile: str, row: str, steps: int, device: torch.device) -> dict:
+def measure(data: Path, sde_model: Path, profile: str, row: str, steps: int, device: torch.device, trace=None) -> dict:
+    """Mean step time of ``row`` over ``steps`` steps after two warm-ups, and the mixing's share. ``trace``: a
+    context manager (a torch profiler) entered around the timed steps alone; the mixing is then not re-timed."""
     name = row.removesuffix("_sde")
     cfg = train_config(profile, name, {"steps": steps + 2, **ROWS[row]})
     torch.manual_seed(0)
@@ -69,7 +73,10 @@ def measure(data: Path, sde_model: Path, profile: str, row: str, steps: int, dev
     augment = StrongAugment(cfg.crop or cfg.resize or batches.labeled[0]["image"].shape[-2:], cfg.jitter_p, cfg.jitter_strength,
                             cfg.blur_p, cfg.blur_sigma)
     step_time = mixing = 0.0
+    tracing = contextlib.ExitStack()
     for step in range(steps + 2):
+        if step == 2 and trace is not None:
+            tracing.enter_context(trace)
         b = batches[step]
         lab = {k: v.to(device) for k, v in b["labeled"].items()}
         pool = {k: v.to(device) for k, v in b["pool"].items()} if "pool" in b else None
@@ -90,21 +97,20 @@ def measure(data: Path, sde_model: Path, profile: str, row: str, steps: int, dev
         _sync(device)
         if step >= 2:  # two warm-up steps
             step_time += time.perf_counter() - start
-            if teacher is not None:
+            if teacher is not None and trace is None:
                 with autocast(device, cfg.precision):
                     mixing += mixing_seconds(cfg, pool, teacher, augment, disparity)
+    tracing.close()
     out = {"step_ms": round(1000 * step_time / steps, 1)}
-    if teacher is not None:
+    if teacher is not None and trace is None:
         out["mixing_ms"] = round(1000 * mixing / steps, 2)
         out["mixing_share_pct"] = round(100 * mixing / step_time, 2)
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="quick")
-    parser.add_argument("--steps", type=int, default=8)
-    args = parser.parse_args()
+def testbed(tmp: Path, profile: str) -> tuple[Path, Path]:
+    """A small testbed of the profile's size (48 training images, 4 validation) with the pseudo-depth of an untrained
+    SDE model: what every row reads. Returns (the dataset, the SDE model file)."""
     from segsde.data.synth.generate import generate
     from segsde.data.synth.scene import SynthConfig
     from segsde.profiles import data_profile
@@ -112,17 +118,26 @@ def main() -> None:
     from segsde.sde.model import SDEModel
     from segsde.sde.run import save_model, sde_config
 
+    h, w = data_profile(profile).size
+    generate(tmp / "data", 48, 4, SynthConfig(height=h, width=w), seed=0, workers=1)
+    sde_cfg = sde_config(profile)
+    save_model(tmp / "sde.pt", {"model": SDEModel(sde_cfg).state_dict(), "config": asdict(sde_cfg), "step": 0})
+    with open(os.devnull, "w") as quiet:
+        export_pseudo_depth(tmp / "sde.pt", tmp / "data", log=quiet)
+    return tmp / "data", tmp / "sde.pt"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="quick")
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        h, w = data_profile(args.profile).size
-        data = Path(tmp) / "data"
-        generate(data, 48, 4, SynthConfig(height=h, width=w), seed=0, workers=1)
-        sde_cfg = sde_config(args.profile)
-        save_model(Path(tmp) / "sde.pt", {"model": SDEModel(sde_cfg).state_dict(), "config": asdict(sde_cfg), "step": 0})
-        export_pseudo_depth(Path(tmp) / "sde.pt", data, log=open("/dev/null", "w"))
+        data, sde_model = testbed(Path(tmp), args.profile)
         results = {"benchmark": "trainer_step", "profile": args.profile, "steps": args.steps, "host": platform.node(),
                    "cpu_threads": torch.get_num_threads(), "mixing_share_goal_pct": 5}
         for device in [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else []):
-            rows = {row: measure(data, Path(tmp) / "sde.pt", args.profile, row, args.steps, device) for row in ROWS}
+            rows = {row: measure(data, sde_model, args.profile, row, args.steps, device) for row in ROWS}
             base = rows["baseline"]["step_ms"]
             for r in rows.values():
                 r["vs_baseline"] = round(r["step_ms"] / base, 2)
