@@ -108,6 +108,19 @@ def start_run(uri: str, experiment: str, run_name: str, config: dict, tags: dict
 KEY_TAG = "segsde.key"
 
 
+def run_page(uri: str, run_id: str, out=None) -> str:
+    """Where a person sees the run in the MLflow UI: its page on the tracking server, or for a sqlite store the command
+    that serves it (``mlflow/serve.sh``, port 5000) and the page there. In the model-training view: MLflow 3 opens an
+    experiment in its GenAI view otherwise."""
+    from mlflow.tracking import MlflowClient
+
+    experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
+    path = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{path}"
+    return f"`mlflow/serve.sh 5000 {out}`, then http://127.0.0.1:5000/{path}" if out else path
+
+
 def _experiment_id(client, experiment: str, uri: str) -> str:
     exp = client.get_experiment_by_name(experiment)
     if exp:

@@ -77,6 +77,19 @@ def markdown(table: pd.DataFrame, rows: list[str], budgets: list[int], silent: s
     return "\n".join(lines)
 
 
+def seed_markdown(trials: pd.DataFrame, rows: list[str], budget: int) -> str:
+    """Every trial's mIoU at ``budget``: a row per study row, a column per seed (the pairs the comparisons use)."""
+    at = trials[trials.budget == budget]
+    seeds = sorted(at.seed.unique())
+    cell = at.set_index(["row", "seed"])["miou"]
+    lines = [f"Every trial's mIoU (%) at {budget} labels, by seed", "", "| row | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|" + "---|" * len(seeds)]
+    for r in rows:
+        values = [cell.get((r, s), np.nan) for s in seeds]
+        lines.append(f"| {r} | " + " | ".join(MISSING if v != v else f"{v:.2f}" for v in values) + " |")
+    return "\n".join(lines)
+
+
 def class_markdown(means: pd.DataFrame, delta: pd.DataFrame, spread: pd.DataFrame, budget: int) -> str:
     head = "| row | " + " | ".join(CLASS_NAMES) + " |"
     lines = [f"Class IoU (%) at {budget} labels; in brackets the same-seed change over Baseline, mean ± sd over seeds", "", head,
@@ -185,12 +198,13 @@ def write_report(records: list[dict], rows: list[str], budgets: list[int], out: 
     table = study_table(trials, rows, budgets, comparison)
     silent = {(c.row, c.budget) for c in comparison.itertuples() if not c.acted}
     text = ["# Component study (mIoU %, mean ± std over seeds, same-seed Δ to Baseline)", "", markdown(table, rows, budgets, silent)]
-    summary, classes = list(text), []
+    summary, classes, seeds = list(text), [], []
     figures = [(bar_figure(table, rows, budgets), "study_bars.png"), (forest_figure(comparison, budgets), "forest.png")]
     for b in budgets:
         means, delta, spread = class_table(trials, rows, b)
-        text += ["", comparison_markdown(comparison, b), "", class_markdown(means, delta, spread, b)]
+        text += ["", comparison_markdown(comparison, b), "", seed_markdown(trials, rows, b), "", class_markdown(means, delta, spread, b)]
         summary += ["", comparison_markdown(comparison, b)]
+        seeds += ["", seed_markdown(trials, rows, b)]
         classes.append(means.assign(budget=b).reset_index())
         figures.append((heatmap_figure(delta, b, means), f"class_iou_delta_b{b}.png"))
     models = sde_models_markdown(records, depth_reference)
@@ -216,8 +230,10 @@ def write_report(records: list[dict], rows: list[str], budgets: list[int], out: 
         for name in ["study.md", "study.html", *(name for name, _ in frames)]:
             logger.artifact(out / name, "study")
         # the parent run's description in the MLflow UI: the table first, the whole report one click away
-        logger.tags({"mlflow.note.content": f"{summary_text}\n\nThe whole report, with class IoU and figures: "
+        seeds_text = "\n".join(seeds)
+        logger.tags({"mlflow.note.content": f"{summary_text}\n{seeds_text}\n\nThe whole report, with class IoU and figures: "
                                             "artifact `study/study.html`."})
-        logger.metrics({f"compare/{c.row}/b{c.budget}/{k}": getattr(c, k) for c in comparison.itertuples() if c.row != BASELINE
-                        for k in ("delta", "ci_low", "ci_high", "p_holm") if getattr(c, k) == getattr(c, k)}, step=0)
+        # rounded to what a person reads (the Parquet tables keep every digit)
+        logger.metrics({f"compare/{c.row}/b{c.budget}/{k}": round(getattr(c, k), 4 if k == "p_holm" else 2) for c in comparison.itertuples()
+                        if c.row != BASELINE for k in ("delta", "ci_low", "ci_high", "p_holm") if getattr(c, k) == getattr(c, k)}, step=0)
     return markdown_text, summary_text

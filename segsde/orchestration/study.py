@@ -134,7 +134,7 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Location | str | None = No
     live view and keeps Ray's output in a log file (else every line goes to ``log``); ``keep_checkpoints``: finished
     trials and SDE stages keep their training state (see ``sde_stage`` and ``TrialSettings``)."""
     from segsde.orchestration.preflight import preflight
-    from segsde.tracking import RunLogger, end_run, get_or_create_run, kill_running_children, resolve_tracking_uri
+    from segsde.tracking import RunLogger, end_run, get_or_create_run, kill_running_children, resolve_tracking_uri, run_page
 
     out = Path(out).absolute()
     root = open_root(storage_uri(storage, out))
@@ -210,6 +210,8 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Location | str | None = No
         seconds = time.perf_counter() - start
         log(f"[study] {len(trials)} trials ({len(todo)} run, {len(trials) - len(todo)} cached, {failed} failed) in "
             f"{seconds:.0f} s; report in {report}" + (" (rerun with --resume to retry the failed trials)" if failed else ""))
+        log(f"[study] in MLflow, the study run's description is this report with every trial's mIoU: "
+            f"{run_page(tracking.uri, tracking.parent_run_id, out)}")
         return {"records": records, "report": str(report), "parent_run_id": tracking.parent_run_id, "seconds": seconds,
                 "tracking_uri": tracking.uri, "experiment": experiment, "failed": failed}
     except KeyboardInterrupt:
@@ -345,5 +347,5 @@ def _report(cfg: StudyConfig, records: list[dict], out: Path, storage: Location,
         storage.child("study", where.name).upload_dir(where)
     log(f"{summary}\nClass IoU, figures and Parquet tables: {where} (study.md)" if brief else text)
     done = [r for r in records if r.get("miou") is not None]
-    logger.metrics({f"study/{r['row']}/b{r['budget']}/s{r['seed']}/miou": 100 * r["miou"] for r in done}, step=0)
+    logger.metrics({f"study/{r['row']}/b{r['budget']}/s{r['seed']}/miou": round(100 * r["miou"], 2) for r in done}, step=0)
     return where
