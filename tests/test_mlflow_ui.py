@@ -106,7 +106,14 @@ def test_the_mlflow_ui_shows_every_trials_miou_one_click_from_the_experiments_ru
         page.get_by_text("Every trial's mIoU (%) at 4 labels, by seed").first.wait_for(timeout=60_000)
         page.screenshot(path=str(tmp_path / "study_run.png"), full_page=True)
         text = page.inner_text("body")
+        # the report page as MLflow's artifact viewer shows it, about 900 pixels wide: the page itself never scrolls sideways
+        page.set_viewport_size({"width": 900, "height": 1000})
+        page.goto((next((out / "study").iterdir()) / "study.html").as_uri(), wait_until="load")
+        widths = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+        headings = page.eval_on_selector_all("h2", "hs => hs.map(h => h.textContent)")
         browser.close()
+    assert widths[0] <= widths[1], widths
+    assert headings and not any(h.endswith(".png") for h in headings), headings  # titles, not file names
     assert "Component study" in text and "Against Baseline at 4 labels" in text  # the description: the report's tables
     for trial in trials.itertuples():
         assert f"{trial.miou:.2f}" in text, (trial.row, trial.seed, trial.miou)

@@ -164,6 +164,18 @@ def heatmap_figure(delta: pd.DataFrame, budget: int, means: pd.DataFrame | None 
     return fig
 
 
+FIGURE_TITLES = {"study_bars": "mIoU per row, mean and seeds", "forest": "Each row against Baseline: same-seed Δ with its interval",
+                 "class_iou_delta": "Class IoU: Baseline, and each row's same-seed change"}
+
+
+def figure_title(name: str) -> str:
+    """A figure file's heading in the HTML report: what it shows, and its budget where it has one."""
+    import re
+
+    stem, budget = re.fullmatch(r"(.+?)(?:_b(\d+))?\.png", name).groups()
+    return FIGURE_TITLES.get(stem, name) + (f" ({budget} labels)" if budget else "")
+
+
 def html_report(markdown_text: str, figures: dict[str, bytes]) -> str:
     """One self-contained HTML page: the report's Markdown as HTML and its PNG figures inline (MLflow shows
     an HTML artifact in place)."""
@@ -172,10 +184,12 @@ def html_report(markdown_text: str, figures: dict[str, bytes]) -> str:
     from markdown_it import MarkdownIt
 
     body = MarkdownIt("commonmark").enable("table").render(markdown_text)
-    images = "".join(f'<h2>{name}</h2><img alt="{name}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+    images = "".join(f'<h2>{figure_title(name)}</h2><img alt="{name}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
                      for name, data in figures.items())
-    style = ("body{font-family:sans-serif;margin:1.5em;max-width:110em} table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:.2em .5em;font-size:90%} th{background:#f3f3f3} img{max-width:100%}")
+    # MLflow's artifact viewer is narrower than a class table: wide tables scroll inside themselves, not the page
+    style = ("body{font-family:sans-serif;margin:1em;max-width:110em} table{border-collapse:collapse;margin:1em 0;display:block;"
+             "overflow-x:auto;max-width:100%} td,th{border:1px solid #ccc;padding:.2em .5em;font-size:90%;white-space:nowrap}"
+             " th{background:#f3f3f3} img{max-width:100%}")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>segsde study</title><style>{style}</style></head>" \
            f"<body>{body}{images}</body></html>"
 
