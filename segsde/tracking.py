@@ -167,12 +167,14 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
 
 
 def kill_running_children(uri: str, experiment: str, parent_run_id: str) -> None:
-    """Mark KILLED the child runs of ``parent_run_id`` still RUNNING after a Ctrl-C: Tune tells no callback
-    about the trials an interrupt ends (a rerun finds every run again by its key)."""
+    """Mark KILLED the runs under ``parent_run_id`` (children, and theirs) still RUNNING after a Ctrl-C: Tune tells no
+    callback about the trials an interrupt ends (a rerun finds every run again by its key)."""
     client = _client(uri)
     found = client.get_experiment_by_name(experiment)
-    for run in client.search_runs([found.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"):
-        client.set_terminated(run.info.run_id, "KILLED")
+    for run in client.search_runs([found.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'"):
+        kill_running_children(uri, experiment, run.info.run_id)  # a study's stage runs sit under a run of their own
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "KILLED")
 
 
 @contextlib.contextmanager

@@ -41,7 +41,9 @@ def test_study_runs_a_tune_grid_caches_every_stage_and_never_duplicates_runs(tmp
     parents = [r for r in runs if r.data.tags.get("segsde.stage") == "study"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert sorted(r.data.tags["segsde.stage"] for r in children) == ["data", "train", "train"]  # no SDE: neither row needs it
+    assert sorted(r.data.tags["segsde.stage"] for r in children) == ["stages", "train", "train"]  # the trials, and the stages' run
+    stages = next(r for r in children if r.data.tags["segsde.stage"] == "stages")
+    assert [r.data.tags["segsde.stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == stages.info.run_id] == ["data"]
     for trial in (r for r in children if r.data.tags["segsde.stage"] == "train"):
         assert trial.info.status == "FINISHED" and trial.data.tags["ray_trial_id"]
         assert "final/miou" in trial.data.metrics and any(k.startswith("final/iou/") for k in trial.data.metrics)
@@ -208,7 +210,7 @@ def test_the_stage_jobs_run_beside_the_trials_and_each_trial_starts_once_its_inp
     assert started["transfer"] > ended["export"] and started["autoselect"] > ended["select"]  # each once its inputs existed
     assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
     stages = sorted(r.data.tags["segsde.stage"] for r in runs)
-    assert stages == ["data", "export", "sde", "select", "study", "train", "train", "train"], stages
+    assert stages == ["data", "export", "sde", "select", "stages", "study", "train", "train", "train"], stages
     again = _run(*rows)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "3 trials (0 run, 3 cached, 0 failed)" in again.stdout and "stage jobs run" not in again.stdout

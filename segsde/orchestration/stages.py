@@ -26,15 +26,21 @@ __all__ = ["dataset_stage", "sde_stage", "train_checkpoints", "export_stage", "s
 
 @dataclass(frozen=True)
 class StageTracking:
-    """Where a study records its stages: each stage gets a child run of the study's parent run, keyed
-    by the stage's cache entry, so a rerun finds it again instead of adding one."""
+    """Where a study records its stages: each stage gets a child run of ``stages_run_id`` (a run of its own
+    under the study's, so that the study's children are its trials alone; else the study's parent run), keyed by
+    the stage's cache entry, so a rerun finds it again instead of adding one."""
     uri: str
     experiment: str
     parent_run_id: str
+    stages_run_id: str | None = None
+
+    @property
+    def stage_parent(self) -> str:
+        return self.stages_run_id or self.parent_run_id
 
     def run_kwargs(self, stage: str, path: Location) -> dict:
         """What run_sde / run_select need to make their own run that child run."""
-        return {"tracking_uri": self.uri, "experiment": self.experiment, "parent_run_id": self.parent_run_id,
+        return {"tracking_uri": self.uri, "experiment": self.experiment, "parent_run_id": self.stage_parent,
                 "run_key": stage_key(stage, path)}
 
 
@@ -49,7 +55,7 @@ def record_stage(tracking: StageTracking | None, stage: str, path: Location, hit
         return
     from segsde.tracking import RunLogger, end_run, get_or_create_run
 
-    tags = {"segsde.stage": stage, "mlflow.parentRunId": tracking.parent_run_id, "segsde.cache_hit": str(hit).lower()}
+    tags = {"segsde.stage": stage, "mlflow.parentRunId": tracking.stage_parent, "segsde.cache_hit": str(hit).lower()}
     name = as_location(path).name
     run_id, _ = get_or_create_run(tracking.uri, tracking.experiment, stage_key(stage, path), name if name.startswith(stage) else f"{stage}-{name}",
                                   {"stage": stage, "path": str(path)}, tags)

@@ -156,7 +156,10 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Location | str | None = No
         study = {"study": asdict(cfg), "data_root": input_id(data_root)}
         parent, created = get_or_create_run(uri, experiment, f"study:{cache_key(study)}", f"study-{cfg.profile}", study,
                                             {"segsde.stage": "study", "segsde.profile": cfg.profile})
-        tracking = StageTracking(uri, experiment, parent)
+        # the stage jobs' runs under one of their own: the study run's children are its trials
+        stages_run, _ = get_or_create_run(uri, experiment, f"stages:{cache_key(study)}", "stages", study,
+                                          {"segsde.stage": "stages", "segsde.profile": cfg.profile, "mlflow.parentRunId": parent})
+        tracking = StageTracking(uri, experiment, parent, stages_run)
         if console is not None:
             console.keep()
         log(f"[study] MLflow parent run {parent}{'' if created else ' (found again)'} in experiment '{experiment}' of {uri}")
@@ -221,6 +224,7 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Location | str | None = No
         raise
     finally:
         if tracking is not None:
+            end_run(tracking.uri, tracking.stages_run_id, status)
             end_run(tracking.uri, tracking.parent_run_id, status)
 
 

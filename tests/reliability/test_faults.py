@@ -123,5 +123,6 @@ def test_ctrl_c_while_the_stage_jobs_run_beside_a_trial_closes_their_runs(ablati
         [MlflowClient(f"sqlite:///{out / 'mlflow.db'}").get_experiment_by_name("segsde-study-smoke").experiment_id])
     status = {r.data.tags["segsde.stage"] + ":" + r.info.run_name: r.info.status for r in runs if r.data.tags.get("segsde.stage") != "data"}
     # the study, the SDE job in the stage thread and the trial beside it (no Tune callback hears of it)
-    assert status == {"study:study-smoke": "KILLED", "sde:sde-smoke": "KILLED", "train:baseline-b4-s0": "KILLED"}, status
+    assert status == {"study:study-smoke": "KILLED", "stages:stages": "KILLED", "sde:sde-smoke": "KILLED",
+                      "train:baseline-b4-s0": "KILLED"}, status
     assert not list(out.glob("cache/sde-*/model.pt"))  # nothing half-written in the cache
