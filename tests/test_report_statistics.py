@@ -144,7 +144,7 @@ def test_an_sde_model_that_does_not_beat_a_constant_depth_is_named_with_its_seed
     text, summary = write_report(records, ["baseline", "transfer"], [8], tmp_path, depth_reference=reference)
     comparison = pd.read_parquet(tmp_path / "comparison.parquet").set_index("row")
     assert comparison.loc["transfer", "note"] == "the SDE model of seed 2 learned no depth" and comparison.loc["transfer", "acted"]
-    assert "| sde-2 | 2 | 2.400 | 0.100 | **no**" in summary and "| sde-0 | 0 | 0.300 | 0.500 | yes |" in summary
+    assert "| sde-2 | transfer | 2 | 2.400 | 0.100 | **no**" in summary and "| sde-0 | transfer | 0 | 0.300 | 0.500 | yes |" in summary
     assert f"a constant depth scores AbsRel {reference['abs_rel']:.3f}" in text
     unchecked = write_report(records, ["baseline", "transfer"], [8], tmp_path / "cityscapes")[0]  # no ground-truth depth
     assert "their quality is not checked" in unchecked and "learned no depth" not in unchecked

@@ -58,18 +58,20 @@ def sde_models_markdown(records: list[dict], reference: dict | None) -> str:
     models = {}
     for r in records:
         if r.get("sde/model"):
-            models.setdefault(r["sde/model"], {**r, "seeds": set()})["seeds"].add(int(r["seed"]))
+            model = models.setdefault(r["sde/model"], {**r, "seeds": set(), "rows": set()})
+            model["seeds"].add(int(r["seed"]))
+            model["rows"].add(r["row"])
     if not models:
         return ""
     lines = ["SDE models the trials read (validation split, median-scaled): "
              + (f"a constant depth scores AbsRel {reference['abs_rel']:.3f}, d1 {reference['a1']:.3f}; a model must beat both "
                 "to have learned depth" if reference else "no ground-truth depth here, so their quality is not checked"),
-             "", "| SDE model | trial seeds | AbsRel | d1 | learned depth |", "|---|---|---|---|---|"]
-    for name, r in sorted(models.items(), key=lambda kv: min(kv[1]["seeds"])):
+             "", "| SDE model | read by | trial seeds | AbsRel | d1 | learned depth |", "|---|---|---|---|---|---|"]
+    for name, r in sorted(models.items(), key=lambda kv: (sorted(kv[1]["rows"]), min(kv[1]["seeds"]))):
         learned = learned_depth(r, reference)
-        verdict = "–" if learned is None else "yes" if learned else "**no**: the rows reading it used no depth for these seeds"
-        lines.append(f"| {name} | {', '.join(map(str, sorted(r['seeds'])))} | {_number(r.get('sde/abs_rel'))} | "
-                     f"{_number(r.get('sde/a1'))} | {verdict} |")
+        verdict = "–" if learned is None else "yes" if learned else "**no**: worse than a constant depth"
+        lines.append(f"| {name} | {', '.join(sorted(r['rows']))} | {', '.join(map(str, sorted(r['seeds'])))} | "
+                     f"{_number(r.get('sde/abs_rel'))} | {_number(r.get('sde/a1'))} | {verdict} |")
     return "\n".join(lines)
 
 
