@@ -160,8 +160,9 @@ def test_cli_trains_on_two_ddp_workers_logs_to_mlflow_and_exports_pseudo_depth(d
     assert run.data.tags["segsde.git_commit"] and "val/abs_rel" in run.data.metrics
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 5  # log_interval 1, rank 0 only
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
-        a.path for d in ("figures", "model") for a in client.list_artifacts(run.info.run_id, d)}
-    assert {"config.json", "model/model.pt", "figures/disparity_step0000005.png"} <= artifacts
+        a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert {"config.json", "figures/disparity_step0000005.png"} <= artifacts and "model" not in artifacts  # no second copy
+    assert run.data.tags["segsde.model"] == str(out / "model.pt")
 
     proc = run_cli("sde", "export", "--checkpoint", out / "model.pt", "--data", smoke_data)
     assert json.loads(proc.stdout)["images"] == 24
