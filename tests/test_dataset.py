@@ -116,3 +116,30 @@ def test_decoded_cache_gives_the_same_samples_and_keeps_to_its_size(synth_root):
     for i in range(len(capped)):
         capped[i]
     assert len(capped._decoded) == 2
+
+
+def test_the_manifest_and_index_are_read_once_per_manifest_version(synth_root, tmp_path, monkeypatch):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from segsde.data.store import MANIFEST, read_manifest, split_ids
+    from segsde.storage import atomic_write_bytes
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_root, data)
+    opened = []
+    monkeypatch.setattr(pq, "ParquetFile", lambda *a, _real=pq.ParquetFile, **k: opened.append(a[0]) or _real(*a, **k))
+    monkeypatch.setattr(pq, "read_table", lambda *a, _real=pq.read_table, **k: opened.append(a[0]) or _real(*a, **k))
+    shards = len(read_manifest(data)["shards"])
+    assert split_ids(data, "val") == split_ids(data, "val") and read_manifest(data) == read_manifest(data)
+    assert len(opened) == 2 * shards  # every footer checked once, every index column read once
+    manifest = (data / MANIFEST).read_bytes()
+    atomic_write_bytes(data / MANIFEST, manifest)  # a new version of the manifest (a rebuild renames one into place)
+    read_manifest(data)
+    assert len(opened) == 3 * shards
+    first = data / read_manifest(data)["shards"][0]["file"]
+    first.unlink()
+    atomic_write_bytes(data / MANIFEST, manifest)
+    with pytest.raises(SegSDEError, match="listed in the manifest is missing"):
+        read_manifest(data)

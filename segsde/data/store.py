@@ -13,6 +13,8 @@ one step, so an interrupted build never leaves something that reads as valid.
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import hashlib
 import io
 import json
@@ -163,13 +165,30 @@ def write_manifest(directory: Path | Location, source: str, shards: list[dict], 
 
 # -- reading ---------------------------------------------------------------------------------------
 def read_manifest(root: Path, verify: bool = False) -> dict:
-    """Load and check a dataset directory's manifest (``verify`` also re-hashes every shard)."""
+    """Load and check a dataset directory's manifest (``verify`` also re-hashes every shard). Checked once per
+    process and manifest version: the check opens every shard's footer (about a second on Cityscapes' ~3,150
+    shards), and a trial's preparation reads the manifest several times."""
     root = Path(root)
     if not root.is_dir():
         raise SegSDEError(f"dataset directory {root} does not exist: build it with `segsde data synth` or `segsde data cityscapes`")
     path = root / MANIFEST
     if not path.is_file():
         raise SegSDEError(f"{root} has no {MANIFEST} (not a dataset, or an interrupted build): rebuild it")
+    stat = path.stat()
+    manifest = _checked_manifest(str(path.resolve()), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    if verify:
+        for shard in manifest["shards"]:
+            if sha256_file(root / shard["file"]) != shard["sha256"]:
+                raise SegSDEError(f"shard {root / shard['file']} does not match its checksum: rebuild the dataset")
+    return copy.deepcopy(manifest)
+
+
+@functools.lru_cache(maxsize=16)
+def _checked_manifest(path: str, inode: int, mtime_ns: int, size: int) -> dict:
+    """The manifest at ``path`` with every shard's presence and row count checked; keyed by the file's version
+    (a rebuilt dataset writes a new manifest)."""
+    path = Path(path)
+    root = path.parent
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -182,19 +201,23 @@ def read_manifest(root: Path, verify: bool = False) -> dict:
             raise SegSDEError(f"shard {file} listed in the manifest is missing: rebuild the dataset")
         if pq.ParquetFile(file).metadata.num_rows != shard["rows"]:
             raise SegSDEError(f"shard {file} has the wrong row count: rebuild the dataset")
-        if verify and sha256_file(file) != shard["sha256"]:
-            raise SegSDEError(f"shard {file} does not match its checksum: rebuild the dataset")
     return manifest
 
 
 def read_index(root: Path, manifest: dict) -> list[tuple[str, str, int, int]]:
-    """(id, split, shard number, row) of every sample, in manifest order."""
+    """(id, split, shard number, row) of every sample, in manifest order (read once per process and manifest version)."""
+    stat = (Path(root) / MANIFEST).stat()
+    return list(_index(str(Path(root).resolve()), (stat.st_ino, stat.st_mtime_ns, stat.st_size), tuple(s["file"] for s in manifest["shards"])))
+
+
+@functools.lru_cache(maxsize=16)
+def _index(root: str, version: tuple, files: tuple[str, ...]) -> tuple:
     index = []
-    for s, shard in enumerate(manifest["shards"]):
-        table = pq.read_table(Path(root) / shard["file"], columns=["id", "split"])
+    for s, file in enumerate(files):
+        table = pq.read_table(Path(root) / file, columns=["id", "split"])
         for r, (sid, split) in enumerate(zip(table["id"].to_pylist(), table["split"].to_pylist())):
             index.append((sid, split, s, r))
-    return index
+    return tuple(index)
 
 
 SIDE_DIR = "side"
