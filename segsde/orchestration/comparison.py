@@ -178,11 +178,11 @@ def forest_figure(table: pd.DataFrame, budgets: list[int]):
             note = "did not act" if not c.acted else "one seed" if c.n < 2 else ""
             ax.text(c.delta, y + 0.3, note, fontsize=7, color="0.4", ha="center")
         ax.axvline(0, color="k", lw=0.8)
-        ax.set_yticks(range(len(at)), at.row)
+        ax.set_yticks(range(len(at)), [f"{r} (control)" if c else r for r, c in zip(at.row, at.control.astype(bool))])
         ax.invert_yaxis()
         ax.set_xlabel("mIoU difference to Baseline (points)")
         seeds = int(at.n.max()) if len(at) else 0
-        ax.set_title(f"{b} labels: same-seed Δ, {100 * LEVEL:.0f} % paired t-interval, n={seeds} seeds" if seeds > 1
-                     else f"{b} labels: same-seed Δ, one seed (no interval)")
+        ax.set_title(f"{b} labels: same-seed Δ to Baseline\n{100 * LEVEL:.0f} % paired t-interval, n={seeds} seeds" if seeds > 1
+                     else f"{b} labels: same-seed Δ to Baseline\none seed (no interval)", fontsize=10)
     fig.tight_layout()
     return fig
