@@ -216,9 +216,10 @@ def write_report(records: list[dict], rows: list[str], budgets: list[int], out: 
     figures = [(bar_figure(table, rows, budgets), "study_bars.png"), (forest_figure(comparison, budgets), "forest.png")]
     for b in budgets:
         means, delta, spread = class_table(trials, rows, b)
-        text += ["", comparison_markdown(comparison, b), "", seed_markdown(trials, rows, b), "", class_markdown(means, delta, spread, b)]
-        summary += ["", comparison_markdown(comparison, b)]
-        seeds += ["", seed_markdown(trials, rows, b)]
+        compared, by_seed = comparison_markdown(comparison, b), seed_markdown(trials, rows, b)
+        text += ["", compared, "", by_seed, "", class_markdown(means, delta, spread, b)]
+        summary += ["", compared]
+        seeds += ["", by_seed]
         classes.append(means.assign(budget=b).reset_index())
         figures.append((heatmap_figure(delta, b, means), f"class_iou_delta_b{b}.png"))
     models = sde_models_markdown(records, depth_reference)

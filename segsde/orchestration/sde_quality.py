@@ -37,10 +37,12 @@ def constant_depth_reference(data: Location, val_images: int | None, max_depth: 
 
 def model_quality(model_file: str | None) -> dict:
     """The record fields of the SDE model a trial read: its entry and its validation AbsRel and d1 (empty without one)."""
+    from segsde.sde.run import METRICS_FILE
+
     if not model_file:
         return {}
     entry = as_location(model_file).parent
-    metrics = entry.child("metrics.json")
+    metrics = entry.child(METRICS_FILE)
     found = json.loads(metrics.read_text()) if metrics.is_file() else {}
     return {"sde/model": entry.name, "sde/abs_rel": found.get("abs_rel"), "sde/a1": found.get("a1")}
 

@@ -130,9 +130,6 @@ def dataset_stage(profile: DataProfile, storage: Location, seed: int, data_root:
     return path
 
 
-TRAINING_STATE = "ray"  # the SDE entry's Ray Train run: its checkpoints, for resuming
-
-
 def train_checkpoints(storage: str | Location, key: str) -> Location:
     """Where the Train run of the trial with key ``key`` keeps its checkpoints under the storage root."""
     return as_location(storage).child("ray", f"train-{key}")
@@ -145,7 +142,7 @@ def sde_stage(profile: str, data: Location, storage: Location, tracking_uri: str
     dataset; returns the entry holding model.pt. An interrupted run of the same configuration continues
     from its last Ray Train checkpoint; a finished one keeps its model and metrics, and its training state
     (networks, optimiser: ~3x the model) only with ``keep_checkpoints``."""
-    from segsde.sde.run import METRICS_FILE, MODEL_FILE, run_sde, sde_config
+    from segsde.sde.run import METRICS_FILE, MODEL_FILE, TRAINING_STATE, run_sde, sde_config
 
     cfg = sde_config(profile, overrides)
     config = {"stage": "sde", "config": asdict(cfg), "data": input_id(data)}

@@ -56,6 +56,7 @@ def runs_in_process(workers: int, address: str | None) -> bool:
 def trial_driver(config: dict, settings: TrialSettings) -> None:
     """The Tune trainable: ``config["plan"]`` is the trial's TrialPlan as a dict; in a sweep,
     ``config["params"]`` holds the values the searcher proposed and ``config["trial_key"]`` its name for the trial."""
+    from segsde.orchestration.stages import train_checkpoints
     from segsde.runtime import progress
     from segsde.runtime.ray_job import make_trainer
     from segsde.storage import Location
@@ -74,9 +75,9 @@ def trial_driver(config: dict, settings: TrialSettings) -> None:
         RunLogger(settings.tracking_uri, run_id).client.log_text(run_id, "\n".join(trial.labeled) + "\n", "labeled_ids.txt")
     progress(f"[trial] {trial.run_name}: MLflow run {run_id}{'' if created else ' (found again)'}")
     start = time.perf_counter()
-    trainer = make_trainer(_loop, {**trial.loop_config, "mlflow_run_id": run_id}, f"train-{plan.key}",
-                           Location(settings.storage).child("ray"), settings.workers, settings.gpu, plan.train.threads or 1,
-                           settings.max_failures, in_process=settings.in_process,
+    run_dir = train_checkpoints(settings.storage, plan.key)
+    trainer = make_trainer(_loop, {**trial.loop_config, "mlflow_run_id": run_id}, run_dir.name, run_dir.parent,
+                           settings.workers, settings.gpu, plan.train.threads or 1, settings.max_failures, in_process=settings.in_process,
                            callbacks=[evaluations_to_tune()] if settings.stream_evaluations and not settings.in_process else None,
                            on_report=evaluation_to_tune if settings.stream_evaluations and settings.in_process else None)
     result = trainer.fit()

@@ -21,6 +21,7 @@ from segsde.sde.config import SDEConfig
 from segsde.storage import Location, as_location, localize
 
 MODEL_FILE, METRICS_FILE = "model.pt", "metrics.json"
+TRAINING_STATE = "ray"  # the Ray Train run beside them: its checkpoints, for resuming
 
 
 def sde_config(profile: str, overrides: dict | None = None) -> SDEConfig:
@@ -56,7 +57,8 @@ def run_sde(data: Location | Path, out: Location | Path, profile: str = "quick",
         raise SegSDEError(f"oracle '{cfg.oracle}' needs the synthetic testbed's ground truth, and {data} is "
                           f"{manifest['source']}: drop --set oracle or use a `segsde data synth` dataset")
     if resume_from is not None and not (Path(resume_from) / CHECKPOINT_FILE).is_file():
-        raise SegSDEError(f"--resume-from {resume_from} is not a checkpoint directory (no {CHECKPOINT_FILE}): pass one under {out}/ray")
+        raise SegSDEError(f"--resume-from {resume_from} is not a checkpoint directory (no {CHECKPOINT_FILE}): "
+                          f"pass one under {out.child(TRAINING_STATE)}")
     check_resources(workers, gpu, address)
     uri = resolve_tracking_uri(out, tracking_uri)
     config = {"sde": asdict(cfg), "data": str(data), "profile": profile, "workers": workers, "gpu": gpu}
@@ -65,9 +67,9 @@ def run_sde(data: Location | Path, out: Location | Path, profile: str = "quick",
         print(f"[sde] MLflow run {run_id} in {uri}", file=log, flush=True)
         loop_config = {"sde": asdict(cfg), "data": data.uri, "tracking_uri": uri, "mlflow_run_id": run_id,
                        "resume_from": str(resume_from) if resume_from else None, "stop_after": stop_after, "progress": out.name}
-        result = fit(_loop, loop_config, "sde", out.child("ray"), workers, gpu, cfg.threads or 1, fresh, address)
+        result = fit(_loop, loop_config, "sde", out.child(TRAINING_STATE), workers, gpu, cfg.threads or 1, fresh, address)
         if result.checkpoint is None:
-            raise SegSDEError(f"SDE training reported no checkpoint: rerun with --fresh to start over in {out.child('ray')}")
+            raise SegSDEError(f"SDE training reported no checkpoint: rerun with --fresh to start over in {out.child(TRAINING_STATE)}")
         with result.checkpoint.as_directory() as d:
             state = load_state(d)
         save_model(out.child(MODEL_FILE), state)
