@@ -3,7 +3,9 @@
 Prints one JSON object. Each configuration runs the real training step (StepBatches data + SDE model
 forward/backward + Adam) on the testbed. The baseline, measured in the same run, is the paper-faithful
 configuration of the same profile: decoder widths (64, 128, 128, 256, 256), the pose net at full input
-resolution, every scale's loss at full resolution (monodepth2), the non-fused Adam and NCHW weights; the profile's own
+resolution, every scale's loss at full resolution (monodepth2), the non-fused Adam and NCHW weights; a second,
+the profile's settings with every weight channels-last (how the loop placed them before the speed goal:
+``speedup_vs_reference``); the profile's own
 settings are what `segsde sde --profile P` trains with (its `precision` too; the same settings in float32
 are measured as well), and the same settings with only the network step timed (batches loaded beforehand),
 whose gap to the first says how much the data loading costs. ``--set key=value`` changes the profile's
@@ -33,15 +35,18 @@ PAPER = {"decoder_channels": (64, 128, 128, 256, 256), "pose_input_scale": 1.0, 
 
 
 def images_per_s(data: str, profile: str, overrides: dict, steps: int, device: torch.device, fused: bool = True,
-                 prefetched: bool = False, channels_last: bool = True, trace=None) -> float:
+                 prefetched: bool = False, layout: str = "placed", trace=None) -> float:
     """Training images/s over ``steps`` steps after two warm-ups. ``prefetched``: cycle four batches loaded
     onto the device beforehand, so only the network step is timed (the data loading's share is the rest).
-    ``channels_last``: the weights' layout the training loop uses (runtime.place); the paper's baseline is NCHW.
+    ``layout``: "placed" (the training loop's, runtime.place), "nchw" (the paper's baseline) or "channels_last" (the
+    loop's before the speed goal, segsde 8abd573).
     ``trace``: a context manager (a torch profiler) entered around the timed steps alone."""
     cfg = sde_config(profile, {"phase1_steps": 0, "phase2_steps": steps + 2, **overrides})
     torch.manual_seed(0)
     gpu = device.type == "cuda"
-    model = place(SDEModel(cfg), device) if channels_last else SDEModel(cfg).to(device)
+    model = place(SDEModel(cfg), device, cfg.precision) if layout == "placed" else SDEModel(cfg).to(device)
+    if layout == "channels_last":
+        model.to(memory_format=torch.channels_last)
     net, opt = _optimiser(model, cfg, 2, Worker(0, 1, device))
     if not fused:
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr_phase2)
@@ -102,12 +107,14 @@ def main() -> None:
             name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
             ours = images_per_s(data, args.profile, overrides, args.steps, device)
             fp32 = images_per_s(data, args.profile, {**overrides, "precision": "fp32"}, args.steps, device)
-            paper = images_per_s(data, args.profile, {**overrides, **PAPER}, args.steps, device, fused=False, channels_last=False)
+            paper = images_per_s(data, args.profile, {**overrides, **PAPER}, args.steps, device, fused=False, layout="nchw")
+            before = images_per_s(data, args.profile, overrides, args.steps, device, layout="channels_last")
             step_only = images_per_s(data, args.profile, overrides, args.steps, device, prefetched=True)
             results[device.type] = {"device": name, "precision": sde_config(args.profile, overrides).precision, "overrides": overrides,
                                     "images_per_s": round(ours, 2),
                                     "fp32_images_per_s": round(fp32, 2), "baseline_paper_widths_images_per_s": round(paper, 2),
-                                    "speedup": round(ours / paper, 2),
+                                    "speedup": round(ours / paper, 2), "reference_channels_last_images_per_s": round(before, 2),
+                                    "speedup_vs_reference": round(ours / before, 2),
                                     "network_step_only_images_per_s": round(step_only, 2)}
     print(json.dumps(results))
 

@@ -157,8 +157,7 @@ def train_loop_per_worker(config: dict) -> None:
     worker = start_worker(cfg.threads, stream_seed("sde/init", cfg.seed), cfg.precision)
     config = {**config, "data": str(local_dataset(config["data"]))}  # read from this node's copy
     gpu = worker.device.type == "cuda"
-    # channels-last on a CPU too: oneDNN's bf16 convolutions prefer it (no difference in float32)
-    model = place(SDEModel(cfg), worker.device)
+    model = place(SDEModel(cfg), worker.device, cfg.precision)
     start, saved_optimiser, saved_phase = 0, None, None
     state = resume_state(config.get("resume_from"), worker.device)
     if state is not None:

@@ -141,8 +141,8 @@ def train_round(kind: str, cfg: SelectionConfig, data: str, selected: list[str],
     ``selected``; ``resume`` (model, optimizer, step) continues a round stopped mid-way, and
     ``checkpoint(state)`` receives that state every ``checkpoint_interval`` steps."""
     torch.manual_seed(stream_seed(f"select/{kind}", cfg.seed))
-    model = place(round_network(kind, cfg), worker.device)
-    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.student_lr)
+    model = place(round_network(kind, cfg), worker.device, cfg.precision)
+    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.student_lr, fused=True)  # one kernel, not several per tensor
     start = 0
     if resume is not None:
         model.load_state_dict(resume["model"])

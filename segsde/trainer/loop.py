@@ -11,7 +11,6 @@ exactly.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import asdict
@@ -27,12 +26,12 @@ from segsde.metrics.segmentation import confusion_matrix, encode_confusions, iou
 from segsde.progress import post
 from segsde.runtime import autocast, evaluation_mode, place, progress, report, resume_state, start_worker, stream_seed, worker_tags
 from segsde.ssl.augment import StrongAugment
-from segsde.ssl.teacher import ema_alpha, ema_update, make_teacher
+from segsde.ssl.teacher import make_teacher
 from segsde.storage import Location, localize
 from segsde.trainer.config import CONFUSIONS_FILE, TrainConfig, final_scores, in_percent
 from segsde.trainer.data import TrialBatches
 from segsde.trainer.model import build_network, parameter_groups, share_from, transfer_into
-from segsde.trainer.step import pseudo_label_loss, supervised_loss
+from segsde.trainer.step import make_optimiser, train_step
 
 
 def validation_set(data: str, cfg: TrainConfig) -> SegSDEDataset:
@@ -90,9 +89,9 @@ def train_loop_per_worker(config: dict) -> None:
     gpu = worker.device.type == "cuda"
     model = build_network(cfg)
     sde_cfg, sde_encoder = transfer_into(model, Path(config["sde_model"]), cfg) if cfg.transfer else (None, None)
-    place(model, worker.device)
+    place(model, worker.device, cfg.precision)
     teacher = make_teacher(model, drop=("pose",) if cfg.multitask else ()) if cfg.teacher else None
-    optimiser = torch.optim.SGD(parameter_groups(model, cfg), lr=cfg.lr_decoder, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimiser = make_optimiser(model, parameter_groups(model, cfg), cfg)
     start, best = 0, float("nan")
     acted = ComponentActivity(cfg.steps, mixes=cfg.mix != "none", facts=config.get("activity"))
     state = resume_state(config.get("resume_from"), worker.device)
@@ -141,30 +140,11 @@ def train_loop_per_worker(config: dict) -> None:
         torch.manual_seed(stream_seed("trainer/step", cfg.seed, cfg.replicate, worker.rank, step))
         labeled = {k: v.to(worker.device, non_blocking=True) for k, v in batch["labeled"].items()}
         pool = {k: v.to(worker.device, non_blocking=True) for k, v in batch["pool"].items()} if "pool" in batch else None
-        optimiser.zero_grad(set_to_none=True)
-        # with a second backward to come, DDP syncs gradients once, after it (gradient accumulation)
-        first = net.no_sync() if worker.world > 1 and teacher is not None else contextlib.nullcontext()
-        with first:
-            with autocast(worker.device, cfg.precision):
-                loss, logs, student_disparity = supervised_loss(net, labeled, pool, cfg, sde_cfg)
-            _check_finite(loss, step)
-            loss.backward()
-        if teacher is not None:
-            with autocast(worker.device, cfg.precision):
-                unsup, more, mixed = pseudo_label_loss(net, teacher, pool, cfg, augment, student_disparity, keep_example=evaluating)
-            _check_finite(unsup, step)
-            unsup.backward()
-            # the pseudo-label term beside the supervised segmentation term, as the gradient sees them (weighted)
-            ratio = cfg.unsup_weight * float(more["unsupervised"]) / max(cfg.seg_weight * float(logs["supervised"]), 1e-12)
-            loss, logs, example = loss.detach() + unsup.detach(), {**logs, **more}, mixed or example
-            logs.update(unsup_ratio=ratio, ema_alpha=ema_alpha(step, cfg.ema_alpha))
+        loss, logs, mixed = train_step(net, model, teacher, optimiser, labeled, pool, cfg, sde_cfg, augment, step, keep_example=evaluating)
+        example = mixed or example
         acted.add(step, logs)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimiser.step()
-        if teacher is not None:
-            ema_update(teacher, model, step, cfg.ema_alpha)
         seen += labeled["image"].shape[0] * worker.world
-        for k, v in {"loss": loss.detach(), **logs}.items():
+        for k, v in {"loss": loss, **logs}.items():
             running[k] = running.get(k, 0.0) + float(v)
         logged += 1
         if done % cfg.log_interval == 0 or done == stop:
@@ -266,11 +246,6 @@ def dataset_identity(location: str, local: str) -> tuple[str, str, str]:
 
 def val_shape(data: str) -> tuple[int, int]:
     return tuple(SegSDEDataset(data, "val")[0]["image"].shape[-2:])
-
-
-def _check_finite(loss: torch.Tensor, step: int) -> None:
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"training loss is {loss.item()} at step {step}: lower the learning rates or check the data")
 
 
 def _flat_scores(result: dict) -> dict:

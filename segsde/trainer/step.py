@@ -9,15 +9,60 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 from segsde.data.labels import IGNORE_INDEX, NUM_CLASSES
+from segsde.runtime import autocast
 from segsde.sde.config import SDEConfig
 from segsde.sde.model import frame_poses, view_synthesis_loss
 from segsde.ssl.mixing import class_mask, depth_mask, depth_to_disparity, mix, normalised_disparity, partners
 from segsde.ssl.pseudo import one_hot_targets, pseudo_labels, weighted_cross_entropy
+from segsde.ssl.teacher import ema_alpha, ema_update
 from segsde.trainer.config import TrainConfig
+
+
+def make_optimiser(model: torch.nn.Module, groups: list[dict], cfg: TrainConfig) -> torch.optim.SGD:
+    """SGD with momentum over ``groups``, fused: one kernel per parameter group instead of several operators per
+    tensor (the update of ResNet-18's 11 M encoder weights was about a tenth of a 64x128 Baseline step)."""
+    return torch.optim.SGD(groups, lr=cfg.lr_decoder, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
+
+
+def train_step(net, model, teacher, optimiser, labeled: dict, pool: dict | None, cfg: TrainConfig, sde_cfg: SDEConfig | None,
+               augment, step: int, keep_example: bool = False) -> tuple[torch.Tensor, dict, dict | None]:
+    """One optimisation step of the student ``model`` (``net``: it, or its DDP wrapper) on batches already on its
+    device: the supervised loss and, with a ``teacher``, the pseudo-label loss back-propagated in turn, clipping, SGD
+    and the teacher's EMA. -> (the detached loss, the logged terms, the mixing example when ``keep_example``)."""
+    device = labeled["image"].device
+    optimiser.zero_grad(set_to_none=True)
+    # with a second backward to come, DDP syncs gradients once, after it (gradient accumulation)
+    first = net.no_sync() if net is not model and teacher is not None else contextlib.nullcontext()
+    with first:
+        with autocast(device, cfg.precision):
+            loss, logs, student_disparity = supervised_loss(net, labeled, pool, cfg, sde_cfg)
+        check_finite(loss, step)
+        loss.backward()
+    example = None
+    if teacher is not None:
+        with autocast(device, cfg.precision):
+            unsup, more, example = pseudo_label_loss(net, teacher, pool, cfg, augment, student_disparity, keep_example)
+        check_finite(unsup, step)
+        unsup.backward()
+        # the pseudo-label term beside the supervised segmentation term, as the gradient sees them (weighted)
+        ratio = cfg.unsup_weight * float(more["unsupervised"]) / max(cfg.seg_weight * float(logs["supervised"]), 1e-12)
+        loss, logs = loss + unsup.detach(), {**logs, **more, "unsup_ratio": ratio, "ema_alpha": ema_alpha(step, cfg.ema_alpha)}
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimiser.step()
+    if teacher is not None:
+        ema_update(teacher, model, step, cfg.ema_alpha)
+    return loss.detach(), logs, example
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"training loss is {loss.item()} at step {step}: lower the learning rates or check the data")
 
 
 def supervised_loss(net, labeled: dict, pool: dict | None, cfg: TrainConfig, sde_cfg: SDEConfig | None
