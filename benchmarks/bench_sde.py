@@ -44,7 +44,7 @@ def images_per_s(data: str, profile: str, overrides: dict, steps: int, device: t
     cfg = sde_config(profile, {"phase1_steps": 0, "phase2_steps": steps + 2, **overrides})
     torch.manual_seed(0)
     gpu = device.type == "cuda"
-    model = place(SDEModel(cfg), device, cfg.precision) if layout == "placed" else SDEModel(cfg).to(device)
+    model = place(SDEModel(cfg), device, cfg.precision, cfg.batch_size) if layout == "placed" else SDEModel(cfg).to(device)
     if layout == "channels_last":
         model.to(memory_format=torch.channels_last)
     net, opt = _optimiser(model, cfg, 2, Worker(0, 1, device))

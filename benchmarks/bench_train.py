@@ -78,7 +78,7 @@ def measure(data: Path, sde_model: Path, profile: str, row: str, steps: int, dev
     torch.manual_seed(0)
     net = build_network(cfg)
     sde_cfg = load_transfer(net, sde_model, cfg) if cfg.transfer else None
-    place(net, device, cfg.precision)
+    place(net, device, cfg.precision, cfg.images_per_pass)
     opt = (reference_setup if reference else make_optimiser)(net, parameter_groups(net, cfg), cfg)
     teacher = make_teacher(net, drop=("pose",) if cfg.multitask else ()) if cfg.teacher else None
     labeled = labeled_ids(data, cfg)

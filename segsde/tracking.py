@@ -281,7 +281,9 @@ class RunLogger:
 
         from mlflow.entities import Metric
 
-        batch = [Metric(k, float(v), int(time.time() * 1000), step) for k, v in values.items()]
+        # six significant digits: what a person reads in the UI (the noise is in the first three or four); the
+        # study's own results keep full precision
+        batch = [Metric(k, float(f"{float(v):.6g}"), int(time.time() * 1000), step) for k, v in values.items()]
         self._call(lambda: self.client.log_batch(self.run_id, metrics=batch))
 
     def figure(self, fig, path: str) -> None:

@@ -82,7 +82,7 @@ def _mlflow_pages_answer_the_question(out: Path, parent, children) -> None:
     report = pd.read_parquet(next((out / "study").iterdir()) / "trials.parquet").set_index("row")
     for trial in (r for r in children if r.data.tags["segsde.stage"] == "train"):
         row = trial.data.tags["segsde.row"]
-        assert abs(trial.data.metrics["final/miou"] - report.loc[row, "miou"]) < 1e-6  # percent in both
+        assert abs(trial.data.metrics["final/miou"] - report.loc[row, "miou"]) <= 1e-5 * report.loc[row, "miou"]  # percent in both, 6 digits
         datasets = client.get_run(trial.info.run_id).inputs.dataset_inputs
         assert [d.dataset.name for d in datasets] == [next((out / "cache").glob("data-*")).name]
 

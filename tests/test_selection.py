@@ -122,7 +122,7 @@ def test_every_method_returns_budget_distinct_ids_with_its_score_parts(selection
         artifacts = {a.path for d in ("figures", "selection") for a in client.list_artifacts(run.info.run_id, d)}
         assert {"figures/class_histogram.png", "figures/score_parts.png", f"selection/{method}.parquet"} <= artifacts
         coverage = client.get_metric_history(run.info.run_id, "select/class_coverage")
-        assert [m.step for m in coverage] == [2, 4] and all(0 < m.value <= 1 for m in coverage)
+        assert [m.step for m in coverage] == [2, 4] and all(0 < m.value <= 100 for m in coverage)  # percent
 
 
 def test_ddp_gathered_features_give_the_single_worker_picks(selections):

@@ -173,6 +173,10 @@ def check_row_run(row: str, result: dict, out, study) -> None:
     if not (cfg.teacher or cfg.transfer or cfg.labeled == "selection"):
         assert not any(k.startswith("acted/") for k in result)
     assert {k for k in run.data.metrics if k.startswith("final/acted/")} == {f"final/{k}" for k in result if k.startswith("acted/")}
+    # the result once, at step 0 (one bar per run in MLflow's charts), in six digits; curves only under val/
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "final/miou")] == [0]
+    assert run.data.metrics["final/miou"] == float(f"{100 * result['miou']:.6g}")
+    assert not any(k.startswith("val/acted/") or k == "val/best_miou" for k in run.data.metrics)
 
 
 @pytest.mark.parametrize("row", ROWS)

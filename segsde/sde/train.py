@@ -157,7 +157,7 @@ def train_loop_per_worker(config: dict) -> None:
     worker = start_worker(cfg.threads, stream_seed("sde/init", cfg.seed), cfg.precision)
     config = {**config, "data": str(local_dataset(config["data"]))}  # read from this node's copy
     gpu = worker.device.type == "cuda"
-    model = place(SDEModel(cfg), worker.device, cfg.precision)
+    model = place(SDEModel(cfg), worker.device, cfg.precision, cfg.batch_size)
     start, saved_optimiser, saved_phase = 0, None, None
     state = resume_state(config.get("resume_from"), worker.device)
     if state is not None:
@@ -226,7 +226,8 @@ def train_loop_per_worker(config: dict) -> None:
                 depth_metrics, examples = validate(model, val_set, cfg, worker)
                 metrics.update({f"val_{k}": v for k, v in depth_metrics.items()})
                 if logger:
-                    logger.metrics({f"val/{k}": v for k, v in depth_metrics.items()}, step=done)
+                    # the threshold accuracies in percent, as every score of the trials; the errors as they are
+                    logger.metrics({f"val/{k}": 100 * v if k in ("a1", "a2", "a3") else v for k, v in depth_metrics.items()}, step=done)
                     import matplotlib.pyplot as plt
 
                     fig = disparity_figure(examples, done)

@@ -141,7 +141,7 @@ def train_round(kind: str, cfg: SelectionConfig, data: str, selected: list[str],
     ``selected``; ``resume`` (model, optimizer, step) continues a round stopped mid-way, and
     ``checkpoint(state)`` receives that state every ``checkpoint_interval`` steps."""
     torch.manual_seed(stream_seed(f"select/{kind}", cfg.seed))
-    model = place(round_network(kind, cfg), worker.device, cfg.precision)
+    model = place(round_network(kind, cfg), worker.device, cfg.precision, cfg.student_batch)
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.student_lr, fused=True)  # one kernel, not several per tensor
     start = 0
     if resume is not None:

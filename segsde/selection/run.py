@@ -173,7 +173,8 @@ def _log_selection(logger, records: list[dict], cfg: SelectionConfig, method: st
         chosen = np.array([index[r["id"]] for r in records])
         for b in cfg.budgets:
             coverage[b] = class_coverage(counts, chosen[:b])
-            logger.metrics({"select/class_coverage": coverage[b], "select/class_balance": class_balance(counts, chosen[:b])}, step=b)
+            logger.metrics({"select/class_coverage": 100 * coverage[b], "select/class_balance": 100 * class_balance(counts, chosen[:b])},
+                           step=b)  # in percent, as every share the trials log
         fig = class_histogram(counts.sum(0), np.stack([counts[chosen[:b]].sum(0) for b in cfg.budgets]), list(cfg.budgets), method)
         logger.figure(fig, "figures/class_histogram.png")
         plt.close(fig)

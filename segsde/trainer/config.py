@@ -83,6 +83,11 @@ class TrainConfig:
         return self.teacher or self.multitask
 
     @property
+    def images_per_pass(self) -> int:
+        """The most images one pass of the student takes: the multi-task pass runs labeled and pool frames together."""
+        return self.batch_labeled + self.batch_unlabeled if self.multitask else max(self.batch_labeled, self.batch_unlabeled)
+
+    @property
     def needs_sde(self) -> bool:
         return self.transfer or self.multitask or (self.teacher and self.mix == "depth" and self.depth_source == "sde")
 

@@ -89,7 +89,7 @@ def train_loop_per_worker(config: dict) -> None:
     gpu = worker.device.type == "cuda"
     model = build_network(cfg)
     sde_cfg, sde_encoder = transfer_into(model, Path(config["sde_model"]), cfg) if cfg.transfer else (None, None)
-    place(model, worker.device, cfg.precision)
+    place(model, worker.device, cfg.precision, cfg.images_per_pass)
     teacher = make_teacher(model, drop=("pose",) if cfg.multitask else ()) if cfg.teacher else None
     optimiser = make_optimiser(model, parameter_groups(model, cfg), cfg)
     start, best = 0, float("nan")
@@ -176,7 +176,8 @@ def train_loop_per_worker(config: dict) -> None:
                 if logger:
                     _log_evaluation(logger, result, metrics, example, cfg, done)
                 if logger and done == cfg.steps:  # before the report: a Tune scheduler may stop the trial at it
-                    logger.metrics(in_percent({f"final/{k}": v for k, v in final_scores(metrics).items() if v == v}), step=done)
+                    # at step 0, logged once: MLflow's chart view then draws one bar per run, not a dot at step N
+                    logger.metrics(in_percent({f"final/{k}": v for k, v in final_scores(metrics).items() if v == v}), step=0)
             if logger and done == stop:  # a restart after this checkpoint would not log again
                 logger.flush()
             report(worker, metrics, state={"model": model.state_dict(), "teacher": teacher.state_dict() if teacher is not None else None,
@@ -261,7 +262,9 @@ def _log_evaluation(logger, result: dict, metrics: dict, example: dict | None, c
 
     from segsde.trainer.figures import mixing_figure, prediction_figure
 
-    logger.metrics(in_percent({f"val/{k}": v for k, v in metrics.items() if k not in ("step", "loss") and v == v}), step=step)
+    # the curves; what the components did is a result (final/acted/*), not a curve
+    logger.metrics(in_percent({f"val/{k}": v for k, v in metrics.items()
+                               if k not in ("step", "loss", "best_miou") and not k.startswith("acted/") and v == v}), step=step)
     for protocol in ("legacy", "full"):
         if protocol in result:
             logger.table(iou_table(result[protocol]), f"tables/class_iou_{protocol}_step{step:07d}.json")
