@@ -146,7 +146,7 @@ def main() -> None:
                 runs = [(measure(data, sde_model, args.profile, row, args.steps, device, reference=True),
                          measure(data, sde_model, args.profile, row, args.steps, device)) for _ in range(args.rounds)]
                 before, now = (statistics.median(r[k]["step_ms"] for r in runs) for k in (0, 1))
-                rows[row] = {**runs[-1][1], "step_ms": now, "reference_step_ms": before, "speedup": round(before / now, 2)}
+                rows[row] = {**runs[-1][1], "step_ms": round(now, 1), "reference_step_ms": round(before, 1), "speedup": round(before / now, 2)}
             base = rows.get("baseline", {}).get("step_ms")
             for r in rows.values():
                 r["vs_baseline"] = round(r["step_ms"] / base, 2) if base else None
