@@ -70,6 +70,32 @@ def test_paired_intervals_flags_and_verdicts(tmp_path):
     assert "cannot be told from training noise" in write_report(one_seed, ["baseline", "helps", "same", "silent"], [8], tmp_path / "one")[0]
 
 
+def test_two_rows_compare_with_each_other_in_the_same_family(tmp_path):
+    """--compare A:B: the paper's orderings (DepthMix > ClassMix) are paired differences between two rows, with the same
+    interval, Holm-corrected together with the rows against Baseline; a pair with a silent row is not judged."""
+    rng = np.random.default_rng(1)
+    records = []
+    for seed in range(5):
+        level = 0.5 + 0.05 * rng.standard_normal()
+        acted = {"acted/confident_fraction": 0.4, "acted/unsup_ratio": 0.3}
+        records += [_trial("baseline", seed, level, rng), _trial("low", seed, level + 0.05, rng, **acted),
+                    _trial("high", seed, level + 0.2, rng, **acted),
+                    _trial("silent", seed, level + 0.2, rng, **{"acted/confident_fraction": 0.01, "acted/unsup_ratio": 0.3})]
+    rows = ["baseline", "low", "high", "silent"]
+    alone = comparison_table(records, rows, [8])
+    table = comparison_table(records, rows, [8], pairs=(("high", "low"), ("high", "silent")))
+    pair = table[(table.row == "high") & (table.reference == "low")].iloc[0]
+    high, low = (table[(table.row == r) & (table.reference == "baseline")].iloc[0] for r in ("high", "low"))
+    assert pair.delta == pytest.approx(high.delta - low.delta) and pair.method.startswith("paired t, n=5 seeds")
+    assert pair.ci_low > 0 and pair.verdict == "better than low"
+    assert table.p_holm.notna().sum() == 3 and alone.p_holm.notna().sum() == 2  # the pair joined the family
+    assert pair.p_holm >= pair.p and high.p_holm >= alone.set_index("row").loc["high", "p_holm"]
+    silent_pair = table[(table.row == "high") & (table.reference == "silent")].iloc[0]
+    assert not silent_pair.acted and silent_pair.verdict.startswith("silent did not act")
+    text, _ = write_report(records, rows, [8], tmp_path, pairs=(("high", "low"),))
+    assert '(a line "A vs B": A against B)' in text and "| high vs low | 5 |" in text and "better than low" in text
+
+
 def test_the_interval_without_image_confusions_goes_over_seeds():
     row, base = {s: 50.0 + s + 2 for s in range(4)}, {s: 50.0 + s for s in range(4)}
     paired = paired_difference(row, base)

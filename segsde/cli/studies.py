@@ -18,7 +18,7 @@ def cmd_study(args) -> int:
 
     cfg = study_config(args.profile, sets=dict(args.set), rows=args.rows, budgets=args.budgets, seeds=args.seeds,
                        concurrency=args.concurrency, workers=args.workers, gpu=args.gpu, data_seed=args.data_seed,
-                       min_effect=args.min_effect, sde_per_seed=args.sde_per_seed)
+                       min_effect=args.min_effect, sde_per_seed=args.sde_per_seed, compare=args.compare)
     if args.plan:
         from segsde.orchestration.planning import plan_study
 
@@ -65,6 +65,9 @@ def add_study_commands(sub) -> None:
                             "and their compute, run nothing")
     study.add_argument("--min-effect", type=float, default=None,
                        help="the smallest difference to Baseline worth finding, in mIoU points (default: the profile's, else 1)")
+    study.add_argument("--compare", type=name_list, default=None, metavar="A:B,...",
+                       help="also compare these rows with each other, A against B, paired over seeds and in the family "
+                            "Holm corrects (default: the profile's)")
     study.add_argument("--verbose", action="store_true",
                        help="print Ray's and Tune's own output and every line of the study here (default: a live view, the "
                             "rest in OUT/logs/)")

@@ -1,6 +1,7 @@
-"""Each study row against Baseline: did its component act, how large is the same-seed difference, how sure are
-we (paired t-interval over seeds with the shared validation images' variance, Holm-corrected over the study's
-family), and how many seeds a stated minimal effect would need."""
+"""Each study row against Baseline, and any two rows against each other (``pairs``, the paper's orderings such as
+DepthMix > ClassMix): did the components act, how large is the same-seed difference, how sure are we (paired
+t-interval over seeds with the shared validation images' variance, Holm-corrected over the study's family), and
+how many seeds a stated minimal effect would need."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ MIN_EFFECT = 1.0   # mIoU points: the smallest difference a study is planned to 
 MIN_CONFIDENT, MIN_MIXED, MIN_LOSS_RATIO = 0.05, 0.02, 0.01
 # a multi-task row acts when its depth loss and its feature exchange each carry at least this share
 MIN_SHARE = 0.01
-COLUMNS = ["row", "budget", "n", "mean", "sd", "delta", "sd_delta", "image_var", "se", "df", "ci_low", "ci_high", "p", "p_holm", "method",
-           "control", "seeds_needed", "teacher_minus_student", "acted", "verdict", "note"]
+COLUMNS = ["row", "reference", "budget", "n", "mean", "sd", "delta", "sd_delta", "image_var", "se", "df", "ci_low", "ci_high", "p",
+           "p_holm", "method", "control", "seeds_needed", "teacher_minus_student", "acted", "verdict", "note"]
 
 
 def inaction(records: list[dict]) -> str | None:
@@ -54,39 +55,48 @@ def inaction(records: list[dict]) -> str | None:
 
 
 def comparison_table(records: list[dict], rows: list[str], budgets: list[int], min_effect: float = MIN_EFFECT,
-                     controls=CONTROLS) -> pd.DataFrame:
-    """One line per (row, budget): mIoU mean and sd over seeds, the paired difference to Baseline with its
-    interval (``method`` names it and its n), the p-value Holm-adjusted over every judged row of every budget
-    (``controls`` are judged beside that family at their own level), the seeds ``min_effect`` needs, and the verdict."""
+                     controls=CONTROLS, pairs: tuple[tuple[str, str], ...] = ()) -> pd.DataFrame:
+    """One line per (row, budget), then one per (pair, budget): mIoU mean and sd over seeds, the paired difference to
+    ``reference`` (Baseline, or the pair's second row) with its interval (``method`` names it and its n), the p-value
+    Holm-adjusted over every judged line of every budget, pairs included (``controls`` are judged beside that family
+    at their own level), the seeds ``min_effect`` needs, and the verdict."""
     done = [r for r in records if r.get("miou") is not None]
     lines = []
     for b in budgets:
         at = {row: [r for r in done if r["row"] == row and int(r["budget"]) == b] for row in rows}
-        base = at.get(BASELINE, [])
         for row in rows:
-            recs, silent = at[row], inaction(at[row])
-            scores = {int(r["seed"]): 100 * r["miou"] for r in recs}
-            line = {"row": row, "budget": b, "n": len(recs), "mean": np.mean(list(scores.values())) if recs else np.nan,
-                    "sd": np.std(list(scores.values()), ddof=1) if len(recs) > 1 else np.nan, "acted": silent is None,
-                    "control": row in controls}
-            teacher = [100 * (r["teacher_miou"] - r["miou"]) for r in recs if r.get("teacher_miou") is not None]
-            line["teacher_minus_student"] = float(np.mean(teacher)) if teacher else np.nan
-            paired = None
-            if row != BASELINE and recs and base:
-                (conf, groups), (base_conf, _) = _confusions(recs), _confusions(base)
-                paired = paired_difference(scores, {int(r["seed"]): 100 * r["miou"] for r in base}, conf, base_conf, groups)
-            if paired is not None:
-                line.update(n=paired.n, delta=paired.delta, sd_delta=paired.sd, method=paired.method, image_var=paired.image_var,
-                            **(dict(se=paired.se, df=paired.df, ci_low=paired.low, ci_high=paired.high, p=paired.p) if paired.n >= 2 else {}))
-            line["verdict"] = "reference" if row == BASELINE else (silent or "")
-            no_depth = sorted(int(r["seed"]) for r in recs if r.get("sde/learned") is False)  # see sde_quality
-            line["note"] = (f"the SDE model of seed{'s' if len(no_depth) > 1 else ''} {', '.join(map(str, no_depth))} learned no depth"
-                            if no_depth else "")
-            lines.append(line)
+            lines.append(_line(at[row], at.get(BASELINE, []), row, "" if row == BASELINE else BASELINE, b, row in controls))
+        for row, reference in pairs:
+            lines.append(_line(at[row], at[reference], row, reference, b, False))
     table = pd.DataFrame(lines).reindex(columns=COLUMNS)
     _judge(table, min_effect)
     table.attrs["min_effect"] = min_effect
     return table
+
+
+def _line(recs: list[dict], reference_recs: list[dict], row: str, reference: str, budget: int, control: bool) -> dict:
+    """``row``'s trials at ``budget`` and their paired difference to ``reference``'s ("": the reference itself)."""
+    silent = inaction(recs)
+    if reference and reference != BASELINE:  # a comparison between two components needs both to have acted
+        silent = f"{row} {silent}" if silent else (f"{reference} {inaction(reference_recs)}" if inaction(reference_recs) else None)
+    scores = {int(r["seed"]): 100 * r["miou"] for r in recs}
+    line = {"row": row, "reference": reference, "budget": budget, "n": len(recs),
+            "mean": np.mean(list(scores.values())) if recs else np.nan,
+            "sd": np.std(list(scores.values()), ddof=1) if len(recs) > 1 else np.nan, "acted": silent is None, "control": control}
+    teacher = [100 * (r["teacher_miou"] - r["miou"]) for r in recs if r.get("teacher_miou") is not None]
+    line["teacher_minus_student"] = float(np.mean(teacher)) if teacher else np.nan
+    paired = None
+    if reference and recs and reference_recs:
+        (conf, groups), (reference_conf, _) = _confusions(recs), _confusions(reference_recs)
+        paired = paired_difference(scores, {int(r["seed"]): 100 * r["miou"] for r in reference_recs}, conf, reference_conf, groups)
+    if paired is not None:
+        line.update(n=paired.n, delta=paired.delta, sd_delta=paired.sd, method=paired.method, image_var=paired.image_var,
+                    **(dict(se=paired.se, df=paired.df, ci_low=paired.low, ci_high=paired.high, p=paired.p) if paired.n >= 2 else {}))
+    line["verdict"] = (silent or "") if reference else "reference"
+    no_depth = sorted({int(r["seed"]) for r in recs + (reference_recs if reference != BASELINE else []) if r.get("sde/learned") is False})
+    line["note"] = (f"the SDE model of seed{'s' if len(no_depth) > 1 else ''} {', '.join(map(str, no_depth))} learned no depth"
+                    if no_depth else "")  # see sde_quality
+    return line
 
 
 def _judge(table: pd.DataFrame, min_effect: float) -> None:
@@ -97,9 +107,9 @@ def _judge(table: pd.DataFrame, min_effect: float) -> None:
     if family.any():
         table.loc[family, "p_holm"] = holm(table.loc[family, "p"].tolist())
     table.loc[judged & table.control.astype(bool), "p_holm"] = table.p  # beside the family: unadjusted
-    size = max(int(((table.row != BASELINE) & ~table.control.astype(bool)).sum()), 1)  # the family once every row is judged
+    size = max(int(((table.reference != "") & ~table.control.astype(bool)).sum()), 1)  # the family once every line is judged
     for b in table.budget.unique():
-        one_seed = (table.budget == b) & (table.n == 1) & table.delta.notna()
+        one_seed = (table.budget == b) & (table.n == 1) & table.delta.notna() & (table.reference == BASELINE)
         # with one seed the spread of the rows' differences stands in for the training noise
         spread = table.loc[one_seed, "delta"].std() if one_seed.sum() > 2 else np.nan
         for i in table.index[(table.budget == b) & table.delta.notna()]:
@@ -112,7 +122,8 @@ def _judge(table: pd.DataFrame, min_effect: float) -> None:
         if table.at[i, "n"] < 2:
             table.at[i, "verdict"] = "one seed: no difference can be judged"
         elif table.at[i, "p_holm"] < ALPHA and (table.at[i, "ci_low"] > 0 or table.at[i, "ci_high"] < 0):
-            table.at[i, "verdict"] = "better than Baseline" if table.at[i, "delta"] > 0 else "worse than Baseline"
+            than = "Baseline" if table.at[i, "reference"] == BASELINE else table.at[i, "reference"]
+            table.at[i, "verdict"] = f"better than {than}" if table.at[i, "delta"] > 0 else f"worse than {than}"
         else:
             table.at[i, "verdict"] = "no difference shown"
     table.loc[table.n == 0, "verdict"] = "failed/missing"
@@ -127,6 +138,11 @@ def _confusions(records: list[dict]) -> tuple[dict[int, np.ndarray] | None, list
     return found or None, groups
 
 
+def against_baseline(table: pd.DataFrame) -> pd.DataFrame:
+    """The table's lines of the rows themselves (Baseline and each row against it), without the pairs."""
+    return table[table.reference.isin(["", BASELINE])]
+
+
 def comparison_markdown(table: pd.DataFrame, budget: int) -> str:
     at = table[table.budget == budget]
     family = int((table.p_holm.notna() & ~table.control.astype(bool)).sum())
@@ -134,17 +150,18 @@ def comparison_markdown(table: pd.DataFrame, budget: int) -> str:
     controls = ", ".join(at.row[at.control.astype(bool)])
     holm_note = (f"two-sided p Holm-corrected over the study's {family} judged rows"
                  + (f" ({controls}: controls, beside the family at their own level)" if controls else "")) if family else "no row judged"
-    lines = [f"Against Baseline at {budget} labels: same-seed difference Δ in mIoU points with its {100 * LEVEL:.0f} % interval "
+    pairs = ' (a line "A vs B": A against B)' if (~at.reference.isin(["", BASELINE])).any() else ""
+    lines = [f"Against Baseline{pairs} at {budget} labels: same-seed difference Δ in mIoU points with its {100 * LEVEL:.0f} % interval "
              f"({'; '.join(methods) or 'none: one seed'}); {holm_note}; seeds for {100 * POWER:.0f} % power to find "
              f"{table.attrs.get('min_effect', MIN_EFFECT):g} points", "",
              "| row | n | mIoU | Δ | 95 % interval | p (Holm) | seeds needed | teacher − student | verdict |", "|---" * 9 + "|"]
     for _, c in at.iterrows():
         def num(v, fmt):
             return "–" if v is None or v != v else format(v, fmt)
-        shown = c.row != BASELINE and c.acted and c.n > 0
+        shown = bool(c.reference) and c.acted and c.n > 0
         mean = "–" if c.n == 0 else f"{c['mean']:.2f}" + (f" ± {c['sd']:.2f}" if c.n > 1 else "")
         interval = f"[{c.ci_low:+.2f}, {c.ci_high:+.2f}]" if shown and c.n >= 2 and c.ci_low == c.ci_low else "–"
-        name = f"{c.row} (control)" if c.control else c.row
+        name = line_name(c.row, c.reference, c.control)
         lines.append(f"| {name} | {c.n} | {mean} | {num(c.delta, '+.2f') if shown else '–'} | {interval} | "
                      f"{num(c.p_holm, '.3f') if shown else '–'} | {num(c.seeds_needed, '.0f') if shown else '–'} | "
                      f"{num(c.teacher_minus_student, '+.2f')} | {c.verdict}{f' ({c.note})' if c.note else ''} |")
@@ -160,14 +177,22 @@ def comparison_markdown(table: pd.DataFrame, budget: int) -> str:
     return "\n".join(lines)
 
 
+def line_name(row: str, reference: str, control: bool = False) -> str:
+    """How a comparison line is named: its row, "(control)" for controls, "A vs B" for a pair."""
+    if reference and reference != BASELINE:
+        return f"{row} vs {reference}"
+    return f"{row} (control)" if control else row
+
+
 def forest_figure(table: pd.DataFrame, budgets: list[int]):
-    """Each row's difference to Baseline with its interval, a panel per budget; rows that did not act or have
+    """Each row's difference to Baseline (and each pair's, A - B) with its interval, a panel per budget; lines that did not act or have
     one seed are drawn hollow and named so."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(budgets), figsize=(5.5 * len(budgets), 0.5 + 0.45 * table.row.nunique()), squeeze=False)
+    lines = int((table.budget == budgets[0]).sum()) if budgets else 1
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5.5 * len(budgets), 0.5 + 0.45 * lines), squeeze=False)
     for ax, b in zip(axes[0], budgets):
-        at = table[(table.budget == b) & (table.row != BASELINE)].reset_index(drop=True)
+        at = table[(table.budget == b) & (table.reference != "")].reset_index(drop=True)
         for y, c in at.iterrows():
             if c.delta != c.delta:
                 continue
@@ -178,9 +203,10 @@ def forest_figure(table: pd.DataFrame, budgets: list[int]):
             note = "did not act" if not c.acted else "one seed" if c.n < 2 else ""
             ax.text(c.delta, y + 0.3, note, fontsize=7, color="0.4", ha="center")
         ax.axvline(0, color="k", lw=0.8)
-        ax.set_yticks(range(len(at)), [f"{r} (control)" if c else r for r, c in zip(at.row, at.control.astype(bool))])
+        ax.set_yticks(range(len(at)), [line_name(r, ref, c) for r, ref, c in zip(at.row, at.reference, at.control.astype(bool))])
         ax.invert_yaxis()
-        ax.set_xlabel("mIoU difference to Baseline (points)")
+        ax.set_xlabel("mIoU difference to Baseline, or A - B (points)" if (at.reference != BASELINE).any()
+                      else "mIoU difference to Baseline (points)")
         seeds = int(at.n.max()) if len(at) else 0
         ax.set_title(f"{b} labels: same-seed Δ to Baseline\n{100 * LEVEL:.0f} % paired t-interval, n={seeds} seeds" if seeds > 1
                      else f"{b} labels: same-seed Δ to Baseline\none seed (no interval)", fontsize=10)

@@ -13,7 +13,7 @@ import pandas as pd
 
 from segsde.data.labels import CLASS_NAMES
 from segsde.data.store import atomic_savefig, atomic_write_bytes
-from segsde.orchestration.comparison import BASELINE, MIN_EFFECT, comparison_markdown, comparison_table, forest_figure
+from segsde.orchestration.comparison import BASELINE, MIN_EFFECT, against_baseline, comparison_markdown, comparison_table, forest_figure
 from segsde.orchestration.sde_quality import learned_depth, sde_models_markdown
 
 MISSING = "failed/missing"
@@ -36,7 +36,7 @@ def study_table(trials: pd.DataFrame, rows: list[str], budgets: list[int], compa
     Baseline (the one delta of the report: a difference of means would disagree with it when a seed failed)."""
     stats = trials.groupby(["row", "budget"])["miou"].agg(["mean", "std", "count"]).reset_index()
     cells = pd.DataFrame([(r, b) for r in rows for b in budgets], columns=["row", "budget"]).merge(stats, how="left")
-    cells = cells.merge(comparison[["row", "budget", "delta"]], how="left")
+    cells = cells.merge(against_baseline(comparison)[["row", "budget", "delta"]], how="left")
     cells["count"] = cells["count"].fillna(0).astype(int)
     return cells
 
@@ -195,22 +195,24 @@ def html_report(markdown_text: str, figures: dict[str, bytes]) -> str:
 
 
 def write_report(records: list[dict], rows: list[str], budgets: list[int], out: Path, logger=None,
-                 min_effect: float = MIN_EFFECT, sde_per_seed: bool | None = None, depth_reference: dict | None = None) -> tuple[str, str]:
+                 min_effect: float = MIN_EFFECT, sde_per_seed: bool | None = None, depth_reference: dict | None = None,
+                 pairs: tuple[tuple[str, str], ...] = ()) -> tuple[str, str]:
     """Write study.md, study.html, study.parquet, comparison.parquet, trials.parquet, class_iou.parquet and the
     figures under ``out`` (and into the MLflow run of ``logger``, with the comparison as metrics and the summary as
     its description); return the Markdown,
     and its summary for a terminal (the study table and the comparisons, without the class tables). ``depth_reference``:
-    a constant depth's errors, against which the SDE models the trials read are checked (``sde_quality``)."""
+    a constant depth's errors, against which the SDE models the trials read are checked (``sde_quality``). ``pairs``:
+    (A, B) rows compared with each other as well, in the family Holm corrects."""
     import matplotlib.pyplot as plt
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     records = [{**r, "sde/learned": learned_depth(r, depth_reference)} if r.get("sde/model") else r for r in records]
     trials = trial_frame(records)
-    comparison = comparison_table(records, rows, budgets, min_effect)
+    comparison = comparison_table(records, rows, budgets, min_effect, pairs=pairs)
     comparison.attrs["sde_per_seed"] = sde_per_seed  # which inference the rows that read the SDE model make
     table = study_table(trials, rows, budgets, comparison)
-    silent = {(c.row, c.budget) for c in comparison.itertuples() if not c.acted}
+    silent = {(c.row, c.budget) for c in against_baseline(comparison).itertuples() if not c.acted}
     text = ["# Component study (mIoU %, mean ± std over seeds, same-seed Δ to Baseline)", "", markdown(table, rows, budgets, silent)]
     summary, classes, seeds = list(text), [], []
     figures = [(bar_figure(table, rows, budgets), "study_bars.png"), (forest_figure(comparison, budgets), "forest.png")]
@@ -249,6 +251,8 @@ def write_report(records: list[dict], rows: list[str], budgets: list[int], out: 
         logger.tags({"mlflow.note.content": f"{summary_text}\n{seeds_text}\n\nThe whole report, with class IoU and figures: "
                                             "artifact `study/study.html`."})
         # rounded to what a person reads (the Parquet tables keep every digit)
-        logger.metrics({f"compare/{c.row}/b{c.budget}/{k}": round(getattr(c, k), 4 if k == "p_holm" else 2) for c in comparison.itertuples()
-                        if c.row != BASELINE for k in ("delta", "ci_low", "ci_high", "p_holm") if getattr(c, k) == getattr(c, k)}, step=0)
+        named = {c.Index: c.row if c.reference == BASELINE else f"{c.row}-vs-{c.reference}" for c in comparison.itertuples()}
+        logger.metrics({f"compare/{named[c.Index]}/b{c.budget}/{k}": round(getattr(c, k), 4 if k == "p_holm" else 2)
+                        for c in comparison.itertuples() if c.reference
+                        for k in ("delta", "ci_low", "ci_high", "p_holm") if getattr(c, k) == getattr(c, k)}, step=0)
     return markdown_text, summary_text

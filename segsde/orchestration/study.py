@@ -47,6 +47,12 @@ class StudyConfig:
     # one SDE pre-training (and export) per study seed, paired with that seed's trials: the intervals then cover the
     # SDE stage's own randomness; otherwise one SDE model serves every seed and the intervals are conditional on it
     sde_per_seed: bool = False
+    # "A:B" pairs of rows compared with each other besides each against Baseline (the paper's orderings), in Holm's family
+    compare: tuple[str, ...] = ()
+
+    @property
+    def pairs(self) -> tuple[tuple[str, str], ...]:
+        return tuple(tuple(p.split(":")) for p in self.compare)
 
     def validate(self, where: str) -> None:
         check([(len(self.budgets) > 0 and min(self.budgets) >= 1, "budgets must be positive"),
@@ -65,6 +71,10 @@ def study_config(profile: str, sets: dict | None = None, **flags) -> StudyConfig
     if testbed.source == "synthetic" and max(cfg.budgets) > testbed.train:
         raise SegSDEError(f"budget {max(cfg.budgets)} is larger than the {testbed.train} training images of the "
                           f"'{profile}' testbed: lower --budgets")
+    for pair in cfg.compare:
+        names = pair.split(":")
+        if len(names) != 2 or names[0] == names[1] or not set(names) <= set(cfg.rows):
+            raise SegSDEError(f"--compare {pair}: give two different rows of the study as A:B (its rows: {', '.join(cfg.rows)})")
     for row in cfg.rows:  # an unknown row or a bad override is a one-line error before anything runs
         train_config(profile, row, {**cfg.train, "budget": cfg.budgets[0], "seed": cfg.seeds[0]})
     sde_config(profile, cfg.sde)
@@ -346,7 +356,7 @@ def _report(cfg: StudyConfig, records: list[dict], out: Path, storage: Location,
         sde = sde_config(cfg.profile, cfg.sde)
         reference = constant_depth_reference(data, sde.val_images, sde.eval_max_depth)
     text, summary = write_report(records, list(cfg.rows), list(cfg.budgets), where, logger, cfg.min_effect, cfg.sde_per_seed,
-                                 reference)
+                                 reference, cfg.pairs)
     if not storage.is_local:  # the driver's copy is for reading; the storage root keeps the durable one
         storage.child("study", where.name).upload_dir(where)
     log(f"{summary}\nClass IoU, figures and Parquet tables: {where} (study.md)" if brief else text)
