@@ -79,7 +79,8 @@ def measure(data: Path, sde_model: Path, profile: str, row: str, steps: int, dev
     net = build_network(cfg)
     sde_cfg = load_transfer(net, sde_model, cfg) if cfg.transfer else None
     place(net, device, cfg.precision, cfg.images_per_pass)
-    opt = (reference_setup if reference else make_optimiser)(net, parameter_groups(net, cfg), cfg)
+    groups = parameter_groups(net, cfg)
+    opt = reference_setup(net, groups, cfg) if reference else make_optimiser(groups, cfg)
     teacher = make_teacher(net, drop=("pose",) if cfg.multitask else ()) if cfg.teacher else None
     labeled = labeled_ids(data, cfg)
     batches = TrialBatches(data, cfg, labeled, mix_pool(data, cfg, labeled) if cfg.uses_unlabeled else None, 0, 0, 1)

@@ -78,7 +78,9 @@ def _line(recs: list[dict], reference_recs: list[dict], row: str, reference: str
     """``row``'s trials at ``budget`` and their paired difference to ``reference``'s ("": the reference itself)."""
     silent = inaction(recs)
     if reference and reference != BASELINE:  # a comparison between two components needs both to have acted
-        silent = f"{row} {silent}" if silent else (f"{reference} {inaction(reference_recs)}" if inaction(reference_recs) else None)
+        silent_reference = inaction(reference_recs)
+        if silent or silent_reference:
+            silent = f"{row} {silent}" if silent else f"{reference} {silent_reference}"
     scores = {int(r["seed"]): 100 * r["miou"] for r in recs}
     line = {"row": row, "reference": reference, "budget": budget, "n": len(recs),
             "mean": np.mean(list(scores.values())) if recs else np.nan,
@@ -150,7 +152,7 @@ def comparison_markdown(table: pd.DataFrame, budget: int) -> str:
     controls = ", ".join(at.row[at.control.astype(bool)])
     holm_note = (f"two-sided p Holm-corrected over the study's {family} judged rows"
                  + (f" ({controls}: controls, beside the family at their own level)" if controls else "")) if family else "no row judged"
-    pairs = ' (a line "A vs B": A against B)' if (~at.reference.isin(["", BASELINE])).any() else ""
+    pairs = ' (a line "A vs B": A against B)' if len(against_baseline(at)) < len(at) else ""
     lines = [f"Against Baseline{pairs} at {budget} labels: same-seed difference Δ in mIoU points with its {100 * LEVEL:.0f} % interval "
              f"({'; '.join(methods) or 'none: one seed'}); {holm_note}; seeds for {100 * POWER:.0f} % power to find "
              f"{table.attrs.get('min_effect', MIN_EFFECT):g} points", "",

@@ -251,8 +251,7 @@ def write_report(records: list[dict], rows: list[str], budgets: list[int], out: 
         logger.tags({"mlflow.note.content": f"{summary_text}\n{seeds_text}\n\nThe whole report, with class IoU and figures: "
                                             "artifact `study/study.html`."})
         # rounded to what a person reads (the Parquet tables keep every digit)
-        named = {c.Index: c.row if c.reference == BASELINE else f"{c.row}-vs-{c.reference}" for c in comparison.itertuples()}
-        logger.metrics({f"compare/{named[c.Index]}/b{c.budget}/{k}": round(getattr(c, k), 4 if k == "p_holm" else 2)
-                        for c in comparison.itertuples() if c.reference
+        logger.metrics({f"compare/{c.row if c.reference == BASELINE else f'{c.row}-vs-{c.reference}'}/b{c.budget}/{k}":
+                        round(getattr(c, k), 4 if k == "p_holm" else 2) for c in comparison.itertuples() if c.reference
                         for k in ("delta", "ci_low", "ci_high", "p_holm") if getattr(c, k) == getattr(c, k)}, step=0)
     return markdown_text, summary_text

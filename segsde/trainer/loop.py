@@ -91,7 +91,7 @@ def train_loop_per_worker(config: dict) -> None:
     sde_cfg, sde_encoder = transfer_into(model, Path(config["sde_model"]), cfg) if cfg.transfer else (None, None)
     place(model, worker.device, cfg.precision, cfg.images_per_pass)
     teacher = make_teacher(model, drop=("pose",) if cfg.multitask else ()) if cfg.teacher else None
-    optimiser = make_optimiser(model, parameter_groups(model, cfg), cfg)
+    optimiser = make_optimiser(parameter_groups(model, cfg), cfg)
     start, best = 0, float("nan")
     acted = ComponentActivity(cfg.steps, mixes=cfg.mix != "none", facts=config.get("activity"))
     state = resume_state(config.get("resume_from"), worker.device)

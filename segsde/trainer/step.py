@@ -24,7 +24,7 @@ from segsde.ssl.teacher import ema_alpha, ema_update
 from segsde.trainer.config import TrainConfig
 
 
-def make_optimiser(model: torch.nn.Module, groups: list[dict], cfg: TrainConfig) -> torch.optim.SGD:
+def make_optimiser(groups: list[dict], cfg: TrainConfig) -> torch.optim.SGD:
     """SGD with momentum over ``groups``, fused: one kernel per parameter group instead of several operators per
     tensor (the update of ResNet-18's 11 M encoder weights was about a tenth of a 64x128 Baseline step)."""
     return torch.optim.SGD(groups, lr=cfg.lr_decoder, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=True)
