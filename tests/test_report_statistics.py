@@ -139,11 +139,18 @@ def test_the_seed_planner_takes_the_pilots_noise_holms_level_and_the_trials_cost
         assert plan.loc[row, "seeds"] == seeds_for(2.0, plan.loc[row, "sd"], plan.loc[row, "image_var"], alpha=0.05 / 3)
         assert plan.loc[row, "seeds"] == table.loc[row, "seeds_needed"]  # the report plans the same way
     assert plan.loc["noisy", "seeds"] > plan.loc["helps", "seeds"]
-    assert plan.loc["unpiloted", "source"] == "pooled over 3 rows"  # one seed: the other rows' noise stands in
+    assert plan.loc["unpiloted", "source"] == "pooled over 3 lines"  # one seed: the other rows' noise stands in
     assert plan.loc["baseline", "seeds"] == plan.seeds.drop("baseline").max()
     assert plan.loc["helps", "compute_h"] == pytest.approx(plan.loc["helps", "seeds"] * 60 / 3600)
     text = plan_markdown(plan.reset_index(), concurrency=2)
-    assert "Holm over the 3 rows of the family" in text and "| helps | 8 |" in text and "trial-hours" in text
+    assert "Holm over the 3 comparisons of the family" in text and "| helps | 8 |" in text and "trial-hours" in text
+    paired = seed_plan(records, rows, [8], 2.0, cost, pairs=(("noisy", "helps"),)).set_index("row")  # a pair joins the family
+    pair = paired.loc["noisy vs helps"]
+    assert paired.attrs["family"] == 4 and pair.alpha == pytest.approx(0.05 / 4) and pd.isna(pair.compute_h)
+    assert pair.sd == pytest.approx(comparison_table(records, rows, [8], 2.0, pairs=(("noisy", "helps"),)).iloc[-1].sd_delta)
+    for row in ("noisy", "helps"):  # each row of the pair runs the seeds the pair needs
+        assert paired.loc[row, "seeds"] == max(pair.seeds, seeds_for(2.0, paired.loc[row, "sd"], paired.loc[row, "image_var"], alpha=0.05 / 4))
+    assert "| noisy vs helps | 8 |" in plan_markdown(paired.reset_index(), concurrency=2)
     nothing = seed_plan([r for r in records if r["seed"] == 0], rows, [8], 2.0, cost).set_index("row")
     assert nothing.loc["helps", "source"].startswith("no pilot") and pd.isna(nothing.loc["helps", "seeds"])
 
