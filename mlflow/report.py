@@ -43,7 +43,8 @@ def study_records(uri: str, experiment: str, parent: str | None = None) -> tuple
         tags, metrics = run.data.tags, run.data.metrics
         finished = run.info.status == "FINISHED" and "final/miou" in metrics
         record = {"row": tags["segsde.row"], "budget": int(tags["segsde.budget"]), "seed": int(tags["segsde.seed"]),
-                  "miou": metrics["final/miou"] / 100 if finished else None}  # MLflow holds percent, records fractions
+                  "miou": metrics["final/miou"] / 100 if finished else None,  # MLflow holds percent, records fractions
+                  **({"seconds": (run.info.end_time - run.info.start_time) / 1000} if finished and run.info.end_time else {})}
         record.update({k.removeprefix("final/"): v / 100 for k, v in metrics.items()
                        if k.startswith(("final/iou/", "final/acted/")) or k == "final/teacher_miou"})
         if record["miou"] is not None:
@@ -78,8 +79,11 @@ def main(argv=None) -> int:
 
         records, rows, budgets, parent, params = study_records(args.tracking_uri, args.experiment, args.parent)
         per_seed = params.get("study.sde_per_seed")
+        pairs = tuple(tuple(p.split(":")) for p in ast.literal_eval(params.get("study.compare", "()")))
+        claims = {c["claim"]: list(c["lines"]) for c in ast.literal_eval(params.get("study.claims", "()"))}
         print(write_report(records, rows, budgets, args.out, min_effect=float(params.get("study.min_effect", 1.0)),
-                           sde_per_seed=None if per_seed is None else per_seed == "True")[0])
+                           sde_per_seed=None if per_seed is None else per_seed == "True", pairs=pairs, claims=claims,
+                           concurrency=int(params.get("study.concurrency", 1)))[0])
         print(f"report of parent run {parent} ({len(records)} trials) in {args.out}")
     except SegSDEError as exc:
         print(f"report: error: {exc}", file=sys.stderr)

@@ -96,6 +96,48 @@ def test_two_rows_compare_with_each_other_in_the_same_family(tmp_path):
     assert '(a line "A vs B": A against B)' in text and "| high vs low | 5 |" in text and "better than low" in text
 
 
+def test_claims_are_answered_from_their_lines_and_the_published_report_rebuilds_alone(tmp_path):
+    """A claim holds when all its lines are better, does not hold when one is worse, is not tested when a component did
+    not act, else is not resolved with the seeds it needs and their cost; `segsde report --from` rebuilds every table
+    from trials.parquet alone."""
+    from segsde.cli import main as segsde
+    from segsde.orchestration.claims import check_claims
+    from segsde.errors import SegSDEError
+
+    rng = np.random.default_rng(2)
+    acted = {"acted/confident_fraction": 0.4, "acted/unsup_ratio": 0.3}
+    records = []
+    for seed in range(5):
+        level = 0.5 + 0.05 * rng.standard_normal()
+        records += [_trial("baseline", seed, level, rng, seconds=100.0), _trial("low", seed, level + 0.05, rng, seconds=100.0, **acted),
+                    _trial("high", seed, level + 0.2, rng, seconds=300.0, **acted), _trial("same", seed, level, rng, seconds=100.0),
+                    _trial("silent", seed, level + 0.2, rng, seconds=100.0, **{"acted/confident_fraction": 0.01})]
+    rows, pairs = ["baseline", "low", "high", "same", "silent"], (("high", "low"), ("low", "high"))
+    claims = {"high wins": ["high", "high:low"], "low wins": ["low:high"], "same helps": ["same"], "silent helps": ["silent"]}
+    text, summary = write_report(records, rows, [8], tmp_path / "a", min_effect=8.0, pairs=pairs, claims=claims, concurrency=2)
+    verdicts = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[2] for line in text.splitlines() if line.startswith("| ") and (" wins |" in line or " helps |" in line)}
+    assert verdicts["high wins"] == "holds" and verdicts["low wins"].startswith("does not hold: low vs high")
+    assert verdicts["silent helps"].startswith("not tested: silent: did not act")
+    table = comparison_table(records, rows, [8], 8.0, pairs=pairs)
+    same = table[(table.row == "same") & (table.reference == "baseline")].iloc[0]
+    hours = same.seeds_needed * 200.0 / 3600 / 2  # its seeds of Same and Baseline, two trials at once
+    assert verdicts["same helps"] == f"not resolved at 5 seeds (needs {same.seeds_needed:.0f}, costing {hours:.1f} h)"
+    assert "Claims (" in summary and text.index("Claims (") < text.index("Against Baseline")
+    with pytest.raises(SegSDEError, match="does not compare 'low:same'"):
+        check_claims({"x": ["low:same"]}, tuple(rows), pairs)
+
+    assert segsde(["report", "--from", str(tmp_path / "a"), "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "b" / "study.md").read_text() == (tmp_path / "a" / "study.md").read_text()
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "b" / "comparison.parquet"), pd.read_parquet(tmp_path / "a" / "comparison.parquet"))
+    assert (tmp_path / "b" / "forest.png").stat().st_size > 0
+    pd.DataFrame({"row": ["baseline"]}).to_parquet(tmp_path / "old.parquet")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old.parquet").rename(tmp_path / "old" / "trials.parquet")
+    with pytest.raises(SegSDEError, match="written before reports kept their trials whole"):
+        from segsde.orchestration.report import rebuild_report
+        rebuild_report(tmp_path / "old")
+
+
 def test_the_interval_without_image_confusions_goes_over_seeds():
     row, base = {s: 50.0 + s + 2 for s in range(4)}, {s: 50.0 + s for s in range(4)}
     paired = paired_difference(row, base)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from segsde.cli.flags import int_list, name_list, orchestration_flags, profile_flags
 
 RESUMABLE = ("its MLflow runs are KILLED, and a rerun with --resume goes on from the cached stages and the trials' "
@@ -43,6 +45,15 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from segsde.orchestration.report import rebuild_report
+
+    text, _ = rebuild_report(args.source, args.out)
+    print(text)
+    print(f"[report] rebuilt from {args.source / 'trials.parquet'} into {args.out or args.source}")
+    return 0
+
+
 def add_study_commands(sub) -> None:
     from segsde.orchestration.keys import STAGES
 
@@ -72,6 +83,14 @@ def add_study_commands(sub) -> None:
                        help="print Ray's and Tune's own output and every line of the study here (default: a live view, the "
                             "rest in OUT/logs/)")
     study.set_defaults(func=cmd_study, interrupted=RESUMABLE)
+
+    report = sub.add_parser("report", help="a study's tables and figures again, from its report folder's trials.parquet",
+                            description="Rebuild study.md, study.html, the Parquet tables and the figures of a study's report "
+                                        "(the comparisons, the claims, the SDE models' check) from the trials.parquet it wrote, "
+                                        "e.g. the published docs/evidence; needs neither the storage root nor Ray.")
+    report.add_argument("--from", dest="source", type=Path, required=True, help="a report folder (OUT/study/<profile>-<key>)")
+    report.add_argument("--out", type=Path, default=None, help="where to write (default: the --from folder)")
+    report.set_defaults(func=cmd_report)
 
     sweep = sub.add_parser("sweep", help="Optuna sweeps of one row's settings on Ray Tune, one study per budget",
                            description="Per labeled budget: one Tuner, one Optuna study (TPE, persisted in OUT/optuna.db, the "

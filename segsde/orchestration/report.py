@@ -2,10 +2,12 @@
 seeds with a paired t-interval, a Holm-corrected test and a verdict (or why none can be given: one seed, or a
 component that did not act), class-wise IoU change, as Markdown, Parquet and figures. Built from trial records
 alone (dicts with row, budget, seed, miou, ``iou/<class>``, ``acted/*`` and optionally the per-image
-confusions), so the study and the MLflow-only ``mlflow/report.py`` share it."""
+confusions), so the study and the MLflow-only ``mlflow/report.py`` share it. trials.parquet keeps every record
+whole and the report's settings, so that ``segsde report --from DIR`` rebuilds all of it without the study's storage."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,22 +15,52 @@ import pandas as pd
 
 from segsde.data.labels import CLASS_NAMES
 from segsde.data.store import atomic_savefig, atomic_write_bytes
+from segsde.errors import SegSDEError
+from segsde.orchestration.claims import claim_verdicts, claims_markdown
 from segsde.orchestration.comparison import BASELINE, MIN_EFFECT, against_baseline, comparison_markdown, comparison_table, forest_figure
 from segsde.orchestration.sde_quality import learned_depth, sde_models_markdown
 
 MISSING = "failed/missing"
+SETTINGS = b"segsde.report"  # trials.parquet's metadata key: write_report's settings, for a rebuild
 
 
 def trial_frame(records: list[dict]) -> pd.DataFrame:
-    """One row per trial: row, budget, seed, miou (%), and one column per class IoU (%); failed trials
-    (no miou) are kept with NaN so the tables can mark the cell."""
+    """One row per trial: row, budget, seed, miou (%), one column per class IoU (%), the activity checks and the SDE
+    model's quality where the trial has them, and ``record``: the whole record as JSON (what a rebuild reads).
+    Failed trials (no miou) are kept with NaN so the tables can mark the cell."""
     out = []
     for r in records:
         item = {"row": r["row"], "budget": int(r["budget"]), "seed": int(r["seed"]),
                 "miou": 100 * r["miou"] if r.get("miou") is not None else np.nan}
         item.update({c: 100 * r[f"iou/{c}"] if r.get(f"iou/{c}") is not None else np.nan for c in CLASS_NAMES})
+        item.update({k: v for k, v in r.items() if k.startswith(("acted/", "sde/")) or k in ("teacher_miou", "seconds")})
+        item["record"] = json.dumps(r, default=lambda v: v.item() if hasattr(v, "item") else str(v))
         out.append(item)
-    return pd.DataFrame(out, columns=["row", "budget", "seed", "miou", *CLASS_NAMES])
+    extra = sorted({k for item in out for k in item} - {"row", "budget", "seed", "miou", "record", *CLASS_NAMES})
+    return pd.DataFrame(out, columns=["row", "budget", "seed", "miou", *CLASS_NAMES, *extra, "record"])
+
+
+def read_trials(folder: Path) -> tuple[list[dict], dict]:
+    """The trial records and report settings that ``write_report`` kept in ``folder``/trials.parquet."""
+    import pyarrow.parquet as pq
+
+    path = Path(folder) / "trials.parquet"
+    if not path.is_file():
+        raise SegSDEError(f"{path} does not exist: pass --from the folder of a study's report (OUT/study/<profile>-<key>)")
+    table = pq.read_table(path)
+    settings = (table.schema.metadata or {}).get(SETTINGS)
+    if settings is None or "record" not in table.column_names:
+        raise SegSDEError(f"{path} was written before reports kept their trials whole: rerun the study (its trials are cached)")
+    records = [json.loads(r) for r in table.column("record").to_pylist()]
+    settings = json.loads(settings)
+    settings["pairs"] = tuple(tuple(p) for p in settings.get("pairs", ()))
+    return records, settings
+
+
+def rebuild_report(source: Path, out: Path | None = None) -> tuple[str, str]:
+    """``segsde report --from``: every table and figure of a report again, from its trials.parquet alone."""
+    records, settings = read_trials(source)
+    return write_report(records, out=Path(out or source), **settings)
 
 
 def study_table(trials: pd.DataFrame, rows: list[str], budgets: list[int], comparison: pd.DataFrame) -> pd.DataFrame:
@@ -196,14 +228,17 @@ def html_report(markdown_text: str, figures: dict[str, bytes]) -> str:
 
 def write_report(records: list[dict], rows: list[str], budgets: list[int], out: Path, logger=None,
                  min_effect: float = MIN_EFFECT, sde_per_seed: bool | None = None, depth_reference: dict | None = None,
-                 pairs: tuple[tuple[str, str], ...] = ()) -> tuple[str, str]:
+                 pairs: tuple[tuple[str, str], ...] = (), claims: dict | None = None, concurrency: int = 1) -> tuple[str, str]:
     """Write study.md, study.html, study.parquet, comparison.parquet, trials.parquet, class_iou.parquet and the
     figures under ``out`` (and into the MLflow run of ``logger``, with the comparison as metrics and the summary as
     its description); return the Markdown,
     and its summary for a terminal (the study table and the comparisons, without the class tables). ``depth_reference``:
     a constant depth's errors, against which the SDE models the trials read are checked (``sde_quality``). ``pairs``:
-    (A, B) rows compared with each other as well, in the family Holm corrects."""
+    (A, B) rows compared with each other as well, in the family Holm corrects. ``claims``: {claim: its comparison
+    lines} answered after the comparisons (``claims.py``), their seeds' cost at ``concurrency`` trials at once."""
     import matplotlib.pyplot as plt
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -224,6 +259,11 @@ def write_report(records: list[dict], rows: list[str], budgets: list[int], out: 
         seeds += ["", by_seed]
         classes.append(means.assign(budget=b).reset_index())
         figures.append((heatmap_figure(delta, b, means), f"class_iou_delta_b{b}.png"))
+    if claims:
+        seconds = trials.groupby("row")["seconds"].mean().to_dict() if "seconds" in trials else {}
+        answered = claims_markdown(claim_verdicts(comparison, claims, seconds, concurrency), min_effect, concurrency)
+        text[3:3] = ["", answered]  # after the study table: the answer first
+        summary[3:3] = ["", answered]
     models = sde_models_markdown(records, depth_reference)
     text += ["", models] if models else []
     summary += ["", models] if models else []
@@ -231,9 +271,15 @@ def write_report(records: list[dict], rows: list[str], budgets: list[int], out: 
     atomic_write_bytes(out / "study.md", markdown_text.encode())
     frames = [("study.parquet", table), ("comparison.parquet", comparison), ("trials.parquet", trials),
               ("class_iou.parquet", pd.concat(classes) if classes else pd.DataFrame())]
+    settings = {"rows": list(rows), "budgets": [int(b) for b in budgets], "min_effect": min_effect, "sde_per_seed": sde_per_seed,
+                "depth_reference": depth_reference, "pairs": [list(p) for p in pairs], "claims": claims or {},
+                "concurrency": concurrency}
     for name, frame in frames:
         tmp = out / f".{name}.tmp"
-        frame.to_parquet(tmp, index=False)
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        if name == "trials.parquet":
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), SETTINGS: json.dumps(settings, default=float).encode()})
+        pq.write_table(table, tmp, compression="zstd")
         tmp.replace(out / name)
     for fig, name in figures:
         atomic_savefig(fig, out / name)

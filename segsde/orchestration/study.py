@@ -15,6 +15,7 @@ from pathlib import Path
 
 from segsde.configs import check
 from segsde.errors import SegSDEError
+from segsde.orchestration.claims import check_claims
 from segsde.orchestration.keys import code_version, entry_key
 from segsde.orchestration.sde_quality import constant_depth_reference, model_quality
 from segsde.orchestration.stages import StageTracking, dataset_stage, input_id, missed, model_stages, train_checkpoints, trial_inputs
@@ -49,10 +50,16 @@ class StudyConfig:
     sde_per_seed: bool = False
     # "A:B" pairs of rows compared with each other besides each against Baseline (the paper's orderings), in Holm's family
     compare: tuple[str, ...] = ()
+    # claims the report answers: {claim: text, lines: [a row (against Baseline) or an "A:B" of compare, ...]}
+    claims: tuple[dict, ...] = ()
 
     @property
     def pairs(self) -> tuple[tuple[str, str], ...]:
         return tuple(tuple(p.split(":")) for p in self.compare)
+
+    @property
+    def claim_lines(self) -> dict[str, list[str]]:
+        return {c["claim"]: list(c["lines"]) for c in self.claims}
 
     def validate(self, where: str) -> None:
         check([(len(self.budgets) > 0 and min(self.budgets) >= 1, "budgets must be positive"),
@@ -73,8 +80,12 @@ def study_config(profile: str, sets: dict | None = None, **flags) -> StudyConfig
                           f"'{profile}' testbed: lower --budgets")
     for pair in cfg.compare:
         names = pair.split(":")
-        if len(names) != 2 or names[0] == names[1] or not set(names) <= set(cfg.rows):
-            raise SegSDEError(f"--compare {pair}: give two different rows of the study as A:B (its rows: {', '.join(cfg.rows)})")
+        if len(names) != 2 or names[0] == names[1] or not set(names) <= set(cfg.rows) or "baseline" in names:
+            raise SegSDEError(f"--compare {pair}: give two different rows of the study as A:B, neither of them baseline "
+                              f"(every row is compared with it already; its rows: {', '.join(cfg.rows)})")
+    if any(not isinstance(c, dict) or set(c) != {"claim", "lines"} for c in cfg.claims):
+        raise SegSDEError(f"study.claims of profile '{profile}': give each claim as {{claim: TEXT, lines: [ROW or A:B, ...]}}")
+    check_claims(cfg.claim_lines, cfg.rows, cfg.pairs)
     for row in cfg.rows:  # an unknown row or a bad override is a one-line error before anything runs
         train_config(profile, row, {**cfg.train, "budget": cfg.budgets[0], "seed": cfg.seeds[0]})
     sde_config(profile, cfg.sde)
@@ -356,7 +367,7 @@ def _report(cfg: StudyConfig, records: list[dict], out: Path, storage: Location,
         sde = sde_config(cfg.profile, cfg.sde)
         reference = constant_depth_reference(data, sde.val_images, sde.eval_max_depth)
     text, summary = write_report(records, list(cfg.rows), list(cfg.budgets), where, logger, cfg.min_effect, cfg.sde_per_seed,
-                                 reference, cfg.pairs)
+                                 reference, cfg.pairs, cfg.claim_lines, cfg.concurrency)
     if not storage.is_local:  # the driver's copy is for reading; the storage root keeps the durable one
         storage.child("study", where.name).upload_dir(where)
     log(f"{summary}\nClass IoU, figures and Parquet tables: {where} (study.md)" if brief else text)
