@@ -61,3 +61,57 @@ def test_unknown_parameters_and_rows_are_one_line_errors():
         sweep_config("smoke", params=("epsilo",))
     with pytest.raises(SegSDEError, match="did you mean 'depthmix'"):
         sweep_config("smoke", row="depthmx")
+
+
+def _records(label, seeds, accuracy, rng):
+    """Trial records of ``label`` whose per-image confusions come from predictions right with probability ``accuracy``."""
+    import torch
+
+    from segsde.metrics.segmentation import confusion_matrix, encode_confusions, scores
+
+    out = []
+    for seed in seeds:
+        gt = torch.from_numpy(rng.integers(0, 5, size=(20, 8, 8)))
+        pred = torch.where(torch.from_numpy(rng.random((20, 8, 8)) > accuracy[seed]), (gt + 1) % 5, gt)
+        per_image = torch.stack([confusion_matrix(p, t) for p, t in zip(pred, gt)])
+        out.append({"row": "depthmix", "budget": 4, "seed": seed, "miou": scores(per_image.sum(0))["miou"],
+                    "per_image_confusion": encode_confusions(per_image), "acted/confident_fraction": 0.5})
+    return out
+
+
+def test_the_confirmation_takes_the_best_distinct_settings_and_keeps_only_a_confirmed_winner():
+    """The defaults and the k best distinct settings are confirmed; a setting that only won the search (its
+    confirmed seeds no better than the defaults) shrinks and is not written; one that is better on every fresh seed
+    is, with its interval."""
+    import numpy as np
+
+    from segsde.orchestration.confirmation import DEFAULTS, confirm_table, top_settings, verdict_sentence, winner_yaml
+
+    study = optuna.create_study(direction="maximize")
+    dist = {"params/epsilon": optuna.distributions.FloatDistribution(0.0, 0.5)}
+    for eps, value in ((0.03, 0.40), (0.2, 0.47), (0.2, 0.46), (0.3, 0.44), (0.1, 0.30)):
+        study.add_trial(optuna.trial.create_trial(params={"params/epsilon": eps}, distributions=dist, value=value))
+    chosen = top_settings(study, 2, {"params/epsilon": 0.03})
+    assert [(label, p["params/epsilon"]) for label, p, _ in chosen] == [(DEFAULTS, 0.03), ("t1", 0.2), ("t3", 0.3)]
+    assert chosen[0][2] == pytest.approx(40.0) and chosen[1][2] == pytest.approx(47.0)
+
+    rng = np.random.default_rng(0)
+    seeds = [1, 2, 3, 4]
+    level = {s: 0.5 + 0.05 * rng.standard_normal() for s in seeds}
+    records = {DEFAULTS: _records(DEFAULTS, seeds, level, rng),
+               "t1": _records("t1", seeds, level, rng),                                   # the search's luck
+               "t3": _records("t3", seeds, {s: v + 0.2 for s, v in level.items()}, rng)}  # really better
+    table = confirm_table(records, chosen).set_index("setting")
+    assert table.loc[DEFAULTS, "verdict"] == "reference" and table.loc["t1", "verdict"] == "no difference shown"
+    assert table.loc["t1", "shrinkage"] == pytest.approx(47.0 - table.loc["t1", "confirmed"])
+    assert table.loc["t3", "verdict"] == "better than the defaults" and table.loc["t3", "ci_low"] > 0
+    assert table.p_holm.notna().sum() == 2 and table.loc["t3", "p_holm"] >= table.loc["t3", "p"]
+    assert table.loc["t3", "method"] == "paired t, n=4 seeds, image jackknife over 20 groups"
+    assert verdict_sentence(table.reset_index()).startswith("epsilon 0.3 beats the defaults by +")
+    snippet = winner_yaml("depthmix", table.reset_index())
+    assert "--set epsilon=0.3" in snippet and "    epsilon: 0.3" in snippet and "t1" not in snippet
+
+    records["t3"] = records["t1"]  # nothing better than the defaults: keep them
+    kept = confirm_table(records, chosen)
+    assert verdict_sentence(kept) == "no setting beat the defaults beyond seed noise; keep them"
+    assert winner_yaml("depthmix", kept).startswith("# no setting")

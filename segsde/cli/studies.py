@@ -39,7 +39,8 @@ def cmd_sweep(args) -> int:
     from segsde.orchestration.sweep import run_sweep, sweep_config
 
     cfg = sweep_config(args.profile, sets=dict(args.set), row=args.row, budgets=args.budgets, samples=args.samples,
-                       params=args.params, seed=args.seed, concurrency=args.concurrency, workers=args.workers, gpu=args.gpu)
+                       params=args.params, seed=args.seed, confirm_top=args.confirm_top, confirm_seeds=args.confirm_seeds,
+                       concurrency=args.concurrency, workers=args.workers, gpu=args.gpu)
     run_sweep(cfg, args.out, data_root=args.data_root, storage=args.storage, address=args.address, tracking_uri=args.tracking_uri,
               experiment=args.experiment, resume=args.resume, keep_checkpoints=args.keep_checkpoints)
     return 0
@@ -102,6 +103,10 @@ def add_study_commands(sub) -> None:
     sweep.add_argument("--params", type=name_list, default=None,
                        help="comma-separated keys of ablations/sweep_space.yaml (default: what the row uses)")
     sweep.add_argument("--seed", type=int, default=None, help="trial and sampler seed")
+    sweep.add_argument("--confirm-top", type=int, default=None,
+                       help="the best settings confirmed against the row's defaults on fresh seeds (default: the profile's, else 3)")
+    sweep.add_argument("--confirm-seeds", type=int, default=None,
+                       help="fresh seeds of the confirmation, SEED+1 on (default: the profile's, else 3; 0: no confirmation)")
     orchestration_flags(sweep, "segsde-sweep-PROFILE", "continue this sweep's Optuna studies: interrupted trials go on from "
                         "their last checkpoint")
     sweep.set_defaults(func=cmd_sweep, interrupted=RESUMABLE)

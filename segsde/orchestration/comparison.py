@@ -89,7 +89,7 @@ def _line(recs: list[dict], reference_recs: list[dict], row: str, reference: str
     line["teacher_minus_student"] = float(np.mean(teacher)) if teacher else np.nan
     paired = None
     if reference and recs and reference_recs:
-        (conf, groups), (reference_conf, _) = _confusions(recs), _confusions(reference_recs)
+        (conf, groups), (reference_conf, _) = record_confusions(recs), record_confusions(reference_recs)
         paired = paired_difference(scores, {int(r["seed"]): 100 * r["miou"] for r in reference_recs}, conf, reference_conf, groups)
     if paired is not None:
         line.update(n=paired.n, delta=paired.delta, sd_delta=paired.sd, method=paired.method, image_var=paired.image_var,
@@ -131,7 +131,7 @@ def _judge(table: pd.DataFrame, min_effect: float) -> None:
     table.loc[table.n == 0, "verdict"] = "failed/missing"
 
 
-def _confusions(records: list[dict]) -> tuple[dict[int, np.ndarray] | None, list | None]:
+def record_confusions(records: list[dict]) -> tuple[dict[int, np.ndarray] | None, list | None]:
     """{seed: per-image confusions} of the records that kept them, and the images' resampling units (a Cityscapes
     city; on the testbed every image its own) where the trial recorded them."""
     kept = [r for r in records if r.get("per_image_confusion")]

@@ -98,7 +98,7 @@ def trial_costs(trials, records: list[dict]) -> dict:
 def plan_study(cfg, out: Path, storage: str | None = None, data_root=None, log=print) -> pd.DataFrame:
     """``segsde study --plan``: the seeds and compute the study's rows need, from what is cached (runs nothing)."""
     from segsde.orchestration.stages import dataset_stage
-    from segsde.orchestration.study import _planned_model_stages, _record, plan_trials
+    from segsde.orchestration.study import _planned_model_stages, plan_trials, trial_record
     from segsde.profiles import data_profile
     from segsde.storage import as_location, open_root, storage_uri
     from segsde.trainer.run import train_config
@@ -109,7 +109,7 @@ def plan_study(cfg, out: Path, storage: str | None = None, data_root=None, log=p
                          lambda _: None)
     _, sde_models, selections = _planned_model_stages((cfg.profile, configs, cfg.seeds, root, data, (), cfg.sde_per_seed), cfg)
     trials = plan_trials(cfg, data, root, sde_models, selections)
-    records = [_record(t) for t in trials]
+    records = [trial_record(t) for t in trials]
     table = seed_plan(records, list(cfg.rows), list(cfg.budgets), cfg.min_effect, trial_costs(trials, records), cfg.pilot_sd,
                       pairs=cfg.pairs)
     log(plan_markdown(table, cfg.concurrency))

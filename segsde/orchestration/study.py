@@ -118,11 +118,8 @@ class Trial:
 
 
 def plan_trials(cfg: StudyConfig, data: Location, storage: Location, sde_models: dict, selections: dict) -> list[Trial]:
-    """Every (row, budget, seed) planned once: its config, its inputs (``sde_models`` by (kind, seed), as
-    ``model_stages`` gives them), and its cache key (the config and the inputs' own keys, never where the storage
-    is; ``keys.entry_key`` adds the trainer's code)."""
-    from segsde.data.dataset import PSEUDO_DEPTH, pseudo_depth_column
-
+    """Every (row, budget, seed) planned once (``plan_trial``), with its inputs from ``sde_models`` and ``selections``
+    by (kind, seed), as ``model_stages`` gives them."""
     trials = []
     for row in cfg.rows:
         for budget in cfg.budgets:
@@ -130,19 +127,29 @@ def plan_trials(cfg: StudyConfig, data: Location, storage: Location, sde_models:
                 tc = train_config(cfg.profile, row, {**cfg.train, "budget": budget, "seed": seed})
                 selection = selections.get((tc.selection, seed)) if tc.labeled == "selection" else None
                 model = sde_models.get((tc.sde_model, seed)) if tc.needs_sde else None
-                # a trial with the SDE model may read its pseudo-depth: the export's code is an input too
-                # the device kind and the precision it computes in: a CPU result is never a cache hit for a GPU trial
-                device = "cuda" if cfg.gpu else "cpu"
-                inputs = {"stage": "train", "row": row, "config": asdict(tc), "data": input_id(data), "workers": cfg.workers,
-                          "device": device, "precision": effective_precision(device, tc.precision),
-                          "sde_model": input_id(model), "pseudo_depth": code_version("export") if model else None,
-                          "selection": input_id(selection)}
-                key = entry_key("train", inputs)
-                plan = TrialPlan(row, cfg.profile, tc, data.uri, model.uri if model else None, selection.uri if selection else None,
-                                 key, storage.child("cache", f"{trial_prefix(row, budget, seed)}{key}").uri,
-                                 pseudo_depth_column(input_id(model)) if model else PSEUDO_DEPTH)
-                trials.append(Trial(plan, tc.relative_cost, trial_inputs(tc, seed), inputs))
+                trials.append(plan_trial(cfg.profile, row, tc, data, storage, model, selection, cfg.workers, cfg.gpu))
     return trials
+
+
+def plan_trial(profile: str, row: str, tc, data: Location, storage: Location, model: Location | None,
+               selection: Location | None, workers: int = 1, gpu: bool = False) -> Trial:
+    """One trial of ``row`` with train config ``tc``: its config, its inputs and its cache key (the config and the
+    inputs' own keys, never where the storage is; ``keys.entry_key`` adds the trainer's code). The same settings are
+    the same trial wherever they are planned (a study, a sweep's confirmation)."""
+    from segsde.data.dataset import PSEUDO_DEPTH, pseudo_depth_column
+
+    # a trial with the SDE model may read its pseudo-depth: the export's code is an input too
+    # the device kind and the precision it computes in: a CPU result is never a cache hit for a GPU trial
+    device = "cuda" if gpu else "cpu"
+    inputs = {"stage": "train", "row": row, "config": asdict(tc), "data": input_id(data), "workers": workers,
+              "device": device, "precision": effective_precision(device, tc.precision),
+              "sde_model": input_id(model), "pseudo_depth": code_version("export") if model else None,
+              "selection": input_id(selection)}
+    key = entry_key("train", inputs)
+    plan = TrialPlan(row, profile, tc, data.uri, model.uri if model else None, selection.uri if selection else None,
+                     key, storage.child("cache", f"{trial_prefix(row, tc.budget, tc.seed)}{key}").uri,
+                     pseudo_depth_column(input_id(model)) if model else PSEUDO_DEPTH)
+    return Trial(plan, tc.relative_cost, trial_inputs(tc, tc.seed), inputs)
 
 
 def run_study(cfg: StudyConfig, out: Path, data_root: Location | str | None = None, force: tuple[str, ...] = (),
@@ -214,7 +221,7 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Location | str | None = No
                     train_checkpoints(root, t.key).delete()
         if console is not None:
             console.watch({t.key: t.name for t in todo})
-        errors = _tune_grid(cfg, todo, root, tracking, address, log, ready, stages, keep_checkpoints) if todo else {}
+        errors = run_trial_grid(cfg, todo, root, tracking, address, log, ready, stages, keep_checkpoints) if todo else {}
         if stages is not None and not stages.alive():
             stages.result()  # a stage job's error, if one failed
         if any(not t.done and t.key not in errors for t in todo):
@@ -224,7 +231,7 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Location | str | None = No
         for t in todo:
             if t.key in errors:
                 log(f"[trial] {t.name}: FAILED ({errors[t.key]}); the study goes on, its cell is marked")
-        records = [_record(t) for t in trials]
+        records = [trial_record(t) for t in trials]
         if console is not None:
             console.finish()
         report = _report(cfg, records, out, root, tracking, log, data, brief=console is not None)
@@ -300,7 +307,7 @@ def start_ray(profile: str, row: str, train: dict, concurrency: int, workers: in
              num_gpus=concurrency * workers if gpu else None, resources={DRIVER_RESOURCE: concurrency})
 
 
-def _tune_grid(cfg: StudyConfig, todo: list[Trial], storage: Location, tracking: StageTracking, address: str | None,
+def run_trial_grid(cfg: StudyConfig, todo: list[Trial], storage: Location, tracking: StageTracking, address: str | None,
                log, ready: set, stages: Background | None, keep_checkpoints: bool = False) -> dict[str, str]:
     """The trials that are not cached, on Ray Tune: each starts once its inputs are in ``ready``, longest
     first, one fewer at a time while the ``stages`` job holds a core. Returns the last line of each failed
@@ -346,7 +353,7 @@ def _environ(values: dict):
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
-def _record(trial: Trial) -> dict:
+def trial_record(trial: Trial) -> dict:
     base = {"row": trial.plan.row, "budget": trial.plan.train.budget, "seed": trial.plan.train.seed}
     if not trial.done:
         return {**base, "miou": None}

@@ -1,7 +1,8 @@
 """Optuna sweeps on Ray Tune: per labeled budget (an outer loop: the optimiser must never pick the budget)
 one Tuner, one persisted Optuna study and one MLflow parent run. TPE proposes trainer settings from
 ``ablations/sweep_space.yaml``; ASHA stops weak trials on validation mIoU, and those are told to Optuna as
-PRUNED, not COMPLETE. The row's own values are the first trial."""
+PRUNED, not COMPLETE. The row's own values are the first trial. Then the best settings and the defaults are
+confirmed on fresh seeds (``confirmation.py``): only a setting that beats the defaults there is written for a study."""
 
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ class SweepConfig:
     workers: int = 1
     gpu: bool = False
     reduction_factor: int = 2         # ASHA keeps the top 1/reduction_factor at each rung
+    confirm_top: int = 3              # the best settings confirmed against the defaults on fresh seeds
+    confirm_seeds: int = 3            # fresh seeds of the confirmation (seed + 1, ...); 0: no confirmation
     train: dict = field(default_factory=dict)
     sde: dict = field(default_factory=dict)  # overrides of the profile's sde section for the SDE stage
     data_seed: int = 0
@@ -47,7 +50,12 @@ class SweepConfig:
     def validate(self, where: str) -> None:
         check([(self.samples >= 1 and self.concurrency >= 1 and self.workers >= 1, "samples, concurrency and workers must be >= 1"),
                (len(self.budgets) > 0 and min(self.budgets) >= 1, "budgets must be positive"),
-               (self.reduction_factor >= 2, "reduction_factor must be >= 2")], where)
+               (self.reduction_factor >= 2, "reduction_factor must be >= 2"),
+               (self.confirm_top >= 1 and self.confirm_seeds >= 0, "confirm_top must be >= 1 and confirm_seeds >= 0")], where)
+
+    @property
+    def fresh_seeds(self) -> tuple[int, ...]:
+        return tuple(self.seed + 1 + i for i in range(self.confirm_seeds))
 
 
 def sweep_config(profile: str, sets: dict | None = None, **flags) -> SweepConfig:
@@ -150,7 +158,7 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Location | str | None = No
     configs = [train_config(cfg.profile, cfg.row, {**cfg.train, "budget": b, "seed": cfg.seed}) for b in cfg.budgets]
     start_ray(cfg.profile, cfg.row, cfg.train, cfg.concurrency, cfg.workers, cfg.gpu, address)  # stage jobs share it
     preflight(root, uri)
-    data, sde_models, selections = input_stages(cfg.profile, configs, (cfg.seed,), root,
+    data, sde_models, selections = input_stages(cfg.profile, configs, (cfg.seed, *cfg.fresh_seeds), root,
                                                 as_location(data_root) if data_root else None, cfg.data_seed, log=log,
                                                 sde_overrides=cfg.sde, keep_checkpoints=keep_checkpoints)
     results = {}
@@ -167,6 +175,9 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Location | str | None = No
             _tune_budget(cfg, name, space, tc, data, root, sde_models.get((tc.sde_model, cfg.seed)), selection, tracking, storage, address,
                          resume, log, keep_checkpoints)
             results[budget] = _summarise_budget(cfg, name, storage, tracking, out, log)
+            if cfg.confirm_seeds:
+                results[budget]["confirmation"] = _confirm_budget(cfg, name, budget, space, (data, sde_models, selections), root,
+                                                                  tracking, storage, address, out, log, keep_checkpoints)
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
@@ -257,3 +268,52 @@ def _summarise_budget(cfg: SweepConfig, name: str, storage, tracking: StageTrack
     log(f"[sweep] {name}: {summary['states']}; best mIoU "
         + (f"{100 * summary['best_miou']:.2f} with {summary['best_params']}" if complete else "none (no complete trial)"))
     return summary
+
+
+def _confirm_budget(cfg: SweepConfig, name: str, budget: int, space: dict, inputs: tuple, root: Location,
+                    tracking: StageTracking, storage, address, out: Path, log, keep_checkpoints: bool) -> dict:
+    """The defaults and the ``confirm_top`` best settings on the fresh seeds, as a grid of ordinary cached trials;
+    their paired comparison, the winner's curse, and the settings a study should take (the confirmed winner only)."""
+    from segsde.data.store import atomic_write_bytes
+    from segsde.orchestration.confirmation import confirm_table, confirmation_markdown, top_settings, verdict_sentence, winner, winner_yaml
+    from segsde.orchestration.study import StudyConfig, plan_trial, run_trial_grid, trial_record
+    from segsde.tracking import RunLogger
+
+    data, sde_models, selections = inputs
+    settings = top_settings(optuna.load_study(study_name=name, storage=storage), cfg.confirm_top, defaults(cfg, space))
+    trials = {}
+    for label, params, _ in settings:
+        for seed in cfg.fresh_seeds:
+            tc = train_config(cfg.profile, cfg.row, {**cfg.train, **{k.removeprefix("params/"): v for k, v in params.items()},
+                                                     "budget": budget, "seed": seed})
+            selection = selections.get((tc.selection, seed)) if tc.labeled == "selection" else None
+            model = sde_models.get((tc.sde_model, seed)) if tc.needs_sde else None
+            trials.setdefault(label, []).append(plan_trial(cfg.profile, cfg.row, tc, data, root, model, selection, cfg.workers, cfg.gpu))
+    every = [t for ts in trials.values() for t in ts]
+    todo = [t for t in every if not t.done]
+    log(f"[sweep] confirming {', '.join(label for label, _, _ in settings)} on seeds {list(cfg.fresh_seeds)}: "
+        f"{len(todo)} trials to run, {len(every) - len(todo)} cached")
+    grid = StudyConfig(profile=cfg.profile, rows=(cfg.row,), budgets=(budget,), seeds=cfg.fresh_seeds, concurrency=cfg.concurrency,
+                       workers=cfg.workers, gpu=cfg.gpu, train=cfg.train)
+    errors = run_trial_grid(grid, todo, root, tracking, address, log, set().union(*(t.needs for t in todo)), None,
+                            keep_checkpoints) if todo else {}
+    if any(not t.done and t.key not in errors for t in todo):
+        raise KeyboardInterrupt  # Tune took the Ctrl-C and ended the trials early
+    table = confirm_table({label: [trial_record(t) for t in ts] for label, ts in trials.items()}, settings)
+    text = confirmation_markdown(table, budget, list(cfg.fresh_seeds))
+    where = out / "sweep" / name
+    where.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(where / "confirmation.md", (text + "\n").encode())
+    atomic_write_bytes(where / "settings.yaml", winner_yaml(cfg.row, table).encode())
+    table.assign(params=table.params.map(json.dumps)).to_parquet(where / "confirmation.parquet", index=False)
+    logger = RunLogger(tracking.uri, tracking.parent_run_id)
+    for file in ("confirmation.md", "confirmation.parquet", "settings.yaml"):
+        logger.artifact(where / file, "sweep")
+    logger.tags({"mlflow.note.content": f"{text}\n\nThe settings for a study: artifact `sweep/settings.yaml`."})
+    best = winner(table)
+    logger.metrics({f"confirm/{c.setting}/{k}": round(float(getattr(c, k)), 2) for c in table.itertuples()
+                    for k in ("confirmed", "shrinkage", "delta") if getattr(c, k) == getattr(c, k)}, step=0)
+    log(text)
+    log(f"[sweep] the settings for a study: {where / 'settings.yaml'}")
+    return {"sentence": verdict_sentence(table), "winner": None if best is None else best.setting,
+            "shrinkage": {c.setting: c.shrinkage for c in table.itertuples()}, "report": str(where / "confirmation.md")}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import optuna
 from mlflow.tracking import MlflowClient
-from processes import wait_for_new_checkpoint
+from processes import checkpoints, wait_for_new_checkpoint
 
 from segsde.orchestration.sweep import defaults, search_space, sweep_config
 from segsde.tracking import KEY_TAG
@@ -27,7 +27,7 @@ SHORT = ["--set", "steps=12", "--set", "checkpoint_interval=3", "--set", "eval_i
 
 def test_a_killed_sweep_resumes_its_optuna_studies_without_duplicates(tmp_path):
     args = [sys.executable, str(ROOT / "tune" / "run_sweep.py"), "--profile", "smoke", "--budgets", "2,4", "--samples", "2",
-            "--out", str(tmp_path), *SHORT]
+            "--out", str(tmp_path), "--confirm-seeds", "0", *SHORT]  # the confirmation's own kill: the next test
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     checkpointed = {p.parent.name.removeprefix("train-") for p in wait_for_new_checkpoint(tmp_path, first, set())}
     os.killpg(first.pid, signal.SIGKILL)  # a preempted head node: nothing gets to clean up
@@ -71,6 +71,49 @@ def test_a_killed_sweep_resumes_its_optuna_studies_without_duplicates(tmp_path):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
         assert steps.count(1) == 1 and max(steps) > 3, steps
     assert not list((tmp_path / "ray").glob("train-*/checkpoint_*"))  # finished or pruned: no training state kept
+
+
+def test_a_sweep_confirms_its_best_setting_on_fresh_seeds_and_a_killed_confirmation_resumes(tmp_path):
+    """Search, then the defaults and the best setting on two fresh seeds (the smoke profile's confirm_top 1,
+    confirm_seeds 2), killed (SIGKILL) inside a confirmation trial after its checkpoint and resumed: the confirmation
+    goes on from there, its trials are not duplicated in MLflow, and the report, the settings file and the parent run's
+    description exist."""
+    import pandas as pd
+
+    args = [sys.executable, str(ROOT / "tune" / "run_sweep.py"), "--profile", "smoke", "--budgets", "4", "--samples", "3",
+            "--out", str(tmp_path), *SHORT]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen, deadline = [], time.monotonic() + 600
+    while not any("[sweep] confirming" in line for line in seen):
+        assert time.monotonic() < deadline and first.poll() is None, "".join(seen)[-3000:]
+        seen.append(first.stdout.readline())
+    assert "trials to run, 0 cached" in seen[-1]
+    before = checkpoints(tmp_path)
+    checkpointed = {p.parent.name.removeprefix("train-") for p in wait_for_new_checkpoint(tmp_path, first, before) - before}
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+
+    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    out = resumed.stdout
+    assert "[sweep] confirming defaults, t" in out and "Confirmation at 4 labels on fresh seeds 1, 2" in out
+    name = "segsde-sweep-smoke-pseudolabel-b4"
+    table = pd.read_parquet(tmp_path / "sweep" / name / "confirmation.parquet")
+    assert list(table.setting)[0] == "defaults" and len(table) == 2 and list(table.n) == [2, 2]
+    verdict = table.verdict.iloc[1]  # 12 smoke steps leave a teacher little to be confident about: it may not act
+    assert table.shrinkage.notna().all() and (verdict.startswith("did not act") or verdict in (
+        "no difference shown", "better than the defaults", "worse than the defaults")), verdict
+    assert (tmp_path / "sweep" / name / "settings.yaml").read_text().startswith("#")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("segsde-sweep-smoke").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("segsde.stage") == "sweep")
+    assert parent.info.status == "FINISHED" and "Confirmation at 4 labels" in parent.data.tags["mlflow.note.content"]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    keys = [r.data.tags[KEY_TAG] for r in trials]
+    assert len(keys) == len(set(keys)) == 3 + 4  # three search trials, two settings on two seeds: each once
+    for run in (r for r in trials if r.data.tags[KEY_TAG] in checkpointed):  # went on from its checkpoint
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+        assert steps.count(1) == 1 and max(steps) == 12, steps
 
 
 def test_ctrl_c_ends_the_sweep_with_its_runs_killed_and_no_later_budget_started(tmp_path):
