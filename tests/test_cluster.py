@@ -134,7 +134,7 @@ def test_the_study_trains_on_the_worker_node_and_gives_the_single_machine_table(
 
 def test_a_sweep_trains_on_the_worker_node(cluster):
     out = cluster.out / "sweep"
-    proc = script(cluster, "run_sweep.py", "--samples", 2, "--storage", cluster.shared, out=out)
+    proc = script(cluster, "run_sweep.py", "--samples", 2, "--confirm-seeds", 0, "--storage", cluster.shared, out=out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = [r for r in runs(cluster, "segsde-sweep-smoke") if r.data.tags.get("segsde.stage") == "train"]
     assert len(trials) == 2 and {r.info.status for r in trials} <= {"FINISHED", "KILLED"}  # ASHA may stop one

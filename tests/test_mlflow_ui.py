@@ -87,6 +87,20 @@ def test_a_study_on_a_tty_shows_its_own_lines_and_keeps_the_workers_output_in_it
     assert "#/experiments/" in shown and "workflowType=machine_learning" in shown  # where to look in MLflow
 
 
+def test_a_sweep_on_a_tty_shows_its_trials_and_its_confirmation_not_the_workers_output(tmp_path):
+    code, written = run_in_terminal([sys.executable, str(ROOT / "tune" / "run_sweep.py"), "--profile", "smoke", "--samples", "2",
+                                     "--out", str(tmp_path)])
+    lines = screen_lines(written)
+    shown = "\n".join(lines)
+    assert code == 0, shown[-3000:]
+    assert "[sweep] confirming defaults, t1 on seeds [1, 2]" in shown and "Confirmation at 4 labels on fresh seeds 1, 2" in shown
+    assert any(line.startswith("| defaults | ") for line in lines) and "[sweep] the settings for a study: " in shown
+    assert f"output: {tmp_path / 'logs'}" in shown
+    for noise in ("pid=", "Checkpoint successfully", "Warning", "[train] step", "Traceback"):
+        assert noise not in shown, f"{noise!r} reached the terminal:\n{shown[-3000:]}"
+    assert "[train] step" in next((tmp_path / "logs").glob("sweep-*.log")).read_text()
+
+
 @pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason="Debian's chromium is not installed: apt-get install chromium "
                                                            "(the README's test command does where it may)")
 def test_the_mlflow_ui_shows_every_trials_miou_one_click_from_the_experiments_runs(study_in_terminal, tmp_path):

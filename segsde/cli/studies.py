@@ -36,13 +36,20 @@ def cmd_study(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    import contextlib
+    import time
+
+    from segsde.orchestration.console import StudyConsole
     from segsde.orchestration.sweep import run_sweep, sweep_config
 
     cfg = sweep_config(args.profile, sets=dict(args.set), row=args.row, budgets=args.budgets, samples=args.samples,
                        params=args.params, seed=args.seed, confirm_top=args.confirm_top, confirm_seeds=args.confirm_seeds,
                        concurrency=args.concurrency, workers=args.workers, gpu=args.gpu)
-    run_sweep(cfg, args.out, data_root=args.data_root, storage=args.storage, address=args.address, tracking_uri=args.tracking_uri,
-              experiment=args.experiment, resume=args.resume, keep_checkpoints=args.keep_checkpoints)
+    quiet = not args.verbose
+    console = StudyConsole(args.out.absolute() / "logs" / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}.log", "sweep") if quiet else None
+    with console or contextlib.nullcontext():
+        run_sweep(cfg, args.out, data_root=args.data_root, storage=args.storage, address=args.address, tracking_uri=args.tracking_uri,
+                  experiment=args.experiment, resume=args.resume, keep_checkpoints=args.keep_checkpoints, console=console)
     return 0
 
 
@@ -109,4 +116,7 @@ def add_study_commands(sub) -> None:
                        help="fresh seeds of the confirmation, SEED+1 on (default: the profile's, else 3; 0: no confirmation)")
     orchestration_flags(sweep, "segsde-sweep-PROFILE", "continue this sweep's Optuna studies: interrupted trials go on from "
                         "their last checkpoint")
+    sweep.add_argument("--verbose", action="store_true",
+                       help="print Ray's and Tune's own output and every line of the sweep here (default: a live view of the "
+                            "trials, the rest in OUT/logs/)")
     sweep.set_defaults(func=cmd_sweep, interrupted=RESUMABLE)

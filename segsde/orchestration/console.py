@@ -92,8 +92,8 @@ class StudyConsole:
         self._say(f"[{self.title}] Ray's and Tune's own output: {self.log_file} (--verbose shows it here)")
 
     def watch(self, names: dict[str, str]) -> None:
-        """The trials to show: {board key: name}."""
-        self.names = dict(names)
+        """The trials to show besides those already shown: {board key: name}."""
+        self.names.update(names)
 
     def finish(self) -> None:
         """Stop the live view and the status lines, so that the table printed next stays on the screen."""

@@ -18,6 +18,7 @@ from segsde.data.dataset import PSEUDO_DEPTH, pseudo_depth_column
 from segsde.errors import SegSDEError
 from segsde.orchestration.stages import StageTracking, input_id
 from segsde.profiles import ABLATIONS_DIR, load_yaml, section_config
+from segsde.progress import start_board
 from segsde.sde.run import sde_config
 from segsde.storage import Location, as_location, cache_key, open_root, storage_uri
 from segsde.trainer.run import study_rows, train_config
@@ -133,11 +134,12 @@ def optuna_storage(out: Path) -> optuna.storages.RDBStorage:
 
 def run_sweep(cfg: SweepConfig, out: Path, data_root: Location | str | None = None, address: str | None = None,
               tracking_uri: str | None = None, experiment: str | None = None, resume: bool = False,
-              storage: str | None = None, log=print, keep_checkpoints: bool = False) -> dict:
+              storage: str | None = None, log=print, keep_checkpoints: bool = False, console=None) -> dict:
     """One sweep per budget; returns, per budget, the best settings and where the study lives. The Optuna
     study (the sweep's own state) is a sqlite file in the driver's ``out``; every other artifact goes to the
     storage root (``storage``, else ``$SEGSDE_STORAGE``, else ``out``). Finished and pruned trials, and the SDE stage,
-    keep their training state only with ``keep_checkpoints``."""
+    keep their training state only with ``keep_checkpoints``. ``console``: the study's live view (``StudyConsole``),
+    else every line goes to ``log``."""
     from segsde.orchestration.preflight import preflight
     from segsde.orchestration.stages import input_stages
     from segsde.orchestration.study import start_ray
@@ -148,6 +150,7 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Location | str | None = No
     experiment = experiment or f"segsde-sweep-{cfg.profile}"
     space = search_space(cfg)
     uri = resolve_tracking_uri(out, tracking_uri)  # an unusable store fails here, before the Optuna store exists
+    log = console or log
     out.mkdir(parents=True, exist_ok=True)
     storage = optuna_storage(out)
     names = {b: f"{experiment}-{cfg.row}-b{b}" for b in cfg.budgets}
@@ -156,8 +159,13 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Location | str | None = No
         raise SegSDEError(f"the Optuna study {sorted(existing & set(names.values()))[0]} already exists in {out / 'optuna.db'}: "
                           "pass --resume to continue it, or --experiment NAME for a new sweep")
     configs = [train_config(cfg.profile, cfg.row, {**cfg.train, "budget": b, "seed": cfg.seed}) for b in cfg.budgets]
+    if console is not None:
+        console.start()
     start_ray(cfg.profile, cfg.row, cfg.train, cfg.concurrency, cfg.workers, cfg.gpu, address)  # stage jobs share it
     preflight(root, uri)
+    board = start_board() if console is not None else None  # noqa: F841 (held while the live view reads it)
+    if console is not None:
+        console.keep()
     data, sde_models, selections = input_stages(cfg.profile, configs, (cfg.seed, *cfg.fresh_seeds), root,
                                                 as_location(data_root) if data_root else None, cfg.data_seed, log=log,
                                                 sde_overrides=cfg.sde, keep_checkpoints=keep_checkpoints)
@@ -172,12 +180,14 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Location | str | None = No
         try:
             selection = selections.get((tc.selection, cfg.seed)) if tc.labeled == "selection" else None
             tracking = StageTracking(uri, experiment, parent)
+            if console is not None:
+                console.watch({f"{name}-t{n}": f"{cfg.row} b{budget} t{n}" for n in range(cfg.samples)})
             _tune_budget(cfg, name, space, tc, data, root, sde_models.get((tc.sde_model, cfg.seed)), selection, tracking, storage, address,
                          resume, log, keep_checkpoints)
             results[budget] = _summarise_budget(cfg, name, storage, tracking, out, log)
             if cfg.confirm_seeds:
                 results[budget]["confirmation"] = _confirm_budget(cfg, name, budget, space, (data, sde_models, selections), root,
-                                                                  tracking, storage, address, out, log, keep_checkpoints)
+                                                                  tracking, storage, address, out, log, keep_checkpoints, console)
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
@@ -185,6 +195,8 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Location | str | None = No
             raise
         finally:
             end_run(uri, parent, status)
+    if console is not None:
+        console.finish()
     return {"budgets": results, "tracking_uri": uri, "experiment": experiment, "optuna_storage": str(out / "optuna.db")}
 
 
@@ -271,7 +283,7 @@ def _summarise_budget(cfg: SweepConfig, name: str, storage, tracking: StageTrack
 
 
 def _confirm_budget(cfg: SweepConfig, name: str, budget: int, space: dict, inputs: tuple, root: Location,
-                    tracking: StageTracking, storage, address, out: Path, log, keep_checkpoints: bool) -> dict:
+                    tracking: StageTracking, storage, address, out: Path, log, keep_checkpoints: bool, console=None) -> dict:
     """The defaults and the ``confirm_top`` best settings on the fresh seeds, as a grid of ordinary cached trials;
     their paired comparison, the winner's curse, and the settings a study should take (the confirmed winner only)."""
     from segsde.data.store import atomic_write_bytes
@@ -293,6 +305,8 @@ def _confirm_budget(cfg: SweepConfig, name: str, budget: int, space: dict, input
     todo = [t for t in every if not t.done]
     log(f"[sweep] confirming {', '.join(label for label, _, _ in settings)} on seeds {list(cfg.fresh_seeds)}: "
         f"{len(todo)} trials to run, {len(every) - len(todo)} cached")
+    if console is not None:
+        console.watch({t.key: f"{cfg.row} b{budget} {label} s{t.plan.train.seed}" for label, ts in trials.items() for t in ts})
     grid = StudyConfig(profile=cfg.profile, rows=(cfg.row,), budgets=(budget,), seeds=cfg.fresh_seeds, concurrency=cfg.concurrency,
                        workers=cfg.workers, gpu=cfg.gpu, train=cfg.train)
     errors = run_trial_grid(grid, todo, root, tracking, address, log, set().union(*(t.needs for t in todo)), None,

@@ -120,7 +120,8 @@ def test_ctrl_c_ends_the_sweep_with_its_runs_killed_and_no_later_budget_started(
     """Tune takes the Ctrl-C and returns as if the budget were done; the sweep must not summarise it as
     finished nor go on to the next budget, and no MLflow run may stay RUNNING."""
     args = [sys.executable, str(ROOT / "tune" / "run_sweep.py"), "--profile", "smoke", "--budgets", "2,4", "--samples", "2",
-            "--out", str(tmp_path), "--set", "steps=3000", "--set", "eval_interval=1000", "--set", "checkpoint_interval=1000"]
+            "--out", str(tmp_path), "--set", "steps=3000", "--set", "eval_interval=1000", "--set", "checkpoint_interval=1000",
+            "--verbose"]  # the workers' "[train] step" lines, which the live view keeps in its log file
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         seen, deadline = [], time.monotonic() + 300
