@@ -115,3 +115,31 @@ def test_the_confirmation_takes_the_best_distinct_settings_and_keeps_only_a_conf
     kept = confirm_table(records, chosen)
     assert verdict_sentence(kept) == "no setting beat the defaults beyond seed noise; keep them"
     assert winner_yaml("depthmix", kept).startswith("# no setting")
+
+
+def test_samplers_grid_points_and_the_searchs_compute():
+    """The grid spans each parameter as it is sampled (log or linear, ends included) and sets the trial count; every
+    sampler is Optuna's own; a finished trial records the steps it ran (the sweep's compute)."""
+    import math
+
+    from segsde.orchestration.sweep import grid, make_sampler, trials_per_budget
+
+    cfg = sweep_config("smoke", row="depthmix", params=("epsilon", "lr_decoder"), sampler="grid", grid_points=3)
+    space = search_space(cfg)
+    points = grid(cfg, space)
+    low, high = space["params/lr_decoder"].low, space["params/lr_decoder"].high
+    assert points["params/lr_decoder"] == pytest.approx([low, math.sqrt(low * high), high])  # log-spaced
+    assert points["params/epsilon"][1] == pytest.approx((space["params/epsilon"].low + space["params/epsilon"].high) / 2)
+    assert trials_per_budget(cfg, space) == 9 and isinstance(make_sampler(cfg, space), optuna.samplers.GridSampler)
+    for name, kind in (("tpe", optuna.samplers.TPESampler), ("gp", optuna.samplers.GPSampler), ("random", optuna.samplers.RandomSampler)):
+        assert isinstance(make_sampler(sweep_config("smoke", sampler=name), space), kind)
+    with pytest.raises(SegSDEError, match="sampler must be one of tpe, gp, random, grid"):
+        sweep_config("smoke", sampler="cmaes")
+
+    dist = {"params/lr_decoder": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)}
+    searcher = AshaAwareOptunaSearch(space=dist, metric="miou", mode="max", full_steps=4, study_name="c",
+                                     storage=optuna.storages.InMemoryStorage())
+    searcher.suggest("a"), searcher.suggest("b")
+    searcher.on_trial_complete("a", {"miou": 0.3, "step": 4})
+    searcher.on_trial_complete("b", {"miou": 0.1, "step": 2})  # stopped at the first rung
+    assert [t.user_attrs["steps"] for t in searcher._ot_study.trials] == [4, 2]

@@ -44,6 +44,7 @@ def cmd_sweep(args) -> int:
 
     cfg = sweep_config(args.profile, sets=dict(args.set), row=args.row, budgets=args.budgets, samples=args.samples,
                        params=args.params, seed=args.seed, confirm_top=args.confirm_top, confirm_seeds=args.confirm_seeds,
+                       sampler=args.sampler, asha=args.asha, grid_points=args.grid_points,
                        concurrency=args.concurrency, workers=args.workers, gpu=args.gpu)
     quiet = not args.verbose
     console = StudyConsole(args.out.absolute() / "logs" / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}.log", "sweep") if quiet else None
@@ -110,6 +111,11 @@ def add_study_commands(sub) -> None:
     sweep.add_argument("--params", type=name_list, default=None,
                        help="comma-separated keys of ablations/sweep_space.yaml (default: what the row uses)")
     sweep.add_argument("--seed", type=int, default=None, help="trial and sampler seed")
+    sweep.add_argument("--sampler", choices=("tpe", "gp", "random", "grid"), default=None,
+                       help="Optuna's sampler (default: the profile's, else tpe; gp fits the trials' noise)")
+    sweep.add_argument("--grid-points", type=int, default=None, help="values per parameter of --sampler grid (default 3)")
+    sweep.add_argument("--no-asha", dest="asha", action="store_false", default=None,
+                       help="run every trial's whole schedule (default: ASHA stops weak trials at its rungs)")
     sweep.add_argument("--confirm-top", type=int, default=None,
                        help="the best settings confirmed against the row's defaults on fresh seeds (default: the profile's, else 3)")
     sweep.add_argument("--confirm-seeds", type=int, default=None,

@@ -308,7 +308,7 @@ def start_ray(profile: str, row: str, train: dict, concurrency: int, workers: in
 
 
 def run_trial_grid(cfg: StudyConfig, todo: list[Trial], storage: Location, tracking: StageTracking, address: str | None,
-               log, ready: set, stages: Background | None, keep_checkpoints: bool = False) -> dict[str, str]:
+                   log, ready: set, stages: Background | None, keep_checkpoints: bool = False, title: str = "study") -> dict[str, str]:
     """The trials that are not cached, on Ray Tune: each starts once its inputs are in ``ready``, longest
     first, one fewer at a time while the ``stages`` job holds a core. Returns the last line of each failed
     trial's error by trial key."""
@@ -325,7 +325,7 @@ def run_trial_grid(cfg: StudyConfig, todo: list[Trial], storage: Location, track
                           lambda: cfg.concurrency - stages_running(), stages_running)
     name = f"study-{cache_key({'keys': sorted(t.key for t in todo)})}"
     beside = ", one fewer while the stage jobs run, each once its inputs exist" if stages is not None else ""
-    log(f"[study] running {len(todo)} trials, {cfg.concurrency} at a time{beside} ({storage.child('tune', name)})")
+    log(f"[{title}] running {len(todo)} trials, {cfg.concurrency} at a time{beside} ({storage.child('tune', name)})")
     # a trial process is reused by the next trial, its imports done: 3 s less CPU per trial
     closing = MlflowStatusCallback(tracking.uri, tracking.experiment, discard_checkpoints=None if keep_checkpoints else storage.uri)
     tuner = ray.tune.Tuner(tune_trainable(settings), tune_config=ray.tune.TuneConfig(

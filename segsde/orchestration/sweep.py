@@ -10,6 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
@@ -27,6 +28,7 @@ SPACE_FILE = ABLATIONS_DIR / "sweep_space.yaml"
 WHEN = {"always": lambda c: True, "teacher": lambda c: c.teacher, "multitask": lambda c: c.multitask,
         "depthmix": lambda c: c.teacher and c.mix == "depth"}
 METRIC = "miou"
+SAMPLERS = ("tpe", "gp", "random", "grid")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,9 @@ class SweepConfig:
     workers: int = 1
     gpu: bool = False
     reduction_factor: int = 2         # ASHA keeps the top 1/reduction_factor at each rung
+    sampler: str = "tpe"              # Optuna's: tpe, gp (a Gaussian process that fits the noise), random, or grid
+    asha: bool = True                 # stop weak trials early (False: every trial runs its whole schedule)
+    grid_points: int = 3              # values per parameter of the grid sampler (samples: all their combinations)
     confirm_top: int = 3              # the best settings confirmed against the defaults on fresh seeds
     confirm_seeds: int = 3            # fresh seeds of the confirmation (seed + 1, ...); 0: no confirmation
     train: dict = field(default_factory=dict)
@@ -52,7 +57,9 @@ class SweepConfig:
         check([(self.samples >= 1 and self.concurrency >= 1 and self.workers >= 1, "samples, concurrency and workers must be >= 1"),
                (len(self.budgets) > 0 and min(self.budgets) >= 1, "budgets must be positive"),
                (self.reduction_factor >= 2, "reduction_factor must be >= 2"),
-               (self.confirm_top >= 1 and self.confirm_seeds >= 0, "confirm_top must be >= 1 and confirm_seeds >= 0")], where)
+               (self.confirm_top >= 1 and self.confirm_seeds >= 0, "confirm_top must be >= 1 and confirm_seeds >= 0"),
+               (self.sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}"),
+               (self.grid_points >= 2, "grid_points must be >= 2")], where)
 
     @property
     def fresh_seeds(self) -> tuple[int, ...]:
@@ -90,6 +97,29 @@ def search_space(cfg: SweepConfig, path: Path = SPACE_FILE) -> dict[str, optuna.
     return out
 
 
+def grid(cfg: SweepConfig, space: dict) -> dict[str, list[float]]:
+    """``grid_points`` values per parameter, spaced as the parameter is sampled (log or linear), ends included."""
+    def points(d):
+        ends = (np.log(d.low), np.log(d.high)) if d.log else (d.low, d.high)
+        values = np.linspace(*ends, cfg.grid_points)
+        return [float(v) for v in (np.exp(values) if d.log else values)]
+
+    return {name: points(d) for name, d in space.items()}
+
+
+def make_sampler(cfg: SweepConfig, space: dict) -> optuna.samplers.BaseSampler:
+    if cfg.sampler == "grid":
+        return optuna.samplers.GridSampler(grid(cfg, space), seed=cfg.seed)
+    if cfg.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=cfg.seed, deterministic_objective=False)
+    return optuna.samplers.RandomSampler(seed=cfg.seed) if cfg.sampler == "random" else optuna.samplers.TPESampler(seed=cfg.seed)
+
+
+def trials_per_budget(cfg: SweepConfig, space: dict) -> int:
+    """``samples``, or every point of the grid."""
+    return int(np.prod([len(v) for v in grid(cfg, space).values()])) if cfg.sampler == "grid" else cfg.samples
+
+
 def defaults(cfg: SweepConfig, space: dict) -> dict:
     """The row's own values of the swept keys (clipped into the space): the first trial."""
     row = train_config(cfg.profile, cfg.row, cfg.train)
@@ -120,6 +150,8 @@ class AshaAwareOptunaSearch(OptunaSearch):
         return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        if result and self._step_key in result and trial_id in self._ot_trials:  # the sweep's compute, in trainer steps
+            self._ot_trials[trial_id].set_user_attr("steps", int(result[self._step_key]))
         stopped = result and not error and result.get(self._step_key, self._full_steps) < self._full_steps
         if stopped and trial_id in self._ot_trials and trial_id not in self._completed_trials:
             self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
@@ -181,7 +213,7 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Location | str | None = No
             selection = selections.get((tc.selection, cfg.seed)) if tc.labeled == "selection" else None
             tracking = StageTracking(uri, experiment, parent)
             if console is not None:
-                console.watch({f"{name}-t{n}": f"{cfg.row} b{budget} t{n}" for n in range(cfg.samples)})
+                console.watch({f"{name}-t{n}": f"{cfg.row} b{budget} t{n}" for n in range(trials_per_budget(cfg, space))})
             _tune_budget(cfg, name, space, tc, data, root, sde_models.get((tc.sde_model, cfg.seed)), selection, tracking, storage, address,
                          resume, log, keep_checkpoints)
             results[budget] = _summarise_budget(cfg, name, storage, tracking, out, log)
@@ -213,25 +245,26 @@ def _tune_budget(cfg, name, space, tc, data, root, sde_model, selection, trackin
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
     finished = sum(t.state.is_finished() for t in study.trials)
     interrupted = tuple(t.number for t in study.trials if t.state == optuna.trial.TrialState.RUNNING)
-    samples = cfg.samples - finished
+    samples = trials_per_budget(cfg, space) - finished
     if resume and study.trials:
-        log(f"[sweep] resuming '{name}': {finished} of {cfg.samples} trials finished, "
+        log(f"[sweep] resuming '{name}': {finished} of {trials_per_budget(cfg, space)} trials finished, "
             f"{len(interrupted)} interrupted (they go on from their last checkpoint)")
     if samples <= 0:
         return
     settings = TrialSettings(root.uri, tracking.uri, tracking.experiment, tracking.parent_run_id, cfg.workers, cfg.gpu, address,
                              in_process=runs_in_process(cfg.workers, address), threads=tc.threads or 1,
                              keep_checkpoints=keep_checkpoints)
-    searcher = AshaAwareOptunaSearch(space=space, metric=METRIC, mode="max", sampler=optuna.samplers.TPESampler(seed=cfg.seed),
-                                     points_to_evaluate=None if study.trials else [defaults(cfg, space)],
+    first = None if study.trials or cfg.sampler == "grid" else [defaults(cfg, space)]  # a grid has its own points
+    searcher = AshaAwareOptunaSearch(space=space, metric=METRIC, mode="max", sampler=make_sampler(cfg, space), points_to_evaluate=first,
                                      study_name=name, storage=storage, full_steps=tc.steps, interrupted=interrupted[:samples])
     scheduler = ASHAScheduler(time_attr="step", metric=METRIC, mode="max", max_t=tc.steps, grace_period=tc.eval_interval,
-                              reduction_factor=cfg.reduction_factor)
+                              reduction_factor=cfg.reduction_factor) if cfg.asha else None
     sde_model = sde_model if sde_model and tc.needs_sde else None
     plan = TrialPlan(cfg.row, cfg.profile, tc, data.uri, sde_model.uri if sde_model else None, selection.uri if selection else None,
                      pseudo_depth=pseudo_depth_column(input_id(sde_model)) if sde_model else PSEUDO_DEPTH)
-    log(f"[sweep] {samples} trials of row '{cfg.row}' over {sorted(k.removeprefix('params/') for k in space)}, "
-        f"ASHA on {METRIC} every {tc.eval_interval} of {tc.steps} steps, {cfg.concurrency} at a time")
+    log(f"[sweep] {samples} trials of row '{cfg.row}' over {sorted(k.removeprefix('params/') for k in space)} ({cfg.sampler}), "
+        + (f"ASHA on {METRIC} every {tc.eval_interval} of {tc.steps} steps" if cfg.asha else f"{tc.steps} steps each")
+        + f", {cfg.concurrency} at a time")
     ray.tune.Tuner(tune_trainable(settings), param_space={"plan": plan.to_dict()},
                    tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=samples,
                                                    max_concurrent_trials=cfg.concurrency),
@@ -253,7 +286,8 @@ def _summarise_budget(cfg: SweepConfig, name: str, storage, tracking: StageTrack
     study = optuna.load_study(study_name=name, storage=storage)
     states = {s.name: sum(t.state == s for t in study.trials) for s in optuna.trial.TrialState}
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
-    summary = {"study": name, "trials": len(study.trials), "states": {k: v for k, v in states.items() if v}}
+    summary = {"study": name, "trials": len(study.trials), "states": {k: v for k, v in states.items() if v},
+               "steps": sum(t.user_attrs.get("steps", 0) for t in study.trials)}  # the search's compute
     if complete:
         best = max(complete, key=lambda t: t.value)
         summary.update(best_miou=best.value, best_params={k.removeprefix("params/"): v for k, v in best.params.items()},
@@ -307,10 +341,10 @@ def _confirm_budget(cfg: SweepConfig, name: str, budget: int, space: dict, input
         f"{len(todo)} trials to run, {len(every) - len(todo)} cached")
     if console is not None:
         console.watch({t.key: f"{cfg.row} b{budget} {label} s{t.plan.train.seed}" for label, ts in trials.items() for t in ts})
-    grid = StudyConfig(profile=cfg.profile, rows=(cfg.row,), budgets=(budget,), seeds=cfg.fresh_seeds, concurrency=cfg.concurrency,
-                       workers=cfg.workers, gpu=cfg.gpu, train=cfg.train)
-    errors = run_trial_grid(grid, todo, root, tracking, address, log, set().union(*(t.needs for t in todo)), None,
-                            keep_checkpoints) if todo else {}
+    as_study = StudyConfig(profile=cfg.profile, rows=(cfg.row,), budgets=(budget,), seeds=cfg.fresh_seeds,
+                           concurrency=cfg.concurrency, workers=cfg.workers, gpu=cfg.gpu, train=cfg.train)
+    errors = run_trial_grid(as_study, todo, root, tracking, address, log, set().union(*(t.needs for t in todo)), None,
+                            keep_checkpoints, title="sweep") if todo else {}
     if any(not t.done and t.key not in errors for t in todo):
         raise KeyboardInterrupt  # Tune took the Ctrl-C and ended the trials early
     table = confirm_table({label: [trial_record(t) for t in ts] for label, ts in trials.items()}, settings)
@@ -330,4 +364,5 @@ def _confirm_budget(cfg: SweepConfig, name: str, budget: int, space: dict, input
     log(text)
     log(f"[sweep] the settings for a study: {where / 'settings.yaml'}")
     return {"sentence": verdict_sentence(table), "winner": None if best is None else best.setting,
-            "shrinkage": {c.setting: c.shrinkage for c in table.itertuples()}, "report": str(where / "confirmation.md")}
+            "shrinkage": {c.setting: c.shrinkage for c in table.itertuples()}, "report": str(where / "confirmation.md"),
+            "steps": sum(t.plan.train.steps for t in every)}
