@@ -101,8 +101,8 @@ def test_claims_are_answered_from_their_lines_and_the_published_report_rebuilds_
     not act, else is not resolved with the seeds it needs and their cost; `segsde report --from` rebuilds every table
     from trials.parquet alone."""
     from segsde.cli import main as segsde
-    from segsde.orchestration.claims import check_claims
     from segsde.errors import SegSDEError
+    from segsde.orchestration.claims import check_claims
 
     rng = np.random.default_rng(2)
     acted = {"acted/confident_fraction": 0.4, "acted/unsup_ratio": 0.3}
@@ -115,7 +115,8 @@ def test_claims_are_answered_from_their_lines_and_the_published_report_rebuilds_
     rows, pairs = ["baseline", "low", "high", "same", "silent"], (("high", "low"), ("low", "high"))
     claims = {"high wins": ["high", "high:low"], "low wins": ["low:high"], "same helps": ["same"], "silent helps": ["silent"]}
     text, summary = write_report(records, rows, [8], tmp_path / "a", min_effect=8.0, pairs=pairs, claims=claims, concurrency=2)
-    verdicts = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[2] for line in text.splitlines() if line.startswith("| ") and (" wins |" in line or " helps |" in line)}
+    verdicts = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[2] for line in text.splitlines()
+                if line.startswith("| ") and (" wins |" in line or " helps |" in line)}
     assert verdicts["high wins"] == "holds" and verdicts["low wins"].startswith("does not hold: low vs high")
     assert verdicts["silent helps"].startswith("not tested: silent: did not act")
     table = comparison_table(records, rows, [8], 8.0, pairs=pairs)

@@ -6,12 +6,16 @@ that bias, and the defaults, confirmed the same way but never selected, show wha
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import optuna
 import pandas as pd
 
 from segsde.orchestration.comparison import inaction, record_confusions
 from segsde.orchestration.statistics import ALPHA, LEVEL, holm, paired_difference
+from segsde.storage import Location
 
 DEFAULTS = "defaults"
 COLUMNS = ["setting", "params", "search", "n", "confirmed", "sd", "shrinkage", "delta", "ci_low", "ci_high", "p", "p_holm",
@@ -125,3 +129,56 @@ def confirmation_markdown(table: pd.DataFrame, budget: int, seeds: list[int]) ->
                      f"{num(c.delta, '+.2f') if c.acted else '–'} | {interval} | {num(c.p_holm, '.3f')} | {c.verdict} |")
     lines += ["", f"**{verdict_sentence(table)}**"]
     return "\n".join(lines)
+
+
+def confirm_budget(cfg, name: str, budget: int, defaults: dict, inputs: tuple, root: Location, tracking, storage, address,
+                   out: Path, log, keep_checkpoints: bool, console=None) -> dict:
+    """A sweep's (``cfg``: its ``SweepConfig``) defaults and ``confirm_top`` best settings of Optuna study ``name`` on the
+    fresh seeds, as a grid of ordinary cached trials; their paired comparison, the winner's curse, and the settings a
+    study should take (the confirmed winner only), into ``out``/sweep/``name`` and the budget's MLflow run."""
+    from segsde.data.store import atomic_write_bytes
+    from segsde.orchestration.study import StudyConfig, plan_trial, run_trial_grid, trial_record
+    from segsde.tracking import RunLogger
+    from segsde.trainer.run import train_config
+
+    data, sde_models, selections = inputs
+    settings = top_settings(optuna.load_study(study_name=name, storage=storage), cfg.confirm_top, defaults)
+    trials = {}
+    for label, params, _ in settings:
+        for seed in cfg.fresh_seeds:
+            tc = train_config(cfg.profile, cfg.row, {**cfg.train, **{k.removeprefix("params/"): v for k, v in params.items()},
+                                                     "budget": budget, "seed": seed})
+            selection = selections.get((tc.selection, seed)) if tc.labeled == "selection" else None
+            model = sde_models.get((tc.sde_model, seed)) if tc.needs_sde else None
+            trials.setdefault(label, []).append(plan_trial(cfg.profile, cfg.row, tc, data, root, model, selection, cfg.workers, cfg.gpu))
+    every = [t for ts in trials.values() for t in ts]
+    todo = [t for t in every if not t.done]
+    log(f"[sweep] confirming {', '.join(label for label, _, _ in settings)} on seeds {list(cfg.fresh_seeds)}: "
+        f"{len(todo)} trials to run, {len(every) - len(todo)} cached")
+    if console is not None:
+        console.watch({t.key: f"{cfg.row} b{budget} {label} s{t.plan.train.seed}" for label, ts in trials.items() for t in ts})
+    as_study = StudyConfig(profile=cfg.profile, rows=(cfg.row,), budgets=(budget,), seeds=cfg.fresh_seeds,
+                           concurrency=cfg.concurrency, workers=cfg.workers, gpu=cfg.gpu, train=cfg.train)
+    errors = run_trial_grid(as_study, todo, root, tracking, address, log, set().union(*(t.needs for t in todo)), None,
+                            keep_checkpoints, title="sweep") if todo else {}
+    if any(not t.done and t.key not in errors for t in todo):
+        raise KeyboardInterrupt  # Tune took the Ctrl-C and ended the trials early
+    table = confirm_table({label: [trial_record(t) for t in ts] for label, ts in trials.items()}, settings)
+    text = confirmation_markdown(table, budget, list(cfg.fresh_seeds))
+    where = out / "sweep" / name
+    where.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(where / "confirmation.md", (text + "\n").encode())
+    atomic_write_bytes(where / "settings.yaml", winner_yaml(cfg.row, table).encode())
+    table.assign(params=table.params.map(json.dumps)).to_parquet(where / "confirmation.parquet", index=False)
+    logger = RunLogger(tracking.uri, tracking.parent_run_id)
+    for file in ("confirmation.md", "confirmation.parquet", "settings.yaml"):
+        logger.artifact(where / file, "sweep")
+    logger.tags({"mlflow.note.content": f"{text}\n\nThe settings for a study: artifact `sweep/settings.yaml`."})
+    best = winner(table)
+    logger.metrics({f"confirm/{c.setting}/{k}": round(float(getattr(c, k)), 2) for c in table.itertuples()
+                    for k in ("confirmed", "shrinkage", "delta") if getattr(c, k) == getattr(c, k)}, step=0)
+    log(text)
+    log(f"[sweep] the settings for a study: {where / 'settings.yaml'}")
+    return {"sentence": verdict_sentence(table), "winner": None if best is None else best.setting,
+            "shrinkage": {c.setting: c.shrinkage for c in table.itertuples()}, "report": str(where / "confirmation.md"),
+            "steps": sum(t.plan.train.steps for t in every)}

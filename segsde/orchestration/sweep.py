@@ -17,6 +17,7 @@ from ray.tune.search.optuna import OptunaSearch
 from segsde.configs import check
 from segsde.data.dataset import PSEUDO_DEPTH, pseudo_depth_column
 from segsde.errors import SegSDEError
+from segsde.orchestration.confirmation import confirm_budget
 from segsde.orchestration.stages import StageTracking, input_id
 from segsde.profiles import ABLATIONS_DIR, load_yaml, section_config
 from segsde.progress import start_board
@@ -218,8 +219,8 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Location | str | None = No
                          resume, log, keep_checkpoints)
             results[budget] = _summarise_budget(cfg, name, storage, tracking, out, log)
             if cfg.confirm_seeds:
-                results[budget]["confirmation"] = _confirm_budget(cfg, name, budget, space, (data, sde_models, selections), root,
-                                                                  tracking, storage, address, out, log, keep_checkpoints, console)
+                results[budget]["confirmation"] = confirm_budget(cfg, name, budget, defaults(cfg, space), (data, sde_models, selections),
+                                                                 root, tracking, storage, address, out, log, keep_checkpoints, console)
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
@@ -314,55 +315,3 @@ def _summarise_budget(cfg: SweepConfig, name: str, storage, tracking: StageTrack
     log(f"[sweep] {name}: {summary['states']}; best mIoU "
         + (f"{100 * summary['best_miou']:.2f} with {summary['best_params']}" if complete else "none (no complete trial)"))
     return summary
-
-
-def _confirm_budget(cfg: SweepConfig, name: str, budget: int, space: dict, inputs: tuple, root: Location,
-                    tracking: StageTracking, storage, address, out: Path, log, keep_checkpoints: bool, console=None) -> dict:
-    """The defaults and the ``confirm_top`` best settings on the fresh seeds, as a grid of ordinary cached trials;
-    their paired comparison, the winner's curse, and the settings a study should take (the confirmed winner only)."""
-    from segsde.data.store import atomic_write_bytes
-    from segsde.orchestration.confirmation import confirm_table, confirmation_markdown, top_settings, verdict_sentence, winner, winner_yaml
-    from segsde.orchestration.study import StudyConfig, plan_trial, run_trial_grid, trial_record
-    from segsde.tracking import RunLogger
-
-    data, sde_models, selections = inputs
-    settings = top_settings(optuna.load_study(study_name=name, storage=storage), cfg.confirm_top, defaults(cfg, space))
-    trials = {}
-    for label, params, _ in settings:
-        for seed in cfg.fresh_seeds:
-            tc = train_config(cfg.profile, cfg.row, {**cfg.train, **{k.removeprefix("params/"): v for k, v in params.items()},
-                                                     "budget": budget, "seed": seed})
-            selection = selections.get((tc.selection, seed)) if tc.labeled == "selection" else None
-            model = sde_models.get((tc.sde_model, seed)) if tc.needs_sde else None
-            trials.setdefault(label, []).append(plan_trial(cfg.profile, cfg.row, tc, data, root, model, selection, cfg.workers, cfg.gpu))
-    every = [t for ts in trials.values() for t in ts]
-    todo = [t for t in every if not t.done]
-    log(f"[sweep] confirming {', '.join(label for label, _, _ in settings)} on seeds {list(cfg.fresh_seeds)}: "
-        f"{len(todo)} trials to run, {len(every) - len(todo)} cached")
-    if console is not None:
-        console.watch({t.key: f"{cfg.row} b{budget} {label} s{t.plan.train.seed}" for label, ts in trials.items() for t in ts})
-    as_study = StudyConfig(profile=cfg.profile, rows=(cfg.row,), budgets=(budget,), seeds=cfg.fresh_seeds,
-                           concurrency=cfg.concurrency, workers=cfg.workers, gpu=cfg.gpu, train=cfg.train)
-    errors = run_trial_grid(as_study, todo, root, tracking, address, log, set().union(*(t.needs for t in todo)), None,
-                            keep_checkpoints, title="sweep") if todo else {}
-    if any(not t.done and t.key not in errors for t in todo):
-        raise KeyboardInterrupt  # Tune took the Ctrl-C and ended the trials early
-    table = confirm_table({label: [trial_record(t) for t in ts] for label, ts in trials.items()}, settings)
-    text = confirmation_markdown(table, budget, list(cfg.fresh_seeds))
-    where = out / "sweep" / name
-    where.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(where / "confirmation.md", (text + "\n").encode())
-    atomic_write_bytes(where / "settings.yaml", winner_yaml(cfg.row, table).encode())
-    table.assign(params=table.params.map(json.dumps)).to_parquet(where / "confirmation.parquet", index=False)
-    logger = RunLogger(tracking.uri, tracking.parent_run_id)
-    for file in ("confirmation.md", "confirmation.parquet", "settings.yaml"):
-        logger.artifact(where / file, "sweep")
-    logger.tags({"mlflow.note.content": f"{text}\n\nThe settings for a study: artifact `sweep/settings.yaml`."})
-    best = winner(table)
-    logger.metrics({f"confirm/{c.setting}/{k}": round(float(getattr(c, k)), 2) for c in table.itertuples()
-                    for k in ("confirmed", "shrinkage", "delta") if getattr(c, k) == getattr(c, k)}, step=0)
-    log(text)
-    log(f"[sweep] the settings for a study: {where / 'settings.yaml'}")
-    return {"sentence": verdict_sentence(table), "winner": None if best is None else best.setting,
-            "shrinkage": {c.setting: c.shrinkage for c in table.itertuples()}, "report": str(where / "confirmation.md"),
-            "steps": sum(t.plan.train.steps for t in every)}

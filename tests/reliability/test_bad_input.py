@@ -31,7 +31,8 @@ def _assert_refused(code: int, out: str, err: str, message: str, where: Path) ->
     (["--rows", "pseudolabel", "--set", "unsup_weight=-1"], r"loss weights must be finite and >= 0"),
     (["--rows", "depthmix", "--set", "epsilom=0.1"], r"unknown key 'epsilom'.*did you mean 'epsilon'\?"),
     (["--rows", "baseline,classmix", "--compare", "classmix:depthmix"],
-     r"--compare classmix:depthmix: give two different rows of the study as A:B, neither of them baseline \(every row is compared with it already; its rows: baseline, classmix\)"),
+     r"--compare classmix:depthmix: give two different rows of the study as A:B, neither of them baseline "
+     r"\(every row is compared with it already; its rows: baseline, classmix\)"),
     (["--data-root", "{tmp}/nowhere"], r"nowhere does not exist: build it with `segsde data synth`"),
     (["--data-root", "{tmp}"], r"has no manifest.json.*rebuild it"),
     (["--address", "127.0.0.1:9"], r"cannot reach the Ray cluster at 127.0.0.1:9.*drop --address"),
