@@ -23,11 +23,12 @@ class DataProfile:
     size: tuple[int, ...]  # H, W
     train: int = 0
     val: int = 0
+    tune: int = 0  # the tuning split a sweep's search scores on (synthetic; Cityscapes: the build's tune cities)
 
     def validate(self, where: str) -> None:
         check([(self.source in ("synthetic", "cityscapes"), "source must be 'synthetic' or 'cityscapes'"),
                (len(self.size) == 2 and min(self.size) > 0, "size must be [height, width]"),
-               (self.train >= 0 and self.val >= 0, "train and val must be >= 0")], where)
+               (min(self.train, self.val, self.tune) >= 0, "train, val and tune must be >= 0")], where)
 
 
 def load_yaml(path: Path) -> dict:

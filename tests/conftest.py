@@ -53,7 +53,7 @@ def smoke_study(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("study")
     data = root / "data"
-    run_cli("data", "synth", "--out", data, "--train", 16, "--val", 8, "--size", "64x128", "--seed", 1)
+    run_cli("data", "synth", "--out", data, "--train", 16, "--val", 8, "--tune", 4, "--size", "64x128", "--seed", 1)
     torch.manual_seed(0)
     cfg = sde_config("smoke")
     save_model(root / "sde.pt", {"model": SDEModel(cfg).state_dict(), "config": asdict(cfg), "step": 0})

@@ -114,3 +114,33 @@ def test_sde_oracles_refuse_a_dataset_without_ground_truth(tree, tmp_path):
     proc = run_cli("sde", "--data", out, "--out", tmp_path / "o", "--profile", "smoke", "--set", "oracle=depth", check=False)
     assert proc.returncode == 2 and proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "needs the synthetic testbed's ground truth" in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_the_tune_cities_form_a_split_that_nothing_trains_on(tmp_path):
+    """The default tune cities (where present) leave the training split, its snippets and every labeled list: a
+    sweep scores on them; named cities must exist; 'none' keeps them for training."""
+    from segsde.data.store import read_manifest, split_ids
+
+    tree = make_tree(tmp_path / "cityscapes", SAMPLES + [("train", "zurich", 2, 19)])
+    out = tmp_path / "cs"
+    run_cli("data", "cityscapes", "--root", tree, "--out", out, "--size", "128x64", "--sequence-stride", 9)
+    assert split_ids(out, "tune") == ["zurich_000002_000019"]
+    assert split_ids(out, "train") == ["aachen_000000_000019", "bochum_000003_000019"]
+    assert not [i for i in split_ids(out, "sequence") if i.startswith("zurich")] and split_ids(out, "sequence")
+    assert read_manifest(out)["splits"]["tune"] == 1
+    tune = SegSDEDataset(out, split="tune")[0]
+    assert tune["label"][0, 0] == TRAIN_ID["sky"] and tune["image"].shape == (3, 64, 128)
+
+    listed = tmp_path / "unimatch.txt"
+    listed.write_text("leftImg8bit/train/zurich/zurich_000002_000019_leftImg8bit.png gtFine/train/zurich/x.png\n")
+    proc = run_cli("data", "import-split", "--data", out, "--file", listed, "--out", tmp_path / "l.txt", check=False)
+    assert proc.returncode == 2 and "frames of the tuning split" in proc.stderr and "--tune-cities none" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "l.txt").exists()
+
+    run_cli("data", "cityscapes", "--root", tree, "--out", tmp_path / "all", "--size", "128x64", "--no-sequences",
+            "--tune-cities", "none")
+    assert "zurich_000002_000019" in split_ids(tmp_path / "all", "train") and not split_ids(tmp_path / "all", "tune")
+    proc = run_cli("data", "cityscapes", "--root", tree, "--out", tmp_path / "x", "--size", "128x64", "--tune-cities", "ulm",
+                   check=False)
+    assert proc.returncode == 2 and "--tune-cities ulm has no training frames" in proc.stderr
+    assert not (tmp_path / "x" / "manifest.json").exists()

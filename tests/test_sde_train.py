@@ -15,7 +15,7 @@ from segsde.sde.train import StepBatches, _optimiser, _set_mode, network_frames
 @pytest.fixture(scope="module")
 def smoke_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke") / "data"
-    run_cli("data", "synth", "--out", out, "--train", 16, "--val", 8, "--size", "64x128", "--seed", 0)
+    run_cli("data", "synth", "--out", out, "--train", 16, "--val", 8, "--tune", 0, "--size", "64x128", "--seed", 0)
     return out
 
 

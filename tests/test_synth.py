@@ -17,7 +17,7 @@ from segsde.errors import SegSDEError
 
 def test_acceptance_dataset_covers_the_classes(synth_root):
     manifest = read_manifest(synth_root, verify=True)
-    assert manifest["splits"] == {"train": 64, "val": 16}
+    assert manifest["splits"] == {"train": 64, "val": 16, "tune": 64}
     ds = SegSDEDataset(synth_root, split="train")
     counts = np.zeros(256, np.int64)
     for i in range(len(ds)):
@@ -73,12 +73,14 @@ def _rows(root):
 
 
 def test_deterministic_by_seed_whatever_the_worker_count(tmp_path):
-    common = ["--train", 40, "--val", 4, "--size", "64x128"]
+    common = ["--train", 40, "--val", 4, "--tune", 4, "--size", "64x128"]
     run_cli("data", "synth", "--out", tmp_path / "a", "--seed", 3, "--workers", 1, *common)
     run_cli("data", "synth", "--out", tmp_path / "b", "--seed", 3, "--workers", 2, *common)
     run_cli("data", "synth", "--out", tmp_path / "c", "--seed", 4, "--workers", 2, *common)
     a, b, c = _rows(tmp_path / "a"), _rows(tmp_path / "b"), _rows(tmp_path / "c")
-    assert a.keys() == b.keys() == c.keys() and len(a) == 44
+    assert a.keys() == b.keys() == c.keys() and len(a) == 48
+    val, tune = ([a[f"{split}_{i:06d}"]["frames"][1] for i in range(4)] for split in ("val", "tune"))
+    assert not set(val) & set(tune)  # the tuning split's scenes are its own, not the study's val images
     for sid in a:
         for key in ("frames", "label", "depth", "K", "poses"):
             assert a[sid][key] == b[sid][key], (sid, key)
@@ -98,8 +100,8 @@ def test_interrupted_generation_leaves_nothing_that_reads_as_valid(tmp_path):
     with pytest.raises(SegSDEError, match="does not exist"):
         read_manifest(out)
     # a fresh build at the same place succeeds afterwards
-    run_cli("data", "synth", "--out", out, "--train", 4, "--val", 2, "--size", "64x128")
-    assert read_manifest(out, verify=True)["splits"] == {"train": 4, "val": 2}
+    run_cli("data", "synth", "--out", out, "--train", 4, "--val", 2, "--tune", 1, "--size", "64x128")
+    assert read_manifest(out, verify=True)["splits"] == {"train": 4, "val": 2, "tune": 1}
 
 
 def test_existing_output_and_bad_settings_are_one_line_errors(synth_root, tmp_path):

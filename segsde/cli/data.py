@@ -8,13 +8,19 @@ from pathlib import Path
 from segsde.cli.flags import non_negative, parse_size, positive
 
 
+def cityscapes_tune_cities() -> tuple[str, ...]:
+    from segsde.data.cityscapes import TUNE_CITIES
+
+    return TUNE_CITIES
+
+
 def cmd_synth(args) -> dict:
     from segsde.data.synth.generate import generate
     from segsde.data.synth.scene import SynthConfig
 
     h, w = args.size
     cfg = SynthConfig(height=h, width=w, difficulty=args.difficulty, moving_prob=args.moving_prob)
-    m = generate(args.out, args.train, args.val, cfg, args.seed, workers=args.workers, overwrite=args.overwrite)
+    m = generate(args.out, args.train, args.val, cfg, args.seed, workers=args.workers, overwrite=args.overwrite, n_tune=args.tune)
     return {"out": str(Path(args.out).absolute()), "splits": m["splits"], "shards": len(m["shards"])}
 
 
@@ -29,7 +35,9 @@ def cmd_cityscapes(args) -> dict:
     w, h = args.size
     root, out = as_location(args.root), as_location(args.out)
     stride = 0 if args.no_sequences else args.sequence_stride
-    tasks, description, skipped = cityscapes.plan(root, (h, w), stride)
+    strict = args.tune_cities is not None  # named cities must exist; the default's are taken where present
+    tune_cities = tuple(c for c in args.tune_cities.split(",") if c and c != "none") if strict else cityscapes.TUNE_CITIES
+    tasks, description, skipped = cityscapes.plan(root, (h, w), stride, tune_cities, strict)
     print(f"[cityscapes] {sum(t.rows for t in tasks)} samples in {len(tasks)} shards from {root}"
           + (f"; {len(skipped)} snippet(s) with missing frames skipped" if skipped else ""), file=sys.stderr, flush=True)
     m = build_on_ray(out, tasks, partial(cityscapes.convert_task, root.uri, (h, w)), description, source="cityscapes",
@@ -37,7 +45,7 @@ def cmd_cityscapes(args) -> dict:
                      check_nodes=lambda where: preflight(where, tracking_uri="", fix=(
                          f"a cluster's nodes do not share the driver's disk, so write to a path every node mounts or "
                          f"under s3:// (--out {where} is not one)")),
-                     size=[h, w], root=root.uri, sequence_stride=stride)
+                     size=[h, w], root=root.uri, sequence_stride=stride, tune_cities=list(tune_cities))
     done = m["converted"]
     return {"out": str(out), "splits": m["splits"], "shards": len(m["shards"]), "skipped_snippets": len(m["skipped"]),
             "skipped_first": m["skipped"][:3], "converted": done | {"frames_per_s": done["frames"] / max(done["seconds"], 1e-9)}}
@@ -56,9 +64,14 @@ def cmd_split(args) -> dict:
 
 def cmd_import_split(args) -> dict:
     from segsde.data.splits import check_ids, import_split_file, write_order
-    from segsde.data.store import split_ids
+    from segsde.data.store import TUNE_SPLIT, split_ids
+    from segsde.errors import SegSDEError
 
     ids = import_split_file(args.file)
+    tuning = set(ids) & set(split_ids(args.data, TUNE_SPLIT))
+    if tuning and args.split != TUNE_SPLIT:
+        raise SegSDEError(f"{args.file} lists {len(tuning)} frames of the tuning split (e.g. {sorted(tuning)[0]}), which no budget may "
+                          "train on: rebuild the dataset with --tune-cities none (or other cities) to use this split file")
     check_ids(ids, split_ids(args.data, args.split), str(args.file))
     write_order(args.out, ids)
     return {"out": str(args.out), "ids": len(ids)}
@@ -84,6 +97,7 @@ def add_data_commands(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="dataset directory to create")
     p.add_argument("--train", type=non_negative, default=256, help="training samples (default 256)")
     p.add_argument("--val", type=non_negative, default=64, help="validation samples (default 64)")
+    p.add_argument("--tune", type=non_negative, default=64, help="tuning-split samples, scored by a sweep's search (default 64)")
     p.add_argument("--size", type=parse_size, default=(128, 256), help="HEIGHTxWIDTH, e.g. 128x256 (default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--difficulty", type=float, default=0.5, help="appearance variation and clutter in [0, 1]")
@@ -102,6 +116,10 @@ def add_data_commands(sub) -> None:
                    help="every K-th frame of each training snippet that has both neighbours becomes an unlabeled triplet "
                         "of the 'sequence' split (default 1: all, 27 a snippet)")
     p.add_argument("--no-sequences", action="store_true", help="convert only the annotated frames")
+    p.add_argument("--tune-cities", default=None,
+                   help="comma-separated training cities whose annotated frames form the 'tune' split, out of every labeled "
+                        f"budget, pool and SDE sequence: what a sweep's search scores on (default: {','.join(cityscapes_tune_cities())} "
+                        "where present; 'none': keep every city for training)")
     p.add_argument("--workers", type=int, default=None, help="CPUs of the local Ray instance (default: all; ignored with --address)")
     p.add_argument("--address", default=None, help="Ray cluster address (`auto` on a `ray up` cluster; default: local Ray)")
     p.add_argument("--overwrite", action="store_true", help="delete what --out holds first")

@@ -7,9 +7,10 @@ annotated frame is the 20th, so frames t-19 .. t+10), ``gtFine/{split}/{city}/{i
 (converted to trainIds with cityscapesscripts' table) and ``camera/{split}/{city}/{id}_camera.json`` (the
 snippet's intrinsics, scaled to the stored size).
 
-Splits: ``train`` and ``val`` (annotated samples with t-1 and t+1) and ``sequence``: every other frame of
-a training snippet that has both neighbours, unlabeled (27 a snippet, 80,325 for the 2975 snippets;
-with ``train``, the paper's 83,300 SDE triplets). A conversion is planned here as independent tasks, one
+Splits: ``train`` and ``val`` (annotated samples with t-1 and t+1), ``tune`` (the annotated training frames of
+the tune cities, ``TUNE_CITIES`` by default: a sweep's search scores on them, nothing trains on them) and
+``sequence``: every other frame of a training snippet that has both neighbours, unlabeled (27 a snippet, 80,325
+for the 2975 snippets with no tune city; with ``train``, the paper's 83,300 SDE triplets). A conversion is planned here as independent tasks, one
 shard each; ``segsde.runtime.shards`` runs them.
 """
 
@@ -25,11 +26,14 @@ from PIL import Image
 
 from segsde.data.camera import resize_intrinsics
 from segsde.data.labels import VALID_LABEL_IDS, label_id_to_train_id_lut
-from segsde.data.store import SEQUENCE_SPLIT, encode_png
+from segsde.data.store import SEQUENCE_SPLIT, TUNE_SPLIT, encode_png
 from segsde.errors import SegSDEError
 from segsde.storage import Location, as_location
 
 SPLITS = ("train", "val")
+# The tuning split's default: two training cities (of 18) with their whole snippets, so that a sweep's search scores
+# on streets that neither the labeled budgets, the unlabeled pool, the SDE video nor the study's val images show
+TUNE_CITIES = ("weimar", "zurich")
 PACKAGES = {
     "leftImg8bit": "leftImg8bit_trainvaltest.zip",
     "leftImg8bit_sequence": "leftImg8bit_sequence_trainvaltest.zip",
@@ -55,7 +59,8 @@ class Tree:
         self._listed: dict[tuple[str, str], set[str]] = {}
 
     def file(self, package: str, split: str, sample_id: str) -> Location:
-        return self.root.child(package, split, sample_id.split("_")[0], sample_id + SUFFIX[package])
+        folder = "train" if split == TUNE_SPLIT else split  # the tune split's frames are training-city frames
+        return self.root.child(package, folder, sample_id.split("_")[0], sample_id + SUFFIX[package])
 
     def _listing(self, package: str, split: str) -> set[str]:
         if (package, split) not in self._listed:
@@ -78,8 +83,9 @@ def _sample_files(sample_id: str) -> dict[str, tuple[str, str]]:
             "camera": ("camera", sample_id)}
 
 
-def find_samples(tree: Tree) -> list[tuple[str, str]]:
-    """(split, id) of every annotated image, after checking that every file a sample needs exists."""
+def find_samples(tree: Tree, tune_cities: tuple[str, ...] = (), strict: bool = False) -> list[tuple[str, str]]:
+    """(split, id) of every annotated image, after checking that every file a sample needs exists; the training
+    frames of ``tune_cities`` have the split ``tune`` (``strict``: each city must have some)."""
     if not tree.root.is_dir():
         raise SegSDEError(f"Cityscapes root {tree.root} does not exist: pass the folder that holds leftImg8bit/ and gtFine/")
     for folder, package in PACKAGES.items():
@@ -92,9 +98,15 @@ def find_samples(tree: Tree) -> list[tuple[str, str]]:
                 if not tree.has(package, split, name):
                     raise SegSDEError(f"missing {role} file {tree.file(package, split, name)} for sample {sample_id}: "
                                       f"extract {PACKAGES[package]} into {tree.root}")
-            samples.append((split, sample_id))
+            samples.append((TUNE_SPLIT if split == "train" and sample_id.split("_")[0] in tune_cities else split, sample_id))
     if not samples:
         raise SegSDEError(f"no images found under {tree.root.child('leftImg8bit')}/{{train,val}}/<city>/: check --root")
+    cities = {sid.split("_")[0] for split, sid in samples if split == TUNE_SPLIT}
+    if strict and set(tune_cities) - cities:
+        raise SegSDEError(f"--tune-cities {','.join(sorted(set(tune_cities) - cities))} has no training frames under {tree.root}: "
+                          f"name training cities (e.g. {','.join(TUNE_CITIES)}), or 'none'")
+    if tune_cities and not any(split == "train" for split, _ in samples):
+        raise SegSDEError("--tune-cities leaves no training frame: name fewer cities")
     return samples
 
 
@@ -237,18 +249,20 @@ def convert_task(root: str, size: tuple[int, int], task: Task) -> tuple[list[dic
         return [], [{"snippet": task.snippet.name, "reason": str(exc).split(": ")[0]}]
 
 
-def plan(root: Location | str, size: tuple[int, int], sequence_stride: int = 1) -> tuple[list[Task], dict, list[dict]]:
+def plan(root: Location | str, size: tuple[int, int], sequence_stride: int = 1,
+         tune_cities: tuple[str, ...] = TUNE_CITIES, strict: bool = False) -> tuple[list[Task], dict, list[dict]]:
     """The conversion of ``root`` at ``size`` (H, W): its tasks (annotated shards first, then one per snippet),
     the plan's description (what a resumed conversion must match) and the snippets skipped while planning.
-    ``sequence_stride`` 0: no sequence split."""
+    ``sequence_stride`` 0: no sequence split; ``tune_cities`` (): no tune split; ``strict``: each must be in the tree
+    (the default's are used where present, so that a partial tree converts)."""
     tree = Tree(root)
-    samples = find_samples(tree)
+    samples = find_samples(tree, tuple(tune_cities), strict)
     tasks = [Task(samples=tuple(samples[i: i + SHARD_SIZE])) for i in range(0, len(samples), SHARD_SIZE)]
     snippets, skipped = find_snippets(tree, samples, sequence_stride) if sequence_stride > 0 else ([], [])
     tasks += [Task(snippet=s) for s in snippets]
     listing = hashlib.sha256(repr([(t.samples, t.snippet) for t in tasks]).encode()).hexdigest()[:16]
     description = {"source": "cityscapes", "root": str(tree.root), "size": list(size), "sequence_stride": sequence_stride,
-                   "tasks": len(tasks), "task_list": listing}
+                   "tune_cities": sorted(tune_cities), "tasks": len(tasks), "task_list": listing}
     return tasks, description, skipped
 
 

@@ -61,7 +61,7 @@ class SegSDEDataset(torch.utils.data.Dataset):
 
     def __init__(self, root: str | Path, split: str | Sequence[str] | None = "train", ids: Sequence[str] | None = None,
                  augment: Augment = Augment(), sequence: bool = False, cache_mb: float = 256.0, pseudo_depth: str = PSEUDO_DEPTH):
-        self.root = Path(root)
+        self.root, self.split = Path(root), split
         self.manifest = read_manifest(self.root)
         index = read_index(self.root, self.manifest)
         splits = None if split is None else {split} if isinstance(split, str) else set(split)
@@ -180,10 +180,12 @@ class SegSDEDataset(torch.utils.data.Dataset):
         return item
 
 
-def validation_split(root: str | Path, resize: tuple[int, int] | None, limit: int | None = None) -> SegSDEDataset:
-    """The ``val`` split resized for evaluation (no crop, no flip), its first ``limit`` samples if given."""
-    ds = SegSDEDataset(root, "val", augment=Augment(resize, None, random=False))
-    return SegSDEDataset(root, "val", ids=ds.ids[:limit], augment=ds.augment) if limit is not None else ds
+def validation_split(root: str | Path, resize: tuple[int, int] | None, limit: int | None = None,
+                     split: str = "val") -> SegSDEDataset:
+    """``split`` (``val``, or ``tune`` for a sweep's search) resized for evaluation (no crop, no flip), its first
+    ``limit`` samples if given."""
+    ds = SegSDEDataset(root, split, augment=Augment(resize, None, random=False))
+    return SegSDEDataset(root, split, ids=ds.ids[:limit], augment=ds.augment) if limit is not None else ds
 
 
 def class_pixels(data: Path, ids: list[str]) -> np.ndarray | None:

@@ -38,6 +38,7 @@ VERSION = 1
 DEPTH_SCALE = 256.0
 MANIFEST = "manifest.json"
 SEQUENCE_SPLIT = "sequence"  # unlabeled video triplets (Cityscapes' sequence package): SDE and multi-task data
+TUNE_SPLIT = "tune"  # labeled images that no training pool and no study report uses: what a sweep's search scores on
 
 SCHEMA = pa.schema([
     ("id", pa.string()),

@@ -103,7 +103,7 @@ def dataset_stage(profile: DataProfile, storage: Location, seed: int, data_root:
         raise SegSDEError("the cityscapes profile needs --data-root: build one with `segsde data cityscapes --root ... --out DIR`")
     h, w = profile.size
     synth = SynthConfig(height=h, width=w)
-    config = {"stage": "data", "train": profile.train, "val": profile.val, "seed": seed, "generator": asdict(synth)}
+    config = {"stage": "data", "train": profile.train, "val": profile.val, "tune": profile.tune, "seed": seed, "generator": asdict(synth)}
     path = as_location(storage).child("cache", f"data-{entry_key('data', config)}")
     if path.child(MANIFEST).is_file() and not force:
         if not dry_run:
@@ -113,20 +113,20 @@ def dataset_stage(profile: DataProfile, storage: Location, seed: int, data_root:
         return path
     reason = missed(storage, path, "data-", "data", config, force, dry_run)
     if dry_run:
-        log(f"[data] would render {profile.train}+{profile.val} samples at {h}x{w} into {path} ({reason})")
+        log(f"[data] would render {profile.train}+{profile.val}+{profile.tune} samples at {h}x{w} into {path} ({reason})")
         return path
     from segsde.data.synth.generate import generate
 
-    log(f"[data] rendering {profile.train} train + {profile.val} val samples at {h}x{w} into {path} ({reason})")
+    log(f"[data] rendering {profile.train} train + {profile.val} val + {profile.tune} tune samples at {h}x{w} into {path} ({reason})")
     start = time.perf_counter()
     if path.is_local:
-        generate(Path(path.path), profile.train, profile.val, synth, seed, overwrite=force)
+        generate(Path(path.path), profile.train, profile.val, synth, seed, overwrite=force, n_tune=profile.tune)
     else:  # rendered here, then published with its manifest last
         with tempfile.TemporaryDirectory(prefix="segsde-render-") as tmp:
-            generate(Path(tmp) / "data", profile.train, profile.val, synth, seed)
+            generate(Path(tmp) / "data", profile.train, profile.val, synth, seed, n_tune=profile.tune)
             path.delete()
             path.upload_dir(Path(tmp) / "data", marker=MANIFEST)
-    record_stage(tracking, "data", path, False, {"seconds": time.perf_counter() - start, "train": profile.train, "val": profile.val})
+    record_stage(tracking, "data", path, False, {"seconds": time.perf_counter() - start, "train": profile.train, "val": profile.val, "tune": profile.tune})
     return path
 
 

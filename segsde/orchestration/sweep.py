@@ -16,10 +16,11 @@ from ray.tune.search.optuna import OptunaSearch
 
 from segsde.configs import check
 from segsde.data.dataset import PSEUDO_DEPTH, pseudo_depth_column
+from segsde.data.store import TUNE_SPLIT, local_dataset, read_manifest
 from segsde.errors import SegSDEError
 from segsde.orchestration.confirmation import confirm_budget
 from segsde.orchestration.stages import StageTracking, input_id
-from segsde.profiles import ABLATIONS_DIR, load_yaml, section_config
+from segsde.profiles import ABLATIONS_DIR, data_profile, load_yaml, section_config
 from segsde.progress import start_board
 from segsde.sde.run import sde_config
 from segsde.storage import Location, as_location, cache_key, open_root, storage_uri
@@ -182,6 +183,7 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Location | str | None = No
     root = open_root(storage_uri(storage, out))
     experiment = experiment or f"segsde-sweep-{cfg.profile}"
     space = search_space(cfg)
+    check_tuning_split(cfg.profile, data_root)
     uri = resolve_tracking_uri(out, tracking_uri)  # an unusable store fails here, before the Optuna store exists
     log = console or log
     out.mkdir(parents=True, exist_ok=True)
@@ -191,7 +193,9 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Location | str | None = No
     if not resume and existing & set(names.values()):
         raise SegSDEError(f"the Optuna study {sorted(existing & set(names.values()))[0]} already exists in {out / 'optuna.db'}: "
                           "pass --resume to continue it, or --experiment NAME for a new sweep")
-    configs = [train_config(cfg.profile, cfg.row, {**cfg.train, "budget": b, "seed": cfg.seed}) for b in cfg.budgets]
+    # the search scores on the tuning split; the confirmation (cfg.train as it is) on the study's val split
+    configs = [train_config(cfg.profile, cfg.row, {**cfg.train, "budget": b, "seed": cfg.seed, "eval_split": TUNE_SPLIT})
+               for b in cfg.budgets]
     if console is not None:
         console.start()
     start_ray(cfg.profile, cfg.row, cfg.train, cfg.concurrency, cfg.workers, cfg.gpu, address)  # stage jobs share it
@@ -231,6 +235,18 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Location | str | None = No
     if console is not None:
         console.finish()
     return {"budgets": results, "tracking_uri": uri, "experiment": experiment, "optuna_storage": str(out / "optuna.db")}
+
+
+def check_tuning_split(profile: str, data_root: Location | str | None) -> None:
+    """The search scores on the tuning split, so the sweep's dataset must have one: checked before anything starts."""
+    if data_root is not None:
+        tune = read_manifest(local_dataset(as_location(data_root)))["splits"].get(TUNE_SPLIT)
+        where, fix = f"the dataset {data_root}", "rebuild it with `segsde data synth --tune N` or `segsde data cityscapes --tune-cities CITIES`"
+    else:
+        tune = data_profile(profile).tune
+        where, fix = f"profile '{profile}'", "give its data section a tune size (e.g. tune: 64)"
+    if not tune:
+        raise SegSDEError(f"{where} has no '{TUNE_SPLIT}' split for the search to score on (the study reports on 'val'): {fix}")
 
 
 def _tune_budget(cfg, name, space, tc, data, root, sde_model, selection, tracking, storage, address, resume, log,

@@ -17,7 +17,8 @@ MIX_POOLS = ("unlabeled", "all_with_gt")           # all_with_gt: labeled images
 DEPTH_SOURCES = ("sde", "student", "teacher", "ground_truth")
 CONFIDENCE_MODES = ("per_pixel", "batch_fraction")
 LABELED_SETS = ("random", "selection", "all")     # all: every training image (the fully supervised upper bound)
-SDE_MODELS = ("self_supervised", "depth_oracle")  # depth_oracle: the SDE net trained on the testbed's true depth
+SDE_MODELS = ("self_supervised", "depth_oracle")
+EVAL_SPLITS = ("val", "tune")  # tune: images held out of training and of the study's report (segsde.data.store)  # depth_oracle: the SDE net trained on the testbed's true depth
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class TrainConfig:
     checkpoint_interval: int = 2500
     log_interval: int = 50
     val_images: int | None = None        # None: the whole validation split
+    eval_split: str = "val"              # "tune": a sweep's search scores on images the study never reports on
     eval_full_resolution: bool = False   # Cityscapes: also score against the native 2048x1024 labels
     threads: int | None = None
     precision: str = "auto"             # auto: bf16 on GPU and native-bf16 CPUs, else fp32 | bf16 | fp32
@@ -112,6 +114,7 @@ class TrainConfig:
     def validate(self, where: str = "the train config") -> None:
         check([
             (self.mix in MIX_MODES, f"mix must be one of {MIX_MODES}"),
+            (self.eval_split in EVAL_SPLITS, f"eval_split must be one of {EVAL_SPLITS}"),
             (self.mix_pool in MIX_POOLS, f"mix_pool must be one of {MIX_POOLS}"),
             (self.depth_source in DEPTH_SOURCES, f"depth_source must be one of {DEPTH_SOURCES}"),
             (self.confidence in CONFIDENCE_MODES, f"confidence must be one of {CONFIDENCE_MODES}"),

@@ -35,7 +35,7 @@ from segsde.trainer.step import make_optimiser, train_step
 
 
 def validation_set(data: str, cfg: TrainConfig) -> SegSDEDataset:
-    return validation_split(data, cfg.resize, cfg.val_images)
+    return validation_split(data, cfg.resize, cfg.val_images, cfg.eval_split)
 
 
 @torch.no_grad()
@@ -62,7 +62,7 @@ def evaluate(model, val_set: SegSDEDataset, worker, full_resolution_root: str | 
             conf[0] += per_image[mine[i: i + batch]].sum(0)
             if full_resolution_root:
                 for it, lg in zip(items, logits):
-                    native = torch.from_numpy(native_label(full_resolution_root, "val", it["id"]).astype("int64")).to(worker.device)
+                    native = torch.from_numpy(native_label(full_resolution_root, val_set.split, it["id"]).astype("int64")).to(worker.device)
                     up = F.interpolate(lg[None], size=native.shape, mode="bilinear", align_corners=False)
                     conf[1] += confusion_matrix(up.argmax(1)[0], native)
             if len(examples) < 3:

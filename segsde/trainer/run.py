@@ -129,6 +129,9 @@ def prepare_trial(plan: TrialPlan, workers: int = 1, gpu: bool = False, address:
     manifest = read_manifest(data)
     if "train" not in manifest["splits"] or "val" not in manifest["splits"]:
         raise SegSDEError(f"{plan.data} needs 'train' and 'val' splits (it has {sorted(manifest['splits'])}): rebuild it")
+    if not manifest["splits"].get(cfg.eval_split):
+        raise SegSDEError(f"{plan.data} has no '{cfg.eval_split}' split to score on: rebuild it with one (`segsde data synth --tune N`, "
+                          "the profile's data.tune, or `segsde data cityscapes --tune-cities`)")
     if cfg.transfer:
         from segsde.trainer.model import transfer_source
 

@@ -79,3 +79,16 @@ def test_malformed_ablation_files_are_refused(file, edit, message, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "tune" / "run_ablation.py"), "--profile", "smoke", "--out", str(out)],
                           capture_output=True, text=True, env={**os.environ, "SEGSDE_ABLATIONS": str(ablations)})
     _assert_refused(proc.returncode, proc.stdout, proc.stderr, message, out)
+
+
+def test_a_sweep_refuses_a_dataset_without_a_tuning_split(tmp_path):
+    """The search scores on the tuning split (the study reports on val): a profile or dataset without one is refused."""
+    ablations = tmp_path / "ablations"
+    shutil.copytree(ROOT / "ablations", ablations)
+    profiles = ablations / "profiles.yaml"
+    profiles.write_text(profiles.read_text().replace("val: 8, tune: 8,", "val: 8,", 1))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "tune" / "run_sweep.py"), "--profile", "smoke", "--out", str(out)],
+                          capture_output=True, text=True, env={**os.environ, "SEGSDE_ABLATIONS": str(ablations)})
+    _assert_refused(proc.returncode, proc.stdout, proc.stderr,
+                    r"profile 'smoke' has no 'tune' split for the search to score on.*give its data section a tune size", out)

@@ -74,8 +74,8 @@ def test_a_killed_sweep_resumes_its_optuna_studies_without_duplicates(tmp_path):
 
 
 def test_a_sweep_confirms_its_best_setting_on_fresh_seeds_and_a_killed_confirmation_resumes(tmp_path):
-    """Search, then the defaults and the best setting on two fresh seeds (the smoke profile's confirm_top 1,
-    confirm_seeds 2), killed (SIGKILL) inside a confirmation trial after its checkpoint and resumed: the confirmation
+    """Search (scored on the tuning split), then the defaults and the best setting on two fresh seeds, scored on the
+    study's val split (the smoke profile's confirm_top 1, confirm_seeds 2), killed (SIGKILL) inside a confirmation trial after its checkpoint and resumed: the confirmation
     goes on from there, its trials are not duplicated in MLflow, and the report, the settings file and the parent run's
     description exist."""
     import pandas as pd
@@ -111,6 +111,8 @@ def test_a_sweep_confirms_its_best_setting_on_fresh_seeds_and_a_killed_confirmat
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     keys = [r.data.tags[KEY_TAG] for r in trials]
     assert len(keys) == len(set(keys)) == 3 + 4  # three search trials, two settings on two seeds: each once
+    splits = sorted(r.data.params["train.eval_split"] for r in trials)  # search on the tuning split, confirm on val
+    assert splits == ["tune"] * 3 + ["val"] * 4, splits
     for run in (r for r in trials if r.data.tags[KEY_TAG] in checkpointed):  # went on from its checkpoint
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
         assert steps.count(1) == 1 and max(steps) == 12, steps

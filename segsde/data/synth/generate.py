@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from segsde.data.build import build_dataset
-from segsde.data.store import encode_depth, encode_png, image_to_uint8
+from segsde.data.store import TUNE_SPLIT, encode_depth, encode_png, image_to_uint8
 from segsde.data.synth.render import relative_pose, render_sequence
 from segsde.data.synth.scene import SynthConfig, make_scene
 
-SPLIT_CODES = {"train": 0, "val": 1}
+SPLIT_CODES = {"train": 0, "val": 1, "tune": 2}
 SHARD_SIZE = 32
 
 
@@ -47,12 +47,14 @@ def _render_shard(cfg: SynthConfig, seed: int, task: tuple[str, int, int]) -> li
 
 
 def generate(out: Path, n_train: int, n_val: int, cfg: SynthConfig, seed: int, workers: int | None = None,
-             overwrite: bool = False) -> dict:
-    tasks = [(split, s, min(s + SHARD_SIZE, n)) for split, n in (("train", n_train), ("val", n_val))
-             for s in range(0, n, SHARD_SIZE)]
+             overwrite: bool = False, n_tune: int = 0) -> dict:
+    """``n_tune`` > 0 adds the ``tune`` split: labeled scenes from their own streams, scored by a sweep's search
+    so that the study's ``val`` numbers are not the ones the settings were chosen on."""
+    splits = {"train": n_train, "val": n_val} | ({TUNE_SPLIT: n_tune} if n_tune else {})
+    tasks = [(split, s, min(s + SHARD_SIZE, n)) for split, n in splits.items() for s in range(0, n, SHARD_SIZE)]
     return build_dataset(
         out, tasks, partial(_render_shard, cfg, seed), source="synthetic",
-        splits={"train": n_train, "val": n_val}, samples_per_task=[t[2] - t[1] for t in tasks],
+        splits=splits, samples_per_task=[t[2] - t[1] for t in tasks],
         workers=workers, overwrite=overwrite, size=[cfg.height, cfg.width], seed=seed,
         generator=dataclasses.asdict(cfg),
     )
