@@ -126,7 +126,8 @@ def dataset_stage(profile: DataProfile, storage: Location, seed: int, data_root:
             generate(Path(tmp) / "data", profile.train, profile.val, synth, seed, n_tune=profile.tune)
             path.delete()
             path.upload_dir(Path(tmp) / "data", marker=MANIFEST)
-    record_stage(tracking, "data", path, False, {"seconds": time.perf_counter() - start, "train": profile.train, "val": profile.val, "tune": profile.tune})
+    record_stage(tracking, "data", path, False,
+                 {"seconds": time.perf_counter() - start, "train": profile.train, "val": profile.val, "tune": profile.tune})
     return path
 
 

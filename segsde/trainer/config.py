@@ -17,8 +17,8 @@ MIX_POOLS = ("unlabeled", "all_with_gt")           # all_with_gt: labeled images
 DEPTH_SOURCES = ("sde", "student", "teacher", "ground_truth")
 CONFIDENCE_MODES = ("per_pixel", "batch_fraction")
 LABELED_SETS = ("random", "selection", "all")     # all: every training image (the fully supervised upper bound)
-SDE_MODELS = ("self_supervised", "depth_oracle")
-EVAL_SPLITS = ("val", "tune")  # tune: images held out of training and of the study's report (segsde.data.store)  # depth_oracle: the SDE net trained on the testbed's true depth
+SDE_MODELS = ("self_supervised", "depth_oracle")  # depth_oracle: the SDE net trained on the testbed's true depth
+EVAL_SPLITS = ("val", "tune")  # tune: held out of training and of the study's report (segsde.data.store)
 
 
 @dataclass(frozen=True)

@@ -74,10 +74,10 @@ def test_a_killed_sweep_resumes_its_optuna_studies_without_duplicates(tmp_path):
 
 
 def test_a_sweep_confirms_its_best_setting_on_fresh_seeds_and_a_killed_confirmation_resumes(tmp_path):
-    """Search (scored on the tuning split), then the defaults and the best setting on two fresh seeds, scored on the
-    study's val split (the smoke profile's confirm_top 1, confirm_seeds 2), killed (SIGKILL) inside a confirmation trial after its checkpoint and resumed: the confirmation
-    goes on from there, its trials are not duplicated in MLflow, and the report, the settings file and the parent run's
-    description exist."""
+    """Search (scored on the tuning split), then the defaults and the best setting on two fresh seeds, scored on
+    the study's val split (the smoke profile's confirm_top 1, confirm_seeds 2), killed (SIGKILL) inside a
+    confirmation trial after its checkpoint and resumed: the confirmation goes on from there, its trials are not
+    duplicated in MLflow, and the report, the settings file and the parent run's description exist."""
     import pandas as pd
 
     args = [sys.executable, str(ROOT / "tune" / "run_sweep.py"), "--profile", "smoke", "--budgets", "4", "--samples", "3",
