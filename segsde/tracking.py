@@ -39,19 +39,49 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
-                return
+                pass
         except urllib.error.HTTPError as exc:
-            if exc.code in (401, 403):  # a server with authentication answered: it is up
-                return
-            reason = f"HTTP {exc.code}"
+            if exc.code not in (401, 403):  # a server with authentication in front of /health answered: it is up
+                raise SegSDEError(f"the MLflow tracking server at {uri} is unreachable (HTTP {exc.code}): start it "
+                                  "(mlflow/serve.sh) or drop --tracking-uri to track into OUT/mlflow.db") from None
         except (OSError, ValueError) as exc:
-            reason = str(getattr(exc, "reason", exc))
-        raise SegSDEError(f"the MLflow tracking server at {uri} is unreachable ({reason}): start it (mlflow/serve.sh) "
-                          "or drop --tracking-uri to track into OUT/mlflow.db")
+            raise SegSDEError(f"the MLflow tracking server at {uri} is unreachable ({getattr(exc, 'reason', exc)}): start it "
+                              "(mlflow/serve.sh) or drop --tracking-uri to track into OUT/mlflow.db") from None
+        check_tracking_login(uri, timeout)
+        return
     if uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).parent
         if not folder.is_dir():
             raise SegSDEError(f"the MLflow store {uri} is in a directory that does not exist: create {folder} or fix --tracking-uri")
+
+
+def check_tracking_login(uri: str, timeout: float = 5.0) -> None:
+    """A server with authentication (mlflow/serve.sh's basic-auth app) must accept this process's credentials, which
+    MLflow's client takes from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)."""
+    import base64
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    request = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/get-by-name?"
+                                     + urllib.parse.urlencode({"experiment_name": "Default"}))
+    user, password, token = (os.environ.get(f"MLFLOW_TRACKING_{k}") for k in ("USERNAME", "PASSWORD", "TOKEN"))
+    if user and password:
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    elif token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        urllib.request.urlopen(request, timeout=timeout).close()
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            given = f"refused the login of '{user}'" if user else "requires a login"
+            raise SegSDEError(f"the MLflow tracking server at {uri} {given}: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                              "to an account of the server (the launch files read them from ~/.segsde/cluster.env)") from None
+        if exc.code == 403:
+            raise SegSDEError(f"the MLflow tracking server at {uri} gives the account {user or '(none)'} no access: "
+                              "log in as the server's admin or grant it access") from None
+    except (OSError, ValueError):
+        pass  # answered /health a moment ago; a flaky network shows in the first run instead
 
 
 def _client(uri: str):

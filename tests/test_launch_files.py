@@ -98,3 +98,31 @@ def test_the_kuberay_job_is_a_rayjob_whose_study_command_parses(tmp_path):
     command = job["spec"]["entrypoint"].split("&&", 1)[1]
     proc = dry_run(command, tmp_path, {"SEGSDE_STORAGE": str(tmp_path / "storage"), "MLFLOW_TRACKING_URI": "http://127.0.0.1:1"})
     assert proc.returncode == 0 and "nothing was run" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_every_launch_file_starts_mlflow_with_a_login_and_ray_with_a_token(config):
+    """On a shared cluster every user reaches every node's ports: MLflow runs mlflow/serve.sh's basic-auth app and
+    every `ray start` has token authentication, the secrets from the environment or a Secret, never the files.
+    The head, where the driver and Ray's GCS run, is never spot; the workers may be."""
+    slurm = (ROOT / "cluster-slurm.sbatch").read_text()
+    assert "MLFLOW_AUTH=1" in slurm and "mlflow/serve.sh" in slurm and "mlflow server" not in slurm
+    assert re.search(r"^export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=\"\$\(head -c 32 /dev/urandom", slurm, re.M)
+    assert slurm.index("RAY_AUTH_MODE=token") < slurm.index("  ray symmetric-run")  # exported before srun, which hands it on
+
+    starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all("export RAY_AUTH_MODE=token" in c and "cluster.env" in c for c in starts)
+    mlflow = [c for c in config["head_start_ray_commands"] if "serve.sh" in c]
+    assert len(mlflow) == 1 and "MLFLOW_AUTH=1" in mlflow[0]
+    types = config["available_node_types"]
+    assert "InstanceMarketOptions" not in types[config["head_node_type"]]["node_config"]
+    assert any(t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot" for t in types.values())
+
+    job = yaml.safe_load((ROOT / "cluster-kuberay.yaml").read_text())["spec"]["rayClusterSpec"]
+    head = job["headGroupSpec"]["template"]["spec"]
+    assert head["nodeSelector"] == {"eks.amazonaws.com/capacityType": "ON_DEMAND"}
+    for group in [job["headGroupSpec"], *job["workerGroupSpecs"]]:
+        container = group["template"]["spec"]["containers"][0]
+        assert {"name": "RAY_AUTH_MODE", "value": "token"} in container["env"]
+        assert {"secretRef": {"name": "segsde-auth"}} in container["envFrom"]
+    for text in (slurm, (ROOT / "cluster.yaml").read_text(), (ROOT / "cluster-kuberay.yaml").read_text()):
+        assert not re.search(r"(PASSWORD|TOKEN)=[A-Za-z0-9]{8,}", text)  # no secret written into a launch file
