@@ -251,7 +251,9 @@ class RunLogger:
     With ``keep_through_outages`` (the training loops), a call that finds the tracking server unreachable
     does not stop training: the call is queued and retried, in order, before the next one; ``flush``
     at the end of the run waits up to ``OUTAGE_GRACE_S`` and then raises, before the last checkpoint is
-    reported, so that a restarted run repeats the unlogged part instead of skipping it."""
+    reported, so that a restarted run repeats the unlogged part instead of skipping it. A loop restarted from
+    its checkpoint (a lost node, a killed process) replays the steps its lost attempt logged after that
+    checkpoint: the run keeps each step of a metric once, the first attempt's."""
 
     def __init__(self, uri: str, run_id: str, keep_through_outages: bool = False):
         if keep_through_outages:  # fail fast per call: the queue retries at every later call anyway
@@ -260,6 +262,7 @@ class RunLogger:
         self.client, self.run_id, self.keep_through_outages = _client(uri), run_id, keep_through_outages
         self.queued: list = []
         self._spool = None
+        self._logged: dict[str, set[int] | None] | None = None  # the run's metric steps (None: not read yet)
 
     def _call(self, call) -> None:
         if self.queued:
@@ -313,8 +316,29 @@ class RunLogger:
 
         # six significant digits: what a person reads in the UI (the noise is in the first three or four); the
         # study's own results keep full precision
+        if self.keep_through_outages:
+            values = {k: v for k, v in values.items() if step not in self._steps_logged(k)}
+            if not values:
+                return
+            for k in values:
+                self._logged[k].add(step)
         batch = [Metric(k, float(f"{float(v):.6g}"), int(time.time() * 1000), step) for k, v in values.items()]
         self._call(lambda: self.client.log_batch(self.run_id, metrics=batch))
+
+    def _steps_logged(self, key: str) -> set[int]:
+        """The steps of ``key`` the run already has: read once per key, and only for keys the run has at all
+        (one request for a fresh run). Unreadable during an outage: then nothing is skipped."""
+        try:
+            if self._logged is None:
+                self._logged = dict.fromkeys(self.client.get_run(self.run_id).data.metrics)
+            if self._logged.get(key, ()) is None:
+                self._logged[key] = {m.step for m in self.client.get_metric_history(self.run_id, key)}
+        except Exception as exc:
+            if not _is_outage(exc):
+                raise
+            self._logged = self._logged or {}
+            self._logged[key] = self._logged.get(key) or set()
+        return self._logged.setdefault(key, set())
 
     def figure(self, fig, path: str) -> None:
         if not self.keep_through_outages:

@@ -87,3 +87,22 @@ def test_the_logger_queues_through_an_outage_but_not_through_a_refused_request(t
     refused = RunLogger(f"sqlite:///{tmp_path / 'mlflow.db'}", "0" * 32, keep_through_outages=True)
     with pytest.raises(MlflowException):  # a run that does not exist is an error, not an outage
         refused.metrics({"train/loss": 1.0}, step=1)
+
+
+def test_a_loop_restarted_from_its_checkpoint_logs_each_step_once(tmp_path):
+    """A lost attempt logged steps 1-7 and checkpointed at 4; the restarted loop replays 5-7 and goes on: the run
+    keeps each step once (the first attempt's value) and takes the new ones; a metric new to the run is kept whole."""
+    from segsde.tracking import RunLogger
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("restart")).info.run_id
+    lost = RunLogger(uri, run, keep_through_outages=True)
+    for step in range(1, 8):
+        lost.metrics({"train/loss": step}, step=step)
+    restarted = RunLogger(uri, run, keep_through_outages=True)
+    for step in range(5, 11):
+        restarted.metrics({"train/loss": 100 + step, "val/miou": step}, step=step)
+    loss = sorted((m.step, m.value) for m in client.get_metric_history(run, "train/loss"))
+    assert loss == [(s, float(s)) for s in range(1, 8)] + [(s, 100.0 + s) for s in range(8, 11)]
+    assert sorted(m.step for m in client.get_metric_history(run, "val/miou")) == list(range(5, 11))
