@@ -145,7 +145,7 @@ def test_the_evidence_study_plans_the_upper_bound_and_the_depth_oracle_control(t
     dry = _run("--profile", "evidence", "--out", tmp_path, "--dry-run")
     assert dry.returncode == 0, dry.stderr
     sde = [ln for ln in dry.stdout.splitlines() if ln.startswith("[sde] would train")]
-    assert len(sde) == 10 and "25 trials, 0 cached" in dry.stdout  # 2 kinds x 5 seeds; 5 rows x 5 seeds
+    assert len(sde) == 10 and "60 trials, 0 cached" in dry.stdout  # 2 kinds x 5 seeds; 12 rows x 5 seeds
     cfg = study_config("evidence")
     root = Location(str(tmp_path))
     data = dataset_stage(data_profile("evidence"), root, 0, dry_run=True, log=lambda _: None)

@@ -243,7 +243,7 @@ def test_the_combination_row_on_two_ddp_workers_all_reduces_the_confusion_matrix
     cfg = train_config("smoke", row)
     net = build_network(cfg)
     net.load_state_dict(load_state(result["checkpoint"])["model"])
-    alone = evaluate(net, validation_set(str(study["data"]), cfg), Worker(0, 1, torch.device("cpu")))
+    alone = evaluate(net, validation_set(str(study["data"]), cfg), Worker(0, 1, torch.device("cpu")), precision=cfg.precision)
     # 8 validation images, 4 scored by each rank: the all-reduced score equals one process scoring all 8
     assert result["miou"] == pytest.approx(alone["legacy"]["miou"], abs=1e-9)
     assert len(SegSDEDataset(study["data"], "val")) == 8
@@ -299,7 +299,7 @@ def test_cityscapes_full_resolution_protocol(tmp_path):
     torch.manual_seed(0)
     net = build_network(cfg).eval()
     val = validation_set(str(tmp_path / "cs"), cfg)
-    result = evaluate(net, val, Worker(0, 1, torch.device("cpu")), full_resolution_root=str(tree))
+    result = evaluate(net, val, Worker(0, 1, torch.device("cpu")), full_resolution_root=str(tree), precision=cfg.precision)
     conf = torch.zeros(19, 19, dtype=torch.int64)
     lut = label_id_to_train_id_lut()
     for item in val:
