@@ -1,87 +1,36 @@
-"""The study and a sweep on a real two-node Ray cluster on this machine, set up as a user's cluster is: the head
-(no CPUs, the trial drivers' resource, an MLflow server) and a worker node started in its own mount namespace,
-where the head's output directory is an empty tmpfs, since a real cluster's nodes have their own disks. A
-shared directory (an NFS mount on a real cluster) is the storage root."""
+"""The study and a sweep on a real three-node Ray cluster on this machine (``clusters.LocalCluster``): a head that
+runs no work, two worker nodes in mount namespaces of their own, one shared storage root, an MLflow server with a
+login, Ray with token authentication. The node-loss tests share it (``test_node_loss.py``)."""
 
 import json
 import os
+import re
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-from conftest import kill_session
+from clusters import BIN, LocalCluster
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 ROWS = "baseline,autoselect"  # every stage kind: dataset, SDE, pseudo-depth export, selection
-NODES = ("import json, sys, ray; ray.init(address=sys.argv[1], logging_level='ERROR'); "
-         "print(json.dumps([(n['NodeID'], n['Resources'].get('CPU', 0)) for n in ray.nodes() if n['Alive']]))")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(cmd: list, env: dict, sessions: list) -> None:
-    """Run a command that starts daemons (``ray start``) in its own session, recorded for the teardown."""
-    proc = subprocess.Popen([str(c) for c in cmd], env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    sessions.append(proc.pid)
-    output = proc.communicate(timeout=180)[0]
-    assert proc.returncode == 0, output[-3000:]
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     if os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.skip("a worker node in its own mount namespace needs root and unshare (CI runs as root)")
-    base = tmp_path_factory.mktemp("cluster")
-    out, shared = base / "out", base / "shared"
-    out.mkdir()
-    shared.mkdir()
-    temp = tempfile.mkdtemp(prefix="rtn", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    port, sessions = _free_port(), []
-    try:
-        _start([BIN / "ray", "start", "--head", "--port", port, "--num-cpus", 0, "--resources", json.dumps({"train_driver": 2}),
-                "--temp-dir", temp, "--dashboard-port", _free_port(), "--ray-client-server-port", _free_port()], env, sessions)
-        _start(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                f'mount -t tmpfs tmpfs "{out}" && exec "{BIN}/ray" start --address 127.0.0.1:{port} --num-cpus 2 --temp-dir {temp}'],
-               env, sessions)
-        tracking_port = _free_port()
-        server = subprocess.Popen([BIN / "mlflow", "server", "--backend-store-uri", f"sqlite:///{out}/mlflow.db", "--artifacts-destination",
-                                   shared / "mlartifacts", "--host", "127.0.0.1", "--port", str(tracking_port), "--workers", "1"],
-                                  env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        sessions.append(server.pid)
-        tracking = f"http://127.0.0.1:{tracking_port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(tracking + "/health", timeout=2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, "the MLflow server did not come up"
-                time.sleep(1)
-        nodes = json.loads(subprocess.run([sys.executable, "-c", NODES, f"127.0.0.1:{port}"], env=env, capture_output=True,
-                                          text=True, check=True).stdout.splitlines()[-1])
-        assert len(nodes) == 2
-        yield SimpleNamespace(address=f"127.0.0.1:{port}", out=out, shared=shared, tracking=tracking, env=env,
-                              worker_node=next(n for n, cpus in nodes if cpus > 0))
-    finally:
-        for sid in sessions:
-            kill_session(sid)
-        shutil.rmtree(temp, ignore_errors=True)
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    login = {k: cluster.env[k] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    os.environ.update(login)  # this process reads the runs too
+    yield cluster
+    for k in login:
+        os.environ.pop(k, None)
+    cluster.stop()
 
 
 def script(cluster, name: str, *args, out: Path | None = None):
@@ -121,7 +70,7 @@ def test_the_study_trains_on_the_worker_node_and_gives_the_single_machine_table(
     assert {r.info.status for r in study_runs} == {"FINISHED"}
     trained = [r for r in study_runs if r.data.tags.get("segsde.stage") in ("train", "sde")]
     assert len(trained) == 3  # two trials and the SDE stage, each logged by the Train worker that ran it
-    assert {r.data.tags["segsde.node_id"] for r in trained} == {cluster.worker_node}
+    assert {r.data.tags["segsde.node_id"] for r in trained} <= set(cluster.workers.values())
     assert {p.name.split("-")[0] for p in (cluster.shared / "cache").iterdir()} == {"data", "sde", "select", "train", "keys"}
 
     single = subprocess.run([sys.executable, str(ROOT / "tune" / "run_ablation.py"), "--profile", "smoke", "--rows", ROWS,
@@ -138,7 +87,7 @@ def test_a_sweep_trains_on_the_worker_node(cluster):
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = [r for r in runs(cluster, "segsde-sweep-smoke") if r.data.tags.get("segsde.stage") == "train"]
     assert len(trials) == 2 and {r.info.status for r in trials} <= {"FINISHED", "KILLED"}  # ASHA may stop one
-    assert {r.data.tags["segsde.node_id"] for r in trials} == {cluster.worker_node}
+    assert {r.data.tags["segsde.node_id"] for r in trials} <= set(cluster.workers.values())
     assert (out / "optuna.db").is_file() and list((cluster.shared / "tune").glob("segsde-sweep-smoke-*"))
 
 
@@ -166,3 +115,74 @@ def test_cityscapes_converts_on_the_worker_node_and_refuses_what_only_the_head_h
     line = refused.stderr.strip().splitlines()[-1]
     assert refused.returncode == 2 and "is not readable on node" in line and "every node mounts" in line, line
     assert not list((cluster.shared / "cityscapes-refused").glob("shard-*"))
+
+
+# long enough that a node can be lost between two of a trial's checkpoints
+SETTINGS = ["--set", "steps=48", "--set", "checkpoint_interval=4", "--set", "eval_interval=24", "--set", "log_interval=1"]
+
+
+def study(cluster, storage: Path, experiment: str, log: Path, *args) -> subprocess.Popen:
+    cmd = [sys.executable, str(ROOT / "tune" / "run_ablation.py"), "--profile", "smoke", "--address", cluster.address,
+           "--out", str(log.parent / experiment), "--tracking-uri", cluster.tracking, "--storage", str(storage),
+           "--experiment", experiment, *SETTINGS, *map(str, args)]
+    return subprocess.Popen(cmd, env=cluster.env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_until(condition, proc: subprocess.Popen, log: Path, seconds: float = 600):
+    deadline = time.monotonic() + seconds
+    while not (found := condition()):
+        assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.5)
+    return found
+
+
+def running_on(cluster, experiment: str, stage: str) -> dict[str, str]:
+    """{run id: node id} of the RUNNING runs of ``stage`` that a loop has tagged with its node."""
+    return {r.info.run_id: r.data.tags["segsde.node_id"] for r in runs(cluster, experiment)
+            if r.info.status == "RUNNING" and r.data.tags.get("segsde.stage") == stage and "segsde.node_id" in r.data.tags}
+
+
+def test_a_lost_worker_nodes_trial_continues_on_the_other_node_from_its_checkpoint(cluster, tmp_path):
+    """Every process of the node that runs a trial is killed (SIGKILL, no warning) after the trial's first
+    checkpoint: Train restarts its worker on the other node from that checkpoint, the study finishes with the
+    table of a run that lost nothing, the trial's MLflow run has each step once and records the node change, and
+    the terminal says it in one line."""
+    storage, log = cluster.shared / "lost-trial", tmp_path / "lost.log"
+    proc = study(cluster, storage, "lost-trial", log, "--rows", "baseline")
+    wait_until(lambda: list(storage.glob("ray/train-*/checkpoint_*/state.pt")), proc, log)
+    (run_id, node), = wait_until(lambda: running_on(cluster, "lost-trial", "train"), proc, log).items()
+    name = cluster.lose(node)
+    assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
+    cluster.add_worker(name)  # two workers again for the next test
+
+    text = log.read_text()
+    moved = re.findall(rf"\[cluster\] node {node[:8]} lost; trial (\S+) continues on node (\w+) from step (\d+)", text)
+    assert len(moved) == 1 and moved[0][1] != node[:8] and int(moved[0][2]) % 4 == 0 and 0 < int(moved[0][2]) < 48, text[-3000:]
+    assert "Traceback" not in text
+    client = MlflowClient(cluster.tracking)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["segsde.node_lost"].startswith(node)
+    assert run.data.tags["segsde.continued_on"] == run.data.tags["segsde.node_id"] != node
+    assert run.data.tags["segsde.continued_from_step"] == moved[0][2]
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, 49)), steps  # each step once: the replayed ones are not logged again
+
+    intact_log = tmp_path / "intact.log"
+    intact = study(cluster, cluster.shared / "intact", "intact", intact_log, "--rows", "baseline")
+    assert intact.wait(timeout=900) == 0, intact_log.read_text()[-3000:]
+    tables = [pd.read_parquet(next((tmp_path / e / "study").iterdir()) / "study.parquet") for e in ("lost-trial", "intact")]
+    pd.testing.assert_frame_equal(*tables, check_exact=False, rtol=1e-6)
+
+
+def test_a_client_without_the_clusters_token_is_refused_in_one_line(cluster, tmp_path):
+    no_token = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH")}
+    for env in (no_token, {**cluster.env, "RAY_AUTH_TOKEN": "0" * 64}):
+        out = tmp_path / "out"
+        proc = subprocess.run([sys.executable, str(ROOT / "tune" / "run_ablation.py"), "--profile", "smoke", "--rows", "baseline",
+                               "--address", cluster.address, "--out", str(out), "--tracking-uri", cluster.tracking],
+                              env={**env, "HOME": str(tmp_path)}, capture_output=True, text=True, timeout=300)  # no ~/.ray/auth_token
+        assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-3000:]
+        assert proc.stderr.strip().splitlines() == [
+            f"run_ablation: error: the Ray cluster at {cluster.address} runs with token authentication and refused this client: set "
+            "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to its nodes' token (~/.segsde/cluster.env, or the Slurm job's environment)"]
+        assert not out.exists() or not any(out.iterdir())

@@ -161,6 +161,7 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Location | str | None = No
     artifact (default: ``$SEGSDE_STORAGE``, else ``out``); ``console``: a ``console.StudyConsole`` that shows a
     live view and keeps Ray's output in a log file (else every line goes to ``log``); ``keep_checkpoints``: finished
     trials and SDE stages keep their training state (see ``sde_stage`` and ``TrialSettings``)."""
+    from segsde.orchestration.nodes import NodeWatch
     from segsde.orchestration.preflight import preflight
     from segsde.tracking import RunLogger, end_run, get_or_create_run, kill_running_children, resolve_tracking_uri, run_page
 
@@ -194,7 +195,10 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Location | str | None = No
         if resume:  # what any rerun does; the flag says so for whoever expects to need it
             log("[study] resuming: finished stages and trials are cache hits, interrupted ones go on from their checkpoints")
     status, stages = "FAILED", None
+    watch = NodeWatch(tracking.uri, experiment, root, log, on_cluster=bool(address)) if tracking else None
     try:
+        if watch:
+            watch.__enter__()
         data = dataset_stage(data_profile(cfg.profile), root, cfg.data_seed, data_root, "data" in force, dry_run, log, tracking)
         stage_args = (cfg.profile, train_configs, cfg.seeds, root, data, force, cfg.sde_per_seed)
         ready = set()
@@ -251,6 +255,8 @@ def run_study(cfg: StudyConfig, out: Path, data_root: Location | str | None = No
             kill_running_children(tracking.uri, tracking.experiment, tracking.parent_run_id)
         raise
     finally:
+        if watch:
+            watch.__exit__()
         if tracking is not None:
             end_run(tracking.uri, tracking.stages_run_id, status)
             end_run(tracking.uri, tracking.parent_run_id, status)
@@ -303,8 +309,19 @@ def start_ray(profile: str, row: str, train: dict, concurrency: int, workers: in
     if ray.is_initialized() and not address and DRIVER_RESOURCE not in ray.cluster_resources():
         ray.shutdown()  # a stage job started local Ray without the driver resource the trials need
     threads = train_config(profile, row, train).threads or 1
-    init_ray(address, num_cpus=max(concurrency * workers * threads, os.cpu_count() or 1),
-             num_gpus=concurrency * workers if gpu else None, resources={DRIVER_RESOURCE: concurrency})
+    try:
+        init_ray(address, num_cpus=max(concurrency * workers * threads, os.cpu_count() or 1),
+                 num_gpus=concurrency * workers if gpu else None, resources={DRIVER_RESOURCE: concurrency})
+    except SegSDEError as exc:
+        cause, chain = exc, []
+        while cause is not None:
+            chain.append(f"{type(cause).__name__}: {cause}")
+            cause = cause.__cause__ or cause.__context__
+        if any("InvalidAuthToken" in c or c.startswith("AuthenticationError") for c in chain):
+            raise SegSDEError(f"the Ray cluster at {address} runs with token authentication and refused this client: set "
+                              "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to its nodes' token (~/.segsde/cluster.env, or the "
+                              "Slurm job's environment)") from None
+        raise
 
 
 def run_trial_grid(cfg: StudyConfig, todo: list[Trial], storage: Location, tracking: StageTracking, address: str | None,

@@ -174,6 +174,7 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Location | str | None = No
     storage root (``storage``, else ``$SEGSDE_STORAGE``, else ``out``). Finished and pruned trials, and the SDE stage,
     keep their training state only with ``keep_checkpoints``. ``console``: the study's live view (``StudyConsole``),
     else every line goes to ``log``."""
+    from segsde.orchestration.nodes import NodeWatch
     from segsde.orchestration.preflight import preflight
     from segsde.orchestration.stages import input_stages
     from segsde.orchestration.study import start_ray
@@ -207,31 +208,32 @@ def run_sweep(cfg: SweepConfig, out: Path, data_root: Location | str | None = No
                                                 as_location(data_root) if data_root else None, cfg.data_seed, log=log,
                                                 sde_overrides=cfg.sde, keep_checkpoints=keep_checkpoints)
     results = {}
-    for budget, tc in zip(cfg.budgets, configs):
-        name = names[budget]
-        parent, created = get_or_create_run(uri, experiment, f"sweep:{name}:{cache_key(asdict(cfg))}", name,
-                                            {"sweep": asdict(cfg), "budget": budget, "space": {k: repr(v) for k, v in space.items()}},
-                                            {"segsde.stage": "sweep", "segsde.budget": str(budget), "segsde.row": cfg.row})
-        log(f"[sweep] budget {budget}: Optuna study '{name}', MLflow parent run {parent}{'' if created else ' (found again)'}")
-        status = "FAILED"
-        try:
-            selection = selections.get((tc.selection, cfg.seed)) if tc.labeled == "selection" else None
-            tracking = StageTracking(uri, experiment, parent)
-            if console is not None:
-                console.watch({f"{name}-t{n}": f"{cfg.row} b{budget} t{n}" for n in range(trials_per_budget(cfg, space))})
-            _tune_budget(cfg, name, space, tc, data, root, sde_models.get((tc.sde_model, cfg.seed)), selection, tracking, storage, address,
-                         resume, log, keep_checkpoints)
-            results[budget] = _summarise_budget(cfg, name, storage, tracking, out, log)
-            if cfg.confirm_seeds:
-                results[budget]["confirmation"] = confirm_budget(cfg, name, budget, defaults(cfg, space), (data, sde_models, selections),
-                                                                 root, tracking, storage, address, out, log, keep_checkpoints, console)
-            status = "FINISHED"
-        except KeyboardInterrupt:
-            status = "KILLED"
-            kill_running_children(uri, experiment, parent)
-            raise
-        finally:
-            end_run(uri, parent, status)
+    with NodeWatch(uri, experiment, root, log, on_cluster=bool(address)):  # lost nodes: one line each
+        for budget, tc in zip(cfg.budgets, configs):
+            name = names[budget]
+            parent, created = get_or_create_run(uri, experiment, f"sweep:{name}:{cache_key(asdict(cfg))}", name,
+                                                {"sweep": asdict(cfg), "budget": budget, "space": {k: repr(v) for k, v in space.items()}},
+                                                {"segsde.stage": "sweep", "segsde.budget": str(budget), "segsde.row": cfg.row})
+            log(f"[sweep] budget {budget}: Optuna study '{name}', MLflow parent run {parent}{'' if created else ' (found again)'}")
+            status = "FAILED"
+            try:
+                selection = selections.get((tc.selection, cfg.seed)) if tc.labeled == "selection" else None
+                tracking = StageTracking(uri, experiment, parent)
+                if console is not None:
+                    console.watch({f"{name}-t{n}": f"{cfg.row} b{budget} t{n}" for n in range(trials_per_budget(cfg, space))})
+                _tune_budget(cfg, name, space, tc, data, root, sde_models.get((tc.sde_model, cfg.seed)), selection, tracking, storage, address,
+                             resume, log, keep_checkpoints)
+                results[budget] = _summarise_budget(cfg, name, storage, tracking, out, log)
+                if cfg.confirm_seeds:
+                    results[budget]["confirmation"] = confirm_budget(cfg, name, budget, defaults(cfg, space), (data, sde_models, selections),
+                                                                     root, tracking, storage, address, out, log, keep_checkpoints, console)
+                status = "FINISHED"
+            except KeyboardInterrupt:
+                status = "KILLED"
+                kill_running_children(uri, experiment, parent)
+                raise
+            finally:
+                end_run(uri, parent, status)
     if console is not None:
         console.finish()
     return {"budgets": results, "tracking_uri": uri, "experiment": experiment, "optuna_storage": str(out / "optuna.db")}
