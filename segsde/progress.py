@@ -27,7 +27,11 @@ def start_board():
         def snapshot(self) -> dict:
             return self.items
 
-    return Board.options(name=BOARD, get_if_exists=True).remote()
+    # on the driver's node: a board on a worker node would be lost with it, and the live view with it
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return Board.options(name=BOARD, get_if_exists=True, scheduling_strategy=here).remote()
 
 
 def post(key: str | None, **values) -> None:

@@ -75,7 +75,7 @@ class LocalCluster:
         server = subprocess.Popen(["bash", ROOT / "mlflow" / "serve.sh", str(port), self.shared / "mlflow"],
                                   env={**self.env, "MLFLOW_AUTH": "1", "MLFLOW_AUTH_ADMIN_PASSWORD": password,
                                        "ARTIFACTS": str(self.shared / "mlartifacts")},
-                                  start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                  start_new_session=True, stdout=(self.shared / "mlflow.log").open("w"), stderr=subprocess.STDOUT)
         self.sessions["mlflow"] = server.pid
         self.tracking = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
@@ -84,7 +84,7 @@ class LocalCluster:
                 urllib.request.urlopen(self.tracking + "/health", timeout=2).close()
                 return
             except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, "the MLflow server did not come up"
+                assert time.monotonic() < deadline and server.poll() is None, (self.shared / "mlflow.log").read_text()[-3000:]
                 time.sleep(1)
 
     def alive(self) -> dict[str, bool]:

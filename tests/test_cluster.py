@@ -186,3 +186,41 @@ def test_a_client_without_the_clusters_token_is_refused_in_one_line(cluster, tmp
             f"run_ablation: error: the Ray cluster at {cluster.address} runs with token authentication and refused this client: set "
             "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to its nodes' token (~/.segsde/cluster.env, or the Slurm job's environment)"]
         assert not out.exists() or not any(out.iterdir())
+
+
+def longer_sde(tmp_path: Path) -> Path:
+    """A copy of ablations/ whose smoke SDE stage runs long enough to lose a node inside it."""
+    ablations = tmp_path / "ablations"
+    shutil.copytree(ROOT / "ablations", ablations)
+    profiles = ablations / "profiles.yaml"
+    profiles.write_text(profiles.read_text().replace("phase1_steps: 2, phase2_steps: 3,", "phase1_steps: 4, phase2_steps: 12,", 1))
+    return ablations
+
+
+def test_a_lost_worker_nodes_sde_stage_continues_and_nothing_downstream_starts_early(cluster, tmp_path):
+    """The node running the SDE stage is lost (SIGKILL) after the stage's first checkpoint: the stage continues on
+    the other node from its checkpoint, nothing that reads its model starts before it is complete, and the table
+    equals that of a run that lost nothing."""
+    saved, cluster.env = cluster.env, {**cluster.env, "SEGSDE_ABLATIONS": str(longer_sde(tmp_path))}
+    try:
+        storage, log = cluster.shared / "lost-sde", tmp_path / "sde.log"
+        proc = study(cluster, storage, "lost-sde", log, "--rows", "transfer")
+        wait_until(lambda: list(storage.glob("cache/sde-*/ray/sde/checkpoint_*/state.pt")), proc, log)
+        (run_id, node), = wait_until(lambda: running_on(cluster, "lost-sde", "sde"), proc, log).items()
+        cluster.add_worker(cluster.lose(node) + "-again")
+        assert proc.wait(timeout=1200) == 0, log.read_text()[-3000:]
+        intact_log = tmp_path / "intact.log"
+        intact = study(cluster, cluster.shared / "intact-sde", "intact-sde", intact_log, "--rows", "transfer")
+        assert intact.wait(timeout=1200) == 0, intact_log.read_text()[-3000:]
+    finally:
+        cluster.env = saved
+    text = log.read_text()
+    assert re.search(rf"\[cluster\] node {node[:8]} lost; stage \S+ continues on node \w+ from its last checkpoint", text), text[-3000:]
+    assert "Traceback" not in text
+    every = runs(cluster, "lost-sde")
+    sde = MlflowClient(cluster.tracking).get_run(run_id)
+    assert sde.info.status == "FINISHED" and sde.data.tags["segsde.node_lost"].startswith(node)
+    trials = [r for r in every if r.data.tags.get("segsde.stage") == "train"]
+    assert len(trials) == 1 and trials[0].info.start_time > sde.info.end_time  # the trial waited for the whole stage
+    tables = [pd.read_parquet(next((tmp_path / e / "study").iterdir()) / "study.parquet") for e in ("lost-sde", "intact-sde")]
+    pd.testing.assert_frame_equal(*tables, check_exact=False, rtol=1e-6)
