@@ -78,7 +78,7 @@ class LocalCluster:
                                   start_new_session=True, stdout=(self.shared / "mlflow.log").open("w"), stderr=subprocess.STDOUT)
         self.sessions["mlflow"] = server.pid
         self.tracking = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while True:
             try:
                 urllib.request.urlopen(self.tracking + "/health", timeout=2).close()
@@ -98,7 +98,7 @@ class LocalCluster:
         self._start(name, ["unshare", "-m", "--propagation", "private", "sh", "-c",
                            f'mount -t tmpfs tmpfs "{self.out}" && exec "{BIN}/ray" start --address {self.address} '
                            f'--num-cpus 2 --temp-dir {self.temp}'])
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300  # a loaded 2-core machine (CI runs two test processes) starts a node slowly
         while not (new := [n for n, up in self.alive().items() if up and n not in before]):
             assert time.monotonic() < deadline, "the worker node did not join"
             time.sleep(1)
@@ -111,6 +111,18 @@ class LocalCluster:
         kill_session(self.sessions.pop(name))
         del self.workers[name]
         return name
+
+    def replace_head(self, workers: int = 2) -> None:
+        """The head machine lost (Ray's GCS and the driver on it), and the cluster made anew: a new head on another
+        port, new worker nodes. The MLflow server goes on: its stores are on the shared root, where a new head
+        serves them again (cluster-slurm.sbatch)."""
+        for name in [n for n in self.sessions if n != "mlflow"]:
+            kill_session(self.sessions.pop(name))
+        self.workers.clear()
+        self.port = free_port()
+        self.start_head()
+        for n in range(workers):
+            self.add_worker(f"worker{n}-new-head")
 
     def stop(self) -> None:
         for sid in self.sessions.values():

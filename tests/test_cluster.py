@@ -224,3 +224,62 @@ def test_a_lost_worker_nodes_sde_stage_continues_and_nothing_downstream_starts_e
     assert len(trials) == 1 and trials[0].info.start_time > sde.info.end_time  # the trial waited for the whole stage
     tables = [pd.read_parquet(next((tmp_path / e / "study").iterdir()) / "study.parquet") for e in ("lost-sde", "intact-sde")]
     pd.testing.assert_frame_equal(*tables, check_exact=False, rtol=1e-6)
+
+
+def test_a_drained_node_hands_its_trial_on_without_spending_the_failure_budget(cluster, tmp_path):
+    """A spot node's notice: Ray drains it with the preemption reason and a deadline, then the machine goes. The
+    trial continues on the other node, and the loss counts against Train's preemption budget, not the failure
+    budget (one failure a trial): losing the next node without notice is still absorbed."""
+    storage, log = cluster.shared / "drained", tmp_path / "drained.log"
+    proc = study(cluster, storage, "drained", log, "--rows", "baseline")
+    wait_until(lambda: list(storage.glob("ray/train-*/checkpoint_*/state.pt")), proc, log)
+    (run_id, first), = wait_until(lambda: running_on(cluster, "drained", "train"), proc, log).items()
+    subprocess.run([str(BIN / "ray"), "drain-node", "--address", cluster.address, "--node-id", first, "--reason",
+                    "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot instance reclaimed", "--deadline-remaining-seconds", "5"],
+                   env=cluster.env, check=True, capture_output=True, timeout=60)
+    time.sleep(5)
+    cluster.add_worker(cluster.lose(first) + "-again")
+    (_, second), = wait_until(lambda: {k: v for k, v in running_on(cluster, "drained", "train").items() if v != first},
+                              proc, log).items()
+    cluster.add_worker(cluster.lose(second) + "-again")  # no notice this time: the failure budget's one loss
+    assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    moved = re.findall(r"\[cluster\] node (\w+) lost; trial \S+ continues on node (\w+)", text)
+    assert [m[0] for m in moved] == [first[:8], second[:8]] and moved[0][1] == second[:8], text[-3000:]
+    steps = [m.step for m in MlflowClient(cluster.tracking).get_metric_history(run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, 49)), steps
+    # the same table as the run that lost nothing (the first node-loss test's, a cache hit after it)
+    intact_log = tmp_path / "intact.log"
+    intact = study(cluster, cluster.shared / "intact", "intact", intact_log, "--rows", "baseline")
+    assert intact.wait(timeout=900) == 0, intact_log.read_text()[-3000:]
+    tables = [pd.read_parquet(next((tmp_path / e / "study").iterdir()) / "study.parquet") for e in ("drained", "intact")]
+    pd.testing.assert_frame_equal(*tables, check_exact=False, rtol=1e-6)
+
+
+def test_a_lost_head_goes_on_from_a_new_head_with_the_same_command(cluster, tmp_path):
+    """The head (driver and GCS) lost while seed 1's trial runs, seed 0's done: a new head on the same storage root,
+    the same command with --resume, and the study goes on without rerunning the dataset or seed 0, seed 1 from its
+    checkpoint in its own MLflow run. Last in this module: every node after it is new."""
+    storage, log = cluster.shared / "lost-head", tmp_path / "head.log"
+    args = ("--rows", "baseline", "--seeds", "0,1", "--concurrency", "1")
+    proc = study(cluster, storage, "lost-head", log, *args)
+
+    def second_trial_checkpointed():
+        keys = [r.data.tags["segsde.key"] for r in runs(cluster, "lost-head")
+                if r.info.status == "RUNNING" and r.data.tags.get("mlflow.runName", "").startswith("baseline-b4-s1")]
+        return keys and list(storage.glob(f"ray/train-{keys[0]}/checkpoint_*/state.pt")) and keys[0]
+
+    key = wait_until(second_trial_checkpointed, proc, log)
+    proc.kill()  # the driver ran on the head
+    proc.wait()
+    cluster.replace_head()
+    again_log = tmp_path / "again.log"
+    again = study(cluster, storage, "lost-head", again_log, *args, "--resume")
+    assert again.wait(timeout=900) == 0, again_log.read_text()[-3000:]
+    text = again_log.read_text()
+    assert "[data] cache hit" in text and "2 trials (1 run, 1 cached, 0 failed)" in text, text[-3000:]
+    trials = [r for r in runs(cluster, "lost-head") if r.data.tags.get("segsde.stage") == "train"]
+    assert len(trials) == 2 and {r.info.status for r in trials} == {"FINISHED"}  # found again, not duplicated
+    resumed = next(r for r in trials if r.data.tags["segsde.key"] == key)
+    steps = [m.step for m in MlflowClient(cluster.tracking).get_metric_history(resumed.info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, 49)), steps

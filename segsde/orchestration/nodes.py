@@ -79,7 +79,7 @@ class NodeWatch:
         runs = client.search_runs([experiment.experiment_id], f"attributes.status = 'RUNNING' and tags.`segsde.node_id` = '{node}'") \
             if experiment else []
         if not runs:
-            self.log(f"[cluster] node {short(node)} lost; nothing of this study was running on it")
+            self.log(f"[cluster] node {short(node)} lost; no trial or SDE stage of this study was running on it")
         for run in runs:
             tags = run.data.tags
             name = tags.get("mlflow.runName", run.info.run_id)
