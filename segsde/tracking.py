@@ -47,7 +47,7 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         except (OSError, ValueError) as exc:
             raise SegSDEError(f"the MLflow tracking server at {uri} is unreachable ({getattr(exc, 'reason', exc)}): start it "
                               "(mlflow/serve.sh) or drop --tracking-uri to track into OUT/mlflow.db") from None
-        check_tracking_login(uri, timeout)
+        check_tracking_login(uri, max(timeout, 30.0))  # a login is a slow password hash on a busy server
         return
     if uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).parent

@@ -38,6 +38,7 @@ class LocalCluster:
         self.temp = tempfile.mkdtemp(prefix="rtn", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
         password = secrets.token_hex(12)
         self.env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_USAGE_STATS_ENABLED": "0",
+                    "RAY_raylet_start_wait_time_s": "300",  # `ray start` on a loaded 2-core machine (CI's two test processes)
                     "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
                     "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password,
                     "PATH": f"{BIN}:{os.environ['PATH']}"}
