@@ -136,6 +136,16 @@ def wait_until(condition, proc: subprocess.Popen, log: Path, seconds: float = 60
     return found
 
 
+def assert_table_of_an_intact_run(cluster, tmp_path: Path, experiment: str, intact: str, *args) -> None:
+    """``experiment``'s study table equals that of the same study on the cluster with nothing lost (``intact``: its
+    storage root and experiment; a cache hit when an earlier test ran it)."""
+    log = tmp_path / f"{intact}.log"
+    proc = study(cluster, cluster.shared / intact, intact, log, *args)
+    assert proc.wait(timeout=1200) == 0, log.read_text()[-3000:]
+    tables = [pd.read_parquet(next((tmp_path / e / "study").iterdir()) / "study.parquet") for e in (experiment, intact)]
+    pd.testing.assert_frame_equal(*tables, check_exact=False, rtol=1e-6)
+
+
 def running_on(cluster, experiment: str, stage: str) -> dict[str, str]:
     """{run id: node id} of the RUNNING runs of ``stage`` that a loop has tagged with its node."""
     return {r.info.run_id: r.data.tags["segsde.node_id"] for r in runs(cluster, experiment)
@@ -166,12 +176,7 @@ def test_a_lost_worker_nodes_trial_continues_on_the_other_node_from_its_checkpoi
     assert run.data.tags["segsde.continued_from_step"] == moved[0][2]
     steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
     assert sorted(steps) == list(range(1, 49)), steps  # each step once: the replayed ones are not logged again
-
-    intact_log = tmp_path / "intact.log"
-    intact = study(cluster, cluster.shared / "intact", "intact", intact_log, "--rows", "baseline")
-    assert intact.wait(timeout=900) == 0, intact_log.read_text()[-3000:]
-    tables = [pd.read_parquet(next((tmp_path / e / "study").iterdir()) / "study.parquet") for e in ("lost-trial", "intact")]
-    pd.testing.assert_frame_equal(*tables, check_exact=False, rtol=1e-6)
+    assert_table_of_an_intact_run(cluster, tmp_path, "lost-trial", "intact", "--rows", "baseline")
 
 
 def test_a_client_without_the_clusters_token_is_refused_in_one_line(cluster, tmp_path):
@@ -209,9 +214,7 @@ def test_a_lost_worker_nodes_sde_stage_continues_and_nothing_downstream_starts_e
         (run_id, node), = wait_until(lambda: running_on(cluster, "lost-sde", "sde"), proc, log).items()
         cluster.add_worker(cluster.lose(node) + "-again")
         assert proc.wait(timeout=1200) == 0, log.read_text()[-3000:]
-        intact_log = tmp_path / "intact.log"
-        intact = study(cluster, cluster.shared / "intact-sde", "intact-sde", intact_log, "--rows", "transfer")
-        assert intact.wait(timeout=1200) == 0, intact_log.read_text()[-3000:]
+        assert_table_of_an_intact_run(cluster, tmp_path, "lost-sde", "intact-sde", "--rows", "transfer")
     finally:
         cluster.env = saved
     text = log.read_text()
@@ -222,8 +225,6 @@ def test_a_lost_worker_nodes_sde_stage_continues_and_nothing_downstream_starts_e
     assert sde.info.status == "FINISHED" and sde.data.tags["segsde.node_lost"].startswith(node)
     trials = [r for r in every if r.data.tags.get("segsde.stage") == "train"]
     assert len(trials) == 1 and trials[0].info.start_time > sde.info.end_time  # the trial waited for the whole stage
-    tables = [pd.read_parquet(next((tmp_path / e / "study").iterdir()) / "study.parquet") for e in ("lost-sde", "intact-sde")]
-    pd.testing.assert_frame_equal(*tables, check_exact=False, rtol=1e-6)
 
 
 def test_a_drained_node_hands_its_trial_on_without_spending_the_failure_budget(cluster, tmp_path):
@@ -248,12 +249,7 @@ def test_a_drained_node_hands_its_trial_on_without_spending_the_failure_budget(c
     assert [m[0] for m in moved] == [first[:8], second[:8]] and moved[0][1] == second[:8], text[-3000:]
     steps = [m.step for m in MlflowClient(cluster.tracking).get_metric_history(run_id, "train/loss")]
     assert sorted(steps) == list(range(1, 49)), steps
-    # the same table as the run that lost nothing (the first node-loss test's, a cache hit after it)
-    intact_log = tmp_path / "intact.log"
-    intact = study(cluster, cluster.shared / "intact", "intact", intact_log, "--rows", "baseline")
-    assert intact.wait(timeout=900) == 0, intact_log.read_text()[-3000:]
-    tables = [pd.read_parquet(next((tmp_path / e / "study").iterdir()) / "study.parquet") for e in ("drained", "intact")]
-    pd.testing.assert_frame_equal(*tables, check_exact=False, rtol=1e-6)
+    assert_table_of_an_intact_run(cluster, tmp_path, "drained", "intact", "--rows", "baseline")
 
 
 def test_a_lost_head_goes_on_from_a_new_head_with_the_same_command(cluster, tmp_path):
