@@ -37,16 +37,18 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     import urllib.request
 
     if uri.startswith(("http://", "https://")):
+        reason = None
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
                 pass
         except urllib.error.HTTPError as exc:
             if exc.code not in (401, 403):  # a server with authentication in front of /health answered: it is up
-                raise SegSDEError(f"the MLflow tracking server at {uri} is unreachable (HTTP {exc.code}): start it "
-                                  "(mlflow/serve.sh) or drop --tracking-uri to track into OUT/mlflow.db") from None
+                reason = f"HTTP {exc.code}"
         except (OSError, ValueError) as exc:
-            raise SegSDEError(f"the MLflow tracking server at {uri} is unreachable ({getattr(exc, 'reason', exc)}): start it "
-                              "(mlflow/serve.sh) or drop --tracking-uri to track into OUT/mlflow.db") from None
+            reason = str(getattr(exc, "reason", exc))
+        if reason is not None:
+            raise SegSDEError(f"the MLflow tracking server at {uri} is unreachable ({reason}): start it (mlflow/serve.sh) "
+                              "or drop --tracking-uri to track into OUT/mlflow.db")
         check_tracking_login(uri, max(timeout, 30.0))  # a login is a slow password hash on a busy server
         return
     if uri.startswith("sqlite:///"):

@@ -8,12 +8,6 @@ from pathlib import Path
 from segsde.cli.flags import non_negative, parse_size, positive
 
 
-def cityscapes_tune_cities() -> tuple[str, ...]:
-    from segsde.data.cityscapes import TUNE_CITIES
-
-    return TUNE_CITIES
-
-
 def cmd_synth(args) -> dict:
     from segsde.data.synth.generate import generate
     from segsde.data.synth.scene import SynthConfig
@@ -91,6 +85,8 @@ def cmd_info(args) -> dict:
 
 
 def add_data_commands(sub) -> None:
+    from segsde.data.cityscapes import TUNE_CITIES
+
     data = sub.add_parser("data", help="build, inspect and split datasets").add_subparsers(dest="data_command", required=True)
 
     p = data.add_parser("synth", help="render the synthetic street-scene testbed (Parquet shards + manifest)")
@@ -118,7 +114,7 @@ def add_data_commands(sub) -> None:
     p.add_argument("--no-sequences", action="store_true", help="convert only the annotated frames")
     p.add_argument("--tune-cities", default=None,
                    help="comma-separated training cities whose annotated frames form the 'tune' split, out of every labeled "
-                        f"budget, pool and SDE sequence: what a sweep's search scores on (default: {','.join(cityscapes_tune_cities())} "
+                        f"budget, pool and SDE sequence: what a sweep's search scores on (default: {','.join(TUNE_CITIES)} "
                         "where present; 'none': keep every city for training)")
     p.add_argument("--workers", type=int, default=None, help="CPUs of the local Ray instance (default: all; ignored with --address)")
     p.add_argument("--address", default=None, help="Ray cluster address (`auto` on a `ray up` cluster; default: local Ray)")
