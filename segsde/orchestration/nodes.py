@@ -2,9 +2,11 @@
 
 Ray does the recovery: Train's ``FailureConfig`` restarts a lost worker group on the remaining nodes from the run's
 last checkpoint on the storage root (trials, the SDE stage, selections), and Tune's a lost trial process. The
-driver only watches: it polls Ray's node table, and for each node that died finds the MLflow runs still RUNNING
-there (each loop tags its run with ``segsde.node_id`` when it starts), reads the step of the checkpoint they will
-continue from, and once a run's loop has started again elsewhere says so, in the terminal and on the run
+driver only watches: it polls Ray's node table and the RUNNING runs of its experiment (each loop tags its run with
+``segsde.node_id`` when it starts), and for each node that died takes the runs it held at the poll before, with
+the newest checkpoint each had then. Train may restart a run elsewhere (and the loop re-tag it) before Ray's node
+table marks the node dead, so what a node held is read from that earlier poll, never from the tags of the moment.
+Once a run's loop has started again elsewhere the watch says so, in the terminal and on the run
 (``segsde.node_lost``, ``segsde.continued_on``, ``segsde.continued_from_step``)."""
 
 from __future__ import annotations
@@ -23,6 +25,25 @@ def short(node_id: str) -> str:
 
 
 @dataclass
+class HeldRun:
+    node: str
+    tags: dict
+    checkpoint: str | None = None  # a trial's newest complete checkpoint when last seen, and its step
+    step: int | None = None
+
+
+def checkpoint_step(checkpoint: Location) -> int:
+    """The step a checkpoint's state file was written at (mapped, not read, where the storage root is local:
+    the driver looks at every new checkpoint of every running trial)."""
+    import io
+
+    import torch
+
+    source = checkpoint.path if checkpoint.is_local else io.BytesIO(checkpoint.read_bytes())
+    return int(torch.load(source, map_location="cpu", weights_only=True, mmap=checkpoint.is_local)["step"])
+
+
+@dataclass
 class LostRun:
     run_id: str
     name: str
@@ -38,6 +59,7 @@ class NodeWatch:
         self.uri, self.experiment, self.storage, self.log, self.on_cluster = tracking_uri, experiment, storage, log, on_cluster
         self.known: set[str] | None = None
         self.pending: list[LostRun] = []
+        self.held: dict[str, HeldRun] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="segsde-node-watch", daemon=True)
 
@@ -59,54 +81,71 @@ class NodeWatch:
                 self.log(f"[cluster] node watch paused: {str(exc)[:200]}")
 
     def poll(self) -> None:
-        import ray
-
-        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        alive = self.alive_nodes()
         if self.known is not None:
             for node in sorted(self.known - alive):
                 self._lost(node)
         self.known = alive
+        self.held = self._running()
         self._continued()
+
+    @staticmethod
+    def alive_nodes() -> set[str]:
+        import ray
+
+        return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
 
     def _client(self):
         from mlflow.tracking import MlflowClient
 
         return MlflowClient(self.uri)
 
-    def _lost(self, node: str) -> None:
+    def _running(self) -> dict[str, HeldRun]:
+        """The experiment's RUNNING runs that a loop has tagged with its node, by run id."""
         client = self._client()
         experiment = client.get_experiment_by_name(self.experiment)
-        runs = client.search_runs([experiment.experiment_id], f"attributes.status = 'RUNNING' and tags.`segsde.node_id` = '{node}'") \
-            if experiment else []
-        if not runs:
-            self.log(f"[cluster] node {short(node)} lost; no trial or SDE stage of this study was running on it")
+        runs = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'") if experiment else []
+        held = {}
         for run in runs:
-            tags = run.data.tags
-            name = tags.get("mlflow.runName", run.info.run_id)
-            kind = "trial" if tags.get("segsde.stage") == "train" else "stage"
-            step = self._checkpoint_step(tags)
-            client.set_tag(run.info.run_id, "segsde.node_lost", f"{node} at {time.strftime('%Y-%m-%d %H:%M:%S')}")
-            self.pending.append(LostRun(run.info.run_id, f"{kind} {name}", node, step))
+            if "segsde.node_id" in run.data.tags:
+                held[run.info.run_id] = self._checkpointed(HeldRun(run.data.tags["segsde.node_id"], run.data.tags),
+                                                           self.held.get(run.info.run_id))
+        return held
 
-    def _checkpoint_step(self, tags: dict) -> int | None:
-        """The step of the checkpoint a lost trial continues from (its newest complete one on the storage root)."""
+    def _checkpointed(self, held: HeldRun, before: HeldRun | None) -> HeldRun:
+        """``held`` with a trial's newest complete checkpoint on the storage root and its step (else ``before``'s)."""
         from segsde.orchestration.stages import train_checkpoints
+        from segsde.runtime import CHECKPOINT_FILE
         from segsde.tracking import KEY_TAG
 
-        if tags.get("segsde.stage") != "train" or KEY_TAG not in tags:
-            return None
-        import io
-
-        import torch
-
-        from segsde.runtime import CHECKPOINT_FILE
-
-        run_dir = train_checkpoints(self.storage, tags[KEY_TAG])
+        if before is not None:
+            held.checkpoint, held.step = before.checkpoint, before.step
+        if held.tags.get("segsde.stage") != "train" or KEY_TAG not in held.tags:
+            return held
+        run_dir = train_checkpoints(self.storage, held.tags[KEY_TAG])
+        # Train writes these itself (no completion marker): a state file, whole once it is listed, is enough here
         found = [n for n in run_dir.children() if n.startswith("checkpoint_") and run_dir.child(n, CHECKPOINT_FILE).is_file()]
-        if not found:
-            return None
-        state = torch.load(io.BytesIO(run_dir.child(max(found), CHECKPOINT_FILE).read_bytes()), map_location="cpu", weights_only=True)
-        return int(state["step"])
+        name = max(found, default=None)
+        if name and name != held.checkpoint:
+            try:
+                held.step = checkpoint_step(run_dir.child(name, CHECKPOINT_FILE))
+                held.checkpoint = name
+            except OSError:  # already replaced by a newer one: the next poll reads that
+                pass
+        return held
+
+    def _lost(self, node: str) -> None:
+        client = self._client()
+        runs = {run_id: held for run_id, held in self.held.items() if held.node == node}
+        if not runs:
+            self.log(f"[cluster] node {short(node)} lost; no trial or SDE stage of this study was running on it")
+        for run_id, held in runs.items():
+            if client.get_run(run_id).data.tags.get("segsde.node_id") == node:
+                held = self._checkpointed(held, held)  # not restarted yet: a checkpoint since the last poll is its own
+            name = held.tags.get("mlflow.runName", run_id)
+            kind = "trial" if held.tags.get("segsde.stage") == "train" else "stage"
+            client.set_tag(run_id, "segsde.node_lost", f"{node} at {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            self.pending.append(LostRun(run_id, f"{kind} {name}", node, held.step))
 
     def _continued(self) -> None:
         if not self.pending:
