@@ -7,7 +7,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from segsde.orchestration.nodes import NodeWatch
-from segsde.orchestration.stages import train_checkpoints
+from segsde.orchestration.stages import running_checkpoints
 from segsde.runtime import CHECKPOINT_FILE
 from segsde.storage import as_location
 from segsde.tracking import KEY_TAG
@@ -15,8 +15,8 @@ from segsde.tracking import KEY_TAG
 A, B, C = "a" * 56, "b" * 56, "c" * 56
 
 
-def checkpoint(storage, key: str, name: str, step: int) -> None:
-    where = Path(train_checkpoints(storage, key).child(name, CHECKPOINT_FILE).path)
+def checkpoint(storage, tags: dict, name: str, step: int) -> None:
+    where = Path(running_checkpoints(storage, tags).child(name, CHECKPOINT_FILE).path)
     where.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"step": step, "model": torch.zeros(4)}, where)
 
@@ -30,31 +30,32 @@ class Watch(NodeWatch):
         return set(self.alive)
 
 
-def watched_trial(tmp_path, name: str, key: str, alive: set[str]):
-    """A RUNNING trial run on node A in a real MLflow store, and a watch over its experiment that has seen ``alive``
-    with the trial's first checkpoint (step 4): (client, storage, run id, watch, the watch's lines)."""
+def watched_run(tmp_path, name: str, tags: dict, alive: set[str]):
+    """A RUNNING trial or stage run (``tags``) on node A in a real MLflow store, and a watch over its experiment
+    that has seen ``alive`` with the run's first checkpoint (step 4): (client, storage, run id, watch, its lines)."""
     uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", as_location(tmp_path / "storage")
     client = MlflowClient(uri)
     experiment = client.create_experiment("lost")
-    run_id = client.create_run(experiment, run_name=name, tags={"segsde.stage": "train", KEY_TAG: key, "segsde.node_id": A}).info.run_id
+    run_id = client.create_run(experiment, run_name=name, tags={**tags, "segsde.node_id": A}).info.run_id
     lines = []
     watch = Watch(uri, "lost", storage, lines.append)
     watch.alive = alive
-    checkpoint(storage, key, "checkpoint_2026-12-07_10-00-00.000000", 4)
+    checkpoint(storage, tags, "checkpoint_2026-12-07_10-00-00.000000", 4)
     watch.poll()
     return client, storage, run_id, watch, lines
 
 
 def test_a_run_restarted_before_its_node_is_marked_dead_is_reported_from_the_checkpoint_it_continued_from(tmp_path):
-    client, storage, run_id, watch, lines = watched_trial(tmp_path, "mtl-b4-s0", "k1", {A, B, C})
-    checkpoint(storage, "k1", "checkpoint_2026-12-07_10-00-01.000000", 8)
+    trial = {"segsde.stage": "train", KEY_TAG: "k1"}
+    client, storage, run_id, watch, lines = watched_run(tmp_path, "mtl-b4-s0", trial, {A, B, C})
+    checkpoint(storage, trial, "checkpoint_2026-12-07_10-00-01.000000", 8)
     watch.poll()
     assert lines == [] and watch.held[run_id].step == 8
 
     # node A dies; Train restarts the run on B from step 8, and the loop there tags it and checkpoints step 12,
     # all before the node table says A (and C, which held nothing of this study) are dead
     client.set_tag(run_id, "segsde.node_id", B)
-    checkpoint(storage, "k1", "checkpoint_2026-12-07_10-00-09.000000", 12)
+    checkpoint(storage, trial, "checkpoint_2026-12-07_10-00-09.000000", 12)
     watch.alive = {B}
     watch.poll()
     assert lines == [f"[cluster] node {C[:8]} lost; no trial or SDE stage of this study was running on it",
@@ -63,14 +64,15 @@ def test_a_run_restarted_before_its_node_is_marked_dead_is_reported_from_the_che
     assert tags["segsde.node_lost"].startswith(A) and tags["segsde.continued_on"] == B and tags["segsde.continued_from_step"] == "8"
 
 
-def test_a_node_lost_before_its_run_restarts_reports_the_checkpoint_written_since_the_last_poll(tmp_path):
-    client, storage, run_id, watch, lines = watched_trial(tmp_path, "pseudolabel-b4-s1", "k2", {A, B})
-    checkpoint(storage, "k2", "checkpoint_2026-12-07_10-00-01.000000", 8)  # A's last, written after that poll
+def test_an_sde_stage_whose_node_is_marked_dead_before_it_restarts_is_reported_from_its_last_checkpoint(tmp_path):
+    stage = {"segsde.stage": "sde", KEY_TAG: "sde:sde-0123456789ab"}
+    client, storage, run_id, watch, lines = watched_run(tmp_path, "sde-quick", stage, {A, B})
+    checkpoint(storage, stage, "checkpoint_2026-12-07_10-00-01.000000", 8)  # A's last, written after that poll
     watch.alive = {B}
     watch.poll()
     assert lines == []  # not restarted yet: nothing to say until it is
     assert [(lost.node, lost.step) for lost in watch.pending] == [(A, 8)]
     client.set_tag(run_id, "segsde.node_id", B)
     watch.poll()
-    assert lines == [f"[cluster] node {A[:8]} lost; trial pseudolabel-b4-s1 continues on node {B[:8]} from step 8"]
+    assert lines == [f"[cluster] node {A[:8]} lost; stage sde-quick continues on node {B[:8]} from step 8"]
 

@@ -28,7 +28,7 @@ def short(node_id: str) -> str:
 class HeldRun:
     node: str
     tags: dict
-    checkpoint: str | None = None  # a trial's newest complete checkpoint when last seen, and its step
+    checkpoint: str | None = None  # the newest checkpoint when last seen, and its step
     step: int | None = None
 
 
@@ -113,16 +113,16 @@ class NodeWatch:
         return held
 
     def _checkpointed(self, held: HeldRun, before: HeldRun | None) -> HeldRun:
-        """``held`` with a trial's newest complete checkpoint on the storage root and its step (else ``before``'s)."""
-        from segsde.orchestration.stages import train_checkpoints
+        """``held`` with the newest checkpoint of a trial or SDE stage on the storage root and its step (else
+        ``before``'s)."""
+        from segsde.orchestration.stages import running_checkpoints
         from segsde.runtime import CHECKPOINT_FILE
-        from segsde.tracking import KEY_TAG
 
         if before is not None:
             held.checkpoint, held.step = before.checkpoint, before.step
-        if held.tags.get("segsde.stage") != "train" or KEY_TAG not in held.tags:
+        run_dir = running_checkpoints(self.storage, held.tags)
+        if run_dir is None:
             return held
-        run_dir = train_checkpoints(self.storage, held.tags[KEY_TAG])
         # Train writes these itself (no completion marker): a state file, whole once it is listed, is enough here
         found = [n for n in run_dir.children() if n.startswith("checkpoint_") and run_dir.child(n, CHECKPOINT_FILE).is_file()]
         name = max(found, default=None)

@@ -136,6 +136,19 @@ def train_checkpoints(storage: str | Location, key: str) -> Location:
     return as_location(storage).child("ray", f"train-{key}")
 
 
+def running_checkpoints(storage: str | Location, tags: dict) -> Location | None:
+    """Where the Ray Train run behind a trial's or SDE stage's MLflow run (its ``tags``) keeps its checkpoints."""
+    from segsde.sde.run import TRAINING_STATE
+    from segsde.tracking import KEY_TAG
+
+    stage, key = tags.get("segsde.stage"), tags.get(KEY_TAG, "")
+    if stage == "train" and key:
+        return train_checkpoints(storage, key)
+    if stage == "sde" and key.startswith("sde:"):  # stage_key's form; run_sde names its Train run "sde"
+        return as_location(storage).child("cache", key.removeprefix("sde:"), TRAINING_STATE, "sde")
+    return None
+
+
 def sde_stage(profile: str, data: Location, storage: Location, tracking_uri: str | None = None, force: bool = False,
               dry_run: bool = False, log=print, tracking: StageTracking | None = None,
               overrides: dict | None = None, keep_checkpoints: bool = False) -> Location:
