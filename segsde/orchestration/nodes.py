@@ -108,21 +108,21 @@ class NodeWatch:
         held = {}
         for run in runs:
             if "segsde.node_id" in run.data.tags:
-                held[run.info.run_id] = self._checkpointed(HeldRun(run.data.tags["segsde.node_id"], run.data.tags),
-                                                           self.held.get(run.info.run_id))
+                now = HeldRun(run.data.tags["segsde.node_id"], run.data.tags)
+                if before := self.held.get(run.info.run_id):  # the checkpoint already read, unless a newer one is there
+                    now.checkpoint, now.step = before.checkpoint, before.step
+                self._checkpointed(now)
+                held[run.info.run_id] = now
         return held
 
-    def _checkpointed(self, held: HeldRun, before: HeldRun | None) -> HeldRun:
-        """``held`` with the newest checkpoint of a trial or SDE stage on the storage root and its step (else
-        ``before``'s)."""
+    def _checkpointed(self, held: HeldRun) -> None:
+        """Bring ``held`` to the newest checkpoint of its trial or SDE stage on the storage root, with its step."""
         from segsde.orchestration.stages import running_checkpoints
         from segsde.runtime import CHECKPOINT_FILE
 
-        if before is not None:
-            held.checkpoint, held.step = before.checkpoint, before.step
         run_dir = running_checkpoints(self.storage, held.tags)
         if run_dir is None:
-            return held
+            return
         # Train writes these itself (no completion marker): a state file, whole once it is listed, is enough here
         found = [n for n in run_dir.children() if n.startswith("checkpoint_") and run_dir.child(n, CHECKPOINT_FILE).is_file()]
         name = max(found, default=None)
@@ -132,7 +132,6 @@ class NodeWatch:
                 held.checkpoint = name
             except OSError:  # already replaced by a newer one: the next poll reads that
                 pass
-        return held
 
     def _lost(self, node: str) -> None:
         client = self._client()
@@ -141,7 +140,7 @@ class NodeWatch:
             self.log(f"[cluster] node {short(node)} lost; no trial or SDE stage of this study was running on it")
         for run_id, held in runs.items():
             if client.get_run(run_id).data.tags.get("segsde.node_id") == node:
-                held = self._checkpointed(held, held)  # not restarted yet: a checkpoint since the last poll is its own
+                self._checkpointed(held)  # not restarted yet: a checkpoint since the last poll is its own
             name = held.tags.get("mlflow.runName", run_id)
             kind = "trial" if held.tags.get("segsde.stage") == "train" else "stage"
             client.set_tag(run_id, "segsde.node_lost", f"{node} at {time.strftime('%Y-%m-%d %H:%M:%S')}")
