@@ -12,7 +12,8 @@ confirmation's, the confirmed winner (or none: keep the defaults) with its paire
 interval, and each confirmed setting's shrinkage (search score - confirmed mean: the winner's curse). The goal, for
 TPE + ASHA and GP + ASHA each: the confirmed gain at least the lower end of the grid's best confirmed interval, with
 at most 40 % of the grid's search compute; the sampler that meets it with the larger mean confirmed gain is the one
-the sweep should use (a tie keeps TPE, the default). Run it on an otherwise idle machine: it takes hours on 2 cores (``--sweep-seeds``, ``--steps``).
+the sweep should use (a tie keeps TPE, the default). It takes hours on 2 cores (``--sweep-seeds``, ``--steps``);
+``--resume`` continues it in the same ``--out`` where it stopped.
 """
 
 from __future__ import annotations
@@ -43,14 +44,14 @@ def one_sweep(method: str, seed: int, args, root: Path) -> dict:
                        seed=seed, confirm_top=args.confirm_top, confirm_seeds=args.confirm_seeds, **kinds[method])
     start = time.perf_counter()
     result = run_sweep(cfg, root / f"{method}-s{seed}", storage=str(root / "storage"), experiment=f"bench-sweep-{method}-s{seed}",
-                       log=lambda line: None)
+                       log=lambda line: None, resume=args.resume)
     (budget, summary), = result["budgets"].items()
     confirmed = pd.read_parquet(Path(summary["confirmation"]["report"]).with_name("confirmation.parquet"))
     settings = confirmed[confirmed.setting != "defaults"]
     best = settings.loc[settings.confirmed.idxmax()] if len(settings) else None
     winner = summary["confirmation"]["winner"]
     won = settings[settings.setting == winner].iloc[0] if winner else None
-    return {"method": method, "sweep_seed": seed, "budget": budget, "seconds": round(time.perf_counter() - start, 1),
+    return {"method": method, "sweep_seed": seed, "budget": budget, "seconds": round(time.perf_counter() - start, 1), "resumed": args.resume,
             "search_steps": summary["steps"], "confirm_steps": summary["confirmation"]["steps"],
             "search_best": summary.get("best_miou", float("nan")) * 100, "sentence": summary["confirmation"]["sentence"],
             "winner": winner, "gain": float(won.delta) if won is not None else 0.0,
@@ -91,6 +92,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--confirm-seeds", type=int, default=3)
     parser.add_argument("--methods", default=",".join(METHODS), help="which searches (grid is the reference: always run)")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_sweep"))
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run in the same --out: finished searches "
+                        "and confirmation trials are not rerun (then a run's seconds count only the resumed part)")
     args = parser.parse_args(argv)
     chosen = ["grid"] + [m for m in args.methods.split(",") if m != "grid"]
     if unknown := set(chosen) - set(METHODS):
