@@ -67,3 +67,31 @@ def test_the_readme_is_a_guide_not_a_diary():
     assert len(text.splitlines()) <= 250
     for diary in ("session", "Before that", "Earlier measurements", "was 0.", "2026-"):
         assert diary not in text, diary
+
+
+def test_the_published_evidence_rebuilds_and_the_readme_shows_its_numbers(tmp_path):
+    """docs/evidence is what `segsde report --from` needs: the report it rebuilds is the published one, and every row
+    of the README's results table carries that report's mean, sd, Δ, interval and Holm p."""
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    published = ROOT / "docs" / "evidence"
+    proc = subprocess.run([sys.executable, "-m", "segsde.cli", "report", "--from", str(published), "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "study.md").read_text() == (published / "study.md").read_text()
+    assert (tmp_path / "forest.png").stat().st_size > 10_000
+
+    readme = (ROOT / "README.md").read_text()
+    comparison = pd.read_parquet(published / "comparison.parquet")
+    lines = comparison[comparison.reference.isin(["baseline", ""]) | comparison.reference.isna()]
+    assert len(lines) == 12
+    for c in lines.itertuples():
+        shown = f"| {c.row}" + (" (" if c.control else " |")
+        row = next(ln for ln in readme.splitlines() if ln.startswith(shown))
+        assert f"{c.mean:.2f} ± {c.sd:.2f}" in row, row
+        if c.reference == "baseline":
+            p = "< 0.001" if c.p_holm < 0.001 else f"{c.p_holm:.3f}"
+            assert f"| {c.delta:+.2f} | [{c.ci_low:+.2f}, {c.ci_high:+.2f}] | {p} | {c.verdict} |" in row, row
