@@ -173,7 +173,7 @@ def test_a_lost_worker_nodes_trial_continues_on_the_other_node_from_its_checkpoi
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["segsde.node_lost"].startswith(node)
     assert run.data.tags["segsde.continued_on"] == run.data.tags["segsde.node_id"] != node
-    assert run.data.tags["segsde.continued_from_step"] == moved[0][2]
+    assert run.data.tags["segsde.continued_from"] == f"step {moved[0][2]}"
     steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
     assert sorted(steps) == list(range(1, 49)), steps  # each step once: the replayed ones are not logged again
     assert_table_of_an_intact_run(cluster, tmp_path, "lost-trial", "intact", "--rows", "baseline")
@@ -193,38 +193,52 @@ def test_a_client_without_the_clusters_token_is_refused_in_one_line(cluster, tmp
         assert not out.exists() or not any(out.iterdir())
 
 
-def longer_sde(tmp_path: Path) -> Path:
-    """A copy of ablations/ whose smoke SDE stage runs long enough to lose a node inside it."""
+def longer_stages(tmp_path: Path) -> Path:
+    """A copy of ablations/ whose smoke SDE stage and selection rounds run long enough to lose a node inside them."""
     ablations = tmp_path / "ablations"
     shutil.copytree(ROOT / "ablations", ablations)
     profiles = ablations / "profiles.yaml"
-    profiles.write_text(profiles.read_text().replace("phase1_steps: 2, phase2_steps: 3,", "phase1_steps: 4, phase2_steps: 12,", 1))
+    text = profiles.read_text().replace("phase1_steps: 2, phase2_steps: 3,", "phase1_steps: 4, phase2_steps: 12,", 1)
+    profiles.write_text(text.replace("student_steps: 2,", "student_steps: 24, checkpoint_interval: 4,", 1))
     return ablations
 
 
-def test_a_lost_worker_nodes_sde_stage_continues_and_nothing_downstream_starts_early(cluster, tmp_path):
-    """The node running the SDE stage is lost (SIGKILL) after the stage's first checkpoint: the stage continues on
-    the other node from its checkpoint, nothing that reads its model starts before it is complete, and the table
-    equals that of a run that lost nothing."""
-    saved, cluster.env = cluster.env, {**cluster.env, "SEGSDE_ABLATIONS": str(longer_sde(tmp_path))}
+def lose_during(cluster, storage: Path, experiment: str, stage: str, checkpoints: str, proc, log: Path) -> tuple[str, str]:
+    """Once ``stage``'s run is RUNNING with a checkpoint (``checkpoints``, a glob under ``storage``), the node it
+    runs on is lost and a new worker joins: (its run id, the lost node)."""
+    (run_id, node), = wait_until(lambda: list(storage.glob(checkpoints)) and running_on(cluster, experiment, stage), proc, log).items()
+    cluster.add_worker(cluster.lose(node) + "-again")
+    return run_id, node
+
+
+def test_lost_worker_nodes_sde_stage_and_selection_continue_and_nothing_downstream_starts_early(cluster, tmp_path):
+    """The node running the SDE stage is lost (SIGKILL) after the stage's first checkpoint, then the node running the
+    selection job after its first: each continues on the other node from its checkpoint, nothing that reads its
+    output starts before it is complete, and the table equals that of a run that lost nothing."""
+    saved, cluster.env = cluster.env, {**cluster.env, "SEGSDE_ABLATIONS": str(longer_stages(tmp_path))}
     try:
-        storage, log = cluster.shared / "lost-sde", tmp_path / "sde.log"
-        proc = study(cluster, storage, "lost-sde", log, "--rows", "transfer")
-        wait_until(lambda: list(storage.glob("cache/sde-*/ray/sde/checkpoint_*/state.pt")), proc, log)
-        (run_id, node), = wait_until(lambda: running_on(cluster, "lost-sde", "sde"), proc, log).items()
-        cluster.add_worker(cluster.lose(node) + "-again")
+        storage, log = cluster.shared / "lost-stages", tmp_path / "stages.log"
+        proc = study(cluster, storage, "lost-stages", log, "--rows", "autoselect")
+        sde_id, sde_node = lose_during(cluster, storage, "lost-stages", "sde", "cache/sde-*/ray/sde/checkpoint_*/state.pt", proc, log)
+        select_id, select_node = lose_during(cluster, storage, "lost-stages", "select",
+                                             "cache/select-*.work/ray/selection/checkpoint_*/state.pt", proc, log)
         assert proc.wait(timeout=1200) == 0, log.read_text()[-3000:]
-        assert_table_of_an_intact_run(cluster, tmp_path, "lost-sde", "intact-sde", "--rows", "transfer")
+        assert_table_of_an_intact_run(cluster, tmp_path, "lost-stages", "intact-stages", "--rows", "autoselect")
     finally:
         cluster.env = saved
     text = log.read_text()
-    assert re.search(rf"\[cluster\] node {node[:8]} lost; stage \S+ continues on node \w+ from step \d+", text), text[-3000:]
+    assert re.search(rf"\[cluster\] node {sde_node[:8]} lost; stage \S+ continues on node \w+ from step \d+", text), text[-3000:]
+    assert re.search(rf"\[cluster\] node {select_node[:8]} lost; stage \S+ continues on node \w+ from (round 1, step \d+|\d images picked)",
+                     text), text[-3000:]
     assert "Traceback" not in text
-    every = runs(cluster, "lost-sde")
-    sde = MlflowClient(cluster.tracking).get_run(run_id)
-    assert sde.info.status == "FINISHED" and sde.data.tags["segsde.node_lost"].startswith(node)
-    trials = [r for r in every if r.data.tags.get("segsde.stage") == "train"]
-    assert len(trials) == 1 and trials[0].info.start_time > sde.info.end_time  # the trial waited for the whole stage
+    client = MlflowClient(cluster.tracking)
+    sde, select = client.get_run(sde_id), client.get_run(select_id)
+    for run, node in ((sde, sde_node), (select, select_node)):
+        assert run.info.status == "FINISHED" and run.data.tags["segsde.node_lost"].startswith(node)
+        assert run.data.tags["segsde.node_id"] != node
+    trials = [r for r in runs(cluster, "lost-stages") if r.data.tags.get("segsde.stage") == "train"]
+    # each waited for the whole of what it reads: the selection for the SDE model, the trial for the selection
+    assert select.info.start_time > sde.info.end_time and len(trials) == 1 and trials[0].info.start_time > select.info.end_time
 
 
 def test_a_drained_node_hands_its_trial_on_without_spending_the_failure_budget(cluster, tmp_path):

@@ -3,6 +3,7 @@ restarts a run elsewhere before Ray's node table marks its node dead (the order 
 
 from pathlib import Path
 
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -15,10 +16,10 @@ from segsde.tracking import KEY_TAG
 A, B, C = "a" * 56, "b" * 56, "c" * 56
 
 
-def checkpoint(storage, tags: dict, name: str, step: int) -> None:
+def checkpoint(storage, tags: dict, name: str, step: int, **state) -> None:
     where = Path(running_checkpoints(storage, tags).child(name, CHECKPOINT_FILE).path)
     where.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"step": step, "model": torch.zeros(4)}, where)
+    torch.save({"step": step, "model": torch.zeros(4), **state}, where)
 
 
 class Watch(NodeWatch):
@@ -50,7 +51,7 @@ def test_a_run_restarted_before_its_node_is_marked_dead_is_reported_from_the_che
     client, storage, run_id, watch, lines = watched_run(tmp_path, "mtl-b4-s0", trial, {A, B, C})
     checkpoint(storage, trial, "checkpoint_2026-12-07_10-00-01.000000", 8)
     watch.poll()
-    assert lines == [] and watch.held[run_id].step == 8
+    assert lines == [] and watch.held[run_id].point == "step 8"
 
     # node A dies; Train restarts the run on B from step 8, and the loop there tags it and checkpoints step 12,
     # all before the node table says A (and C, which held nothing of this study) are dead
@@ -58,21 +59,25 @@ def test_a_run_restarted_before_its_node_is_marked_dead_is_reported_from_the_che
     checkpoint(storage, trial, "checkpoint_2026-12-07_10-00-09.000000", 12)
     watch.alive = {B}
     watch.poll()
-    assert lines == [f"[cluster] node {C[:8]} lost; no trial or SDE stage of this study was running on it",
+    assert lines == [f"[cluster] node {C[:8]} lost; no trial or stage of this study was running on it",
                      f"[cluster] node {A[:8]} lost; trial mtl-b4-s0 continues on node {B[:8]} from step 8"]
     tags = client.get_run(run_id).data.tags
-    assert tags["segsde.node_lost"].startswith(A) and tags["segsde.continued_on"] == B and tags["segsde.continued_from_step"] == "8"
+    assert tags["segsde.node_lost"].startswith(A) and tags["segsde.continued_on"] == B and tags["segsde.continued_from"] == "step 8"
 
 
-def test_an_sde_stage_whose_node_is_marked_dead_before_it_restarts_is_reported_from_its_last_checkpoint(tmp_path):
-    stage = {"segsde.stage": "sde", KEY_TAG: "sde:sde-0123456789ab"}
-    client, storage, run_id, watch, lines = watched_run(tmp_path, "sde-quick", stage, {A, B})
-    checkpoint(storage, stage, "checkpoint_2026-12-07_10-00-01.000000", 8)  # A's last, written after that poll
+@pytest.mark.parametrize("tags, name, state, point", [
+    ({"segsde.stage": "sde", KEY_TAG: "sde:sde-0123456789ab"}, "stage sde-quick", {}, "step 8"),
+    ({"segsde.stage": "select", KEY_TAG: "select:select-sde-s0-0123456789ab.parquet"}, "stage select-sde-s0",
+     {"round": 1, "records": ["x", "y"]}, "round 1, step 8"),
+], ids=["sde", "selection"])
+def test_a_stage_whose_node_is_marked_dead_before_it_restarts_is_reported_from_its_last_checkpoint(tmp_path, tags, name, state, point):
+    client, storage, run_id, watch, lines = watched_run(tmp_path, name.split()[1], tags, {A, B})
+    checkpoint(storage, tags, "checkpoint_2026-12-07_10-00-01.000000", 8, **state)  # A's last, written after that poll
     watch.alive = {B}
     watch.poll()
     assert lines == []  # not restarted yet: nothing to say until it is
-    assert [(lost.node, lost.step) for lost in watch.pending] == [(A, 8)]
+    assert [(lost.node, lost.point) for lost in watch.pending] == [(A, point)]
     client.set_tag(run_id, "segsde.node_id", B)
     watch.poll()
-    assert lines == [f"[cluster] node {A[:8]} lost; stage sde-quick continues on node {B[:8]} from step 8"]
-
+    assert lines == [f"[cluster] node {A[:8]} lost; {name} continues on node {B[:8]} from {point}"]
+    assert client.get_run(run_id).data.tags["segsde.continued_from"] == point

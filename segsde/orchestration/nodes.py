@@ -7,7 +7,7 @@ driver only watches: it polls Ray's node table and the RUNNING runs of its exper
 the newest checkpoint each had then. Train may restart a run elsewhere (and the loop re-tag it) before Ray's node
 table marks the node dead, so what a node held is read from that earlier poll, never from the tags of the moment.
 Once a run's loop has started again elsewhere the watch says so, in the terminal and on the run
-(``segsde.node_lost``, ``segsde.continued_on``, ``segsde.continued_from_step``)."""
+(``segsde.node_lost``, ``segsde.continued_on``, ``segsde.continued_from``: "step 24", "round 1, step 3")."""
 
 from __future__ import annotations
 
@@ -28,19 +28,23 @@ def short(node_id: str) -> str:
 class HeldRun:
     node: str
     tags: dict
-    checkpoint: str | None = None  # the newest checkpoint when last seen, and its step
-    step: int | None = None
+    checkpoint: str | None = None  # the newest checkpoint when last seen, and where in the run it was written
+    point: str | None = None
 
 
-def checkpoint_step(checkpoint: Location) -> int:
-    """The step a checkpoint's state file was written at (mapped, not read, where the storage root is local:
-    the driver looks at every new checkpoint of every running trial)."""
+def resume_point(checkpoint: Location) -> str:
+    """Where in its run a checkpoint's state file was written ("step 24"; a selection's "round 1, step 3" or "4
+    images picked"), mapped rather than read where the storage root is local: the driver looks at every new
+    checkpoint of every running trial and stage."""
     import io
 
     import torch
 
     source = checkpoint.path if checkpoint.is_local else io.BytesIO(checkpoint.read_bytes())
-    return int(torch.load(source, map_location="cpu", weights_only=True, mmap=checkpoint.is_local)["step"])
+    state = torch.load(source, map_location="cpu", weights_only=True, mmap=checkpoint.is_local)
+    if "round" in state:
+        return f"round {state['round']}, step {state['step']}"
+    return f"step {state['step']}" if "step" in state else f"{len(state.get('records', []))} images picked"
 
 
 @dataclass
@@ -48,7 +52,7 @@ class LostRun:
     run_id: str
     name: str
     node: str
-    step: int | None
+    point: str | None
 
 
 class NodeWatch:
@@ -110,13 +114,14 @@ class NodeWatch:
             if "segsde.node_id" in run.data.tags:
                 now = HeldRun(run.data.tags["segsde.node_id"], run.data.tags)
                 if before := self.held.get(run.info.run_id):  # the checkpoint already read, unless a newer one is there
-                    now.checkpoint, now.step = before.checkpoint, before.step
+                    now.checkpoint, now.point = before.checkpoint, before.point
                 self._checkpointed(now)
                 held[run.info.run_id] = now
         return held
 
     def _checkpointed(self, held: HeldRun) -> None:
-        """Bring ``held`` to the newest checkpoint of its trial or SDE stage on the storage root, with its step."""
+        """Bring ``held`` to the newest checkpoint of its trial, SDE stage or selection on the storage root, with
+        where in the run it was written."""
         from segsde.orchestration.stages import running_checkpoints
         from segsde.runtime import CHECKPOINT_FILE
 
@@ -128,7 +133,7 @@ class NodeWatch:
         name = max(found, default=None)
         if name and name != held.checkpoint:
             try:
-                held.step = checkpoint_step(run_dir.child(name, CHECKPOINT_FILE))
+                held.point = resume_point(run_dir.child(name, CHECKPOINT_FILE))
                 held.checkpoint = name
             except OSError:  # already replaced by a newer one: the next poll reads that
                 pass
@@ -137,14 +142,14 @@ class NodeWatch:
         client = self._client()
         runs = {run_id: held for run_id, held in self.held.items() if held.node == node}
         if not runs:
-            self.log(f"[cluster] node {short(node)} lost; no trial or SDE stage of this study was running on it")
+            self.log(f"[cluster] node {short(node)} lost; no trial or stage of this study was running on it")
         for run_id, held in runs.items():
             if client.get_run(run_id).data.tags.get("segsde.node_id") == node:
                 self._checkpointed(held)  # not restarted yet: a checkpoint since the last poll is its own
             name = held.tags.get("mlflow.runName", run_id)
             kind = "trial" if held.tags.get("segsde.stage") == "train" else "stage"
             client.set_tag(run_id, "segsde.node_lost", f"{node} at {time.strftime('%Y-%m-%d %H:%M:%S')}")
-            self.pending.append(LostRun(run_id, f"{kind} {name}", node, held.step))
+            self.pending.append(LostRun(run_id, f"{kind} {name}", node, held.point))
 
     def _continued(self) -> None:
         if not self.pending:
@@ -158,8 +163,8 @@ class NodeWatch:
                 if run.info.status not in ("RUNNING", "FINISHED"):
                     self.log(f"[cluster] node {short(lost.node)} lost; {lost.name} ended {run.info.status}")
                     continue
-                where = f"from step {lost.step}" if lost.step is not None else "from its last checkpoint"
+                where = f"from {lost.point}" if lost.point is not None else "from its last checkpoint"
                 self.log(f"[cluster] node {short(lost.node)} lost; {lost.name} continues on node {short(now)} {where}")
                 client.set_tag(lost.run_id, "segsde.continued_on", now)
-                if lost.step is not None:
-                    client.set_tag(lost.run_id, "segsde.continued_from_step", str(lost.step))
+                if lost.point is not None:
+                    client.set_tag(lost.run_id, "segsde.continued_from", lost.point)

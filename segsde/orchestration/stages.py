@@ -137,15 +137,20 @@ def train_checkpoints(storage: str | Location, key: str) -> Location:
 
 
 def running_checkpoints(storage: str | Location, tags: dict) -> Location | None:
-    """Where the Ray Train run behind a trial's or SDE stage's MLflow run (its ``tags``) keeps its checkpoints."""
-    from segsde.sde.run import TRAINING_STATE
+    """Where the Ray Train run behind a trial's, SDE stage's or selection's MLflow run (its ``tags``) keeps its
+    checkpoints."""
+    from segsde.sde.run import SDE_RUN, TRAINING_STATE
+    from segsde.selection.run import SELECTION_RUN, work_dir
     from segsde.tracking import KEY_TAG
 
     stage, key = tags.get("segsde.stage"), tags.get(KEY_TAG, "")
     if stage == "train" and key:
         return train_checkpoints(storage, key)
-    if stage == "sde" and key.startswith("sde:"):  # stage_key's form; run_sde names its Train run "sde"
-        return as_location(storage).child("cache", key.removeprefix("sde:"), TRAINING_STATE, "sde")
+    entry = as_location(storage).child("cache", key.partition(":")[2])  # stage_key's form
+    if stage == "sde" and key.startswith("sde:"):
+        return entry.child(TRAINING_STATE, SDE_RUN)
+    if stage == "select" and key.startswith("select:"):
+        return work_dir(entry).child("ray", SELECTION_RUN)
     return None
 
 

@@ -309,19 +309,8 @@ def start_ray(profile: str, row: str, train: dict, concurrency: int, workers: in
     if ray.is_initialized() and not address and DRIVER_RESOURCE not in ray.cluster_resources():
         ray.shutdown()  # a stage job started local Ray without the driver resource the trials need
     threads = train_config(profile, row, train).threads or 1
-    try:
-        init_ray(address, num_cpus=max(concurrency * workers * threads, os.cpu_count() or 1),
-                 num_gpus=concurrency * workers if gpu else None, resources={DRIVER_RESOURCE: concurrency})
-    except SegSDEError as exc:
-        cause, chain = exc, []
-        while cause is not None:
-            chain.append(f"{type(cause).__name__}: {cause}")
-            cause = cause.__cause__ or cause.__context__
-        if any("InvalidAuthToken" in c or c.startswith("AuthenticationError") for c in chain):
-            raise SegSDEError(f"the Ray cluster at {address} runs with token authentication and refused this client: set "
-                              "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to its nodes' token (~/.segsde/cluster.env, or the "
-                              "Slurm job's environment)") from None
-        raise
+    init_ray(address, num_cpus=max(concurrency * workers * threads, os.cpu_count() or 1),
+             num_gpus=concurrency * workers if gpu else None, resources={DRIVER_RESOURCE: concurrency})
 
 
 def run_trial_grid(cfg: StudyConfig, todo: list[Trial], storage: Location, tracking: StageTracking, address: str | None,

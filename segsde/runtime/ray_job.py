@@ -33,6 +33,10 @@ def init_ray(address: str | None, num_cpus: int, num_gpus: int | None = None, re
         try:
             ray.init(address=address, log_to_driver=True)
         except Exception as exc:
+            if _refused_token(exc):
+                raise SegSDEError(f"the Ray cluster at {address} runs with token authentication and refused this client: set "
+                                  "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to its nodes' token (~/.segsde/cluster.env, or the "
+                                  "Slurm job's environment)") from None
             raise SegSDEError(f"cannot reach the Ray cluster at {address} ({type(exc).__name__}): "
                               "start it with `ray up cluster.yaml` or drop --address to run locally") from exc
         return
@@ -51,6 +55,16 @@ def init_ray(address: str | None, num_cpus: int, num_gpus: int | None = None, re
                  runtime_env={"env_vars": {"RAY_ADDRESS": f"{get_node_ip_address()}:{port}", **LOCAL_TRAIN_ENV}})
     finally:
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
+
+
+def _refused_token(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception behind it) is Ray's refusal of a client without the cluster's token."""
+    cause = exc
+    while cause is not None:
+        if "InvalidAuthToken" in f"{type(cause).__name__}: {cause}" or type(cause).__name__ == "AuthenticationError":
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _free_port() -> int:

@@ -22,6 +22,7 @@ from segsde.storage import Location, as_location, localize
 
 MODEL_FILE, METRICS_FILE = "model.pt", "metrics.json"
 TRAINING_STATE = "ray"  # the Ray Train run beside them: its checkpoints, for resuming
+SDE_RUN = "sde"  # that run's name: its checkpoints are in TRAINING_STATE/SDE_RUN
 
 
 def sde_config(profile: str, overrides: dict | None = None) -> SDEConfig:
@@ -67,7 +68,7 @@ def run_sde(data: Location | Path, out: Location | Path, profile: str = "quick",
         print(f"[sde] MLflow run {run_id} in {uri}", file=log, flush=True)
         loop_config = {"sde": asdict(cfg), "data": data.uri, "tracking_uri": uri, "mlflow_run_id": run_id,
                        "resume_from": str(resume_from) if resume_from else None, "stop_after": stop_after, "progress": out.name}
-        result = fit(_loop, loop_config, "sde", out.child(TRAINING_STATE), workers, gpu, cfg.threads or 1, fresh, address)
+        result = fit(_loop, loop_config, SDE_RUN, out.child(TRAINING_STATE), workers, gpu, cfg.threads or 1, fresh, address)
         if result.checkpoint is None:
             raise SegSDEError(f"SDE training reported no checkpoint: rerun with --fresh to start over in {out.child(TRAINING_STATE)}")
         with result.checkpoint.as_directory() as d:

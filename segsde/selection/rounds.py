@@ -18,7 +18,7 @@ import torch
 
 from segsde.data.splits import random_order
 from segsde.data.store import local_dataset
-from segsde.runtime import progress, report, resume_state, start_worker, stream_seed
+from segsde.runtime import progress, report, resume_state, start_worker, stream_seed, worker_tags
 from segsde.selection.config import NEEDS_FEATURES, NEEDS_STUDENT, SelectionConfig
 from segsde.selection.ifp import farthest_points, random_projection, standardise
 from segsde.selection.jobs import broadcast, compute_features, score_candidates, train_round
@@ -43,11 +43,15 @@ def ranked(records: list[dict], budgets: tuple[int, ...]) -> list[dict]:
 
 
 def selection_loop(config: dict) -> None:
-    """``config``: ``select`` (SelectionConfig fields), ``method``, ``data``, ``pool`` (the candidate ids)
-    and ``sde_model`` (sde, diversity, difficulty). Reports the ordered records and each round's seconds
-    and mean score in RESULT_FILE."""
+    """``config``: ``select`` (SelectionConfig fields), ``method``, ``data``, ``pool`` (the candidate ids),
+    ``sde_model`` (sde, diversity, difficulty) and the run to tag (``tracking_uri``, ``mlflow_run_id``). Reports
+    the ordered records and each round's seconds and mean score in RESULT_FILE."""
     cfg = SelectionConfig.from_dict(config["select"])
     worker = start_worker(cfg.threads, stream_seed("select/init", cfg.seed), cfg.precision)
+    if worker.is_main and config.get("mlflow_run_id"):  # where it runs now: a lost node's watch reads it
+        from segsde.tracking import RunLogger
+
+        RunLogger(config["tracking_uri"], config["mlflow_run_id"]).tags(worker_tags(worker))
     config = {**config, "data": str(local_dataset(config["data"])),  # read from this node's copies
               "sde_model": str(localize(config["sde_model"])) if config.get("sde_model") else None}
     rounds = Rounds(config["method"], cfg, config["data"], config["pool"], config.get("sde_model"), worker,

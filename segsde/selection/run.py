@@ -30,6 +30,7 @@ from segsde.profiles import load_profile
 from segsde.selection.config import METHODS, NEEDS_FEATURES, NEEDS_STUDENT, SelectionConfig
 from segsde.storage import Location, as_location, cache_key, localize
 
+SELECTION_RUN = "selection"  # the Ray Train run's name: its checkpoints are in work_dir(out)/ray/selection
 COLUMNS = ("id", "rank", "round", "score", "distance", "difficulty", "entropy")
 
 
@@ -83,6 +84,11 @@ def read_selection_meta(path: Location | Path) -> dict | None:
     return json.loads(raw) if raw else None
 
 
+def work_dir(out: Location) -> Location:
+    """Where a selection into ``out`` keeps its key and its Ray Train run until it is written whole."""
+    return out.with_name(out.name + ".work")
+
+
 def run_select(data: Location | Path, method: str, out: Location | Path, sde_checkpoint: Location | Path | None = None,
                profile: str = "quick", overrides: dict | None = None, workers: int = 1, gpu: bool = False,
                address: str | None = None, tracking_uri: str | None = None, experiment: str = "segsde-select",
@@ -116,7 +122,7 @@ def run_select(data: Location | Path, method: str, out: Location | Path, sde_che
         raise SegSDEError(f"method '{method}' trains its student on the SDE pseudo-depth, which {data} lacks: run "
                           "`segsde sde export --checkpoint MODEL.pt --data DIR` first")
     meta = {"method": method, "config": asdict(cfg), "data": str(data), "sde_model": str(sde_model) if sde_model else None}
-    work = out.with_name(out.name + ".work")
+    work = work_dir(out)
     key = cache_key(meta)
     if fresh or not work.child("key").is_file() or work.child("key").read_text() != key:
         work.delete()
@@ -129,7 +135,7 @@ def run_select(data: Location | Path, method: str, out: Location | Path, sde_che
     start = time.perf_counter()
     with tracked_run(uri, experiment, f"select-{method}-s{cfg.seed}", {**meta, "profile": profile, "workers": workers}, tags) as run_id:
         logger = RunLogger(uri, run_id)
-        records = _select(method, cfg, data, pool, sde_model, work, job, logger)
+        records = _select(method, cfg, data, pool, sde_model, work, job, logger, {"tracking_uri": uri, "mlflow_run_id": run_id})
         coverage = _log_selection(logger, records, cfg, method, pool, counts)
         write_selection(out, records, {**meta, "seed": cfg.seed, "budgets": list(cfg.budgets)})
         logger.artifact(localize(out), "selection")
@@ -141,17 +147,18 @@ def run_select(data: Location | Path, method: str, out: Location | Path, sde_che
 
 
 def _select(method: str, cfg: SelectionConfig, data: Location, pool: list[str], sde_model: Location | None, work: Location,
-            job: dict, logger) -> list[dict]:
+            job: dict, logger, run: dict) -> list[dict]:
     """The ordered records: a seeded permutation for `random`, else one Ray Train job (segsde/selection/rounds.py)
-    whose checkpoints under ``work`` let a rerun continue an interrupted selection."""
+    whose checkpoints under ``work`` let a rerun continue an interrupted selection; ``run`` (tracking_uri,
+    mlflow_run_id) is the run its worker tags with its node."""
     from segsde.runtime.ray_job import fit
     from segsde.selection.rounds import RESULT_FILE, new_record, ranked
 
     if method == "random":
         return ranked([new_record(sid) for sid in random_order(pool, cfg.seed)[: cfg.budgets[-1]]], cfg.budgets)
     config = {"select": asdict(cfg), "method": method, "data": data.uri, "pool": pool,
-              "sde_model": sde_model.uri if sde_model else None}
-    result = fit(_selection_job, config, "selection", work.child("ray"), fresh=False, **job)
+              "sde_model": sde_model.uri if sde_model else None, **run}
+    result = fit(_selection_job, config, SELECTION_RUN, work.child("ray"), fresh=False, **job)
     if result.checkpoint is None:
         raise SegSDEError(f"the selection job in {work} reported no result: rerun with --fresh")
     with result.checkpoint.as_directory() as d:
