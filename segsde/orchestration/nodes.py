@@ -124,13 +124,13 @@ class NodeWatch:
         where in the run it was written."""
         from segsde.orchestration.stages import running_checkpoints
         from segsde.runtime import CHECKPOINT_FILE
+        from segsde.runtime.ray_job import newest_checkpoint
 
         run_dir = running_checkpoints(self.storage, held.tags)
         if run_dir is None:
             return
         # Train writes these itself (no completion marker): a state file, whole once it is listed, is enough here
-        found = [n for n in run_dir.children() if n.startswith("checkpoint_") and run_dir.child(n, CHECKPOINT_FILE).is_file()]
-        name = max(found, default=None)
+        name = newest_checkpoint(run_dir, holding=CHECKPOINT_FILE)
         if name and name != held.checkpoint:
             try:
                 held.point = resume_point(run_dir.child(name, CHECKPOINT_FILE))

@@ -216,12 +216,19 @@ def keep_checkpoint(source: Path, run_dir: Location):
     return Checkpoint(run_dir.child(name).path, filesystem=run_dir.filesystem)
 
 
+def newest_checkpoint(run_dir: Location, holding: str = CHECKPOINT_DONE) -> str | None:
+    """The name of the newest ``run_dir/checkpoint_*`` that holds the file ``holding`` (the completion marker, or
+    the state file where a checkpoint is written whole), or None."""
+    return max((n for n in run_dir.children() if n.startswith("checkpoint_") and run_dir.child(n, holding).is_file()),
+               default=None)
+
+
 def latest_checkpoint(run_dir: Location):
     """The newest complete ``run_dir/checkpoint_*`` as a Checkpoint, or None."""
     from ray.train import Checkpoint
 
-    found = [n for n in run_dir.children() if n.startswith("checkpoint_") and run_dir.child(n, CHECKPOINT_DONE).is_file()]
-    return Checkpoint(run_dir.child(max(found)).path, filesystem=run_dir.filesystem) if found else None
+    name = newest_checkpoint(run_dir)
+    return Checkpoint(run_dir.child(name).path, filesystem=run_dir.filesystem) if name else None
 
 
 def fit(loop, loop_config: dict, name: str, storage: Location, workers: int = 1, gpu: bool = False, threads: int = 1,
