@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -44,13 +45,14 @@ def one_sweep(method: str, seed: int, args, root: Path) -> dict:
                        seed=seed, confirm_top=args.confirm_top, confirm_seeds=args.confirm_seeds, **kinds[method])
     start = time.perf_counter()
     result = run_sweep(cfg, root / f"{method}-s{seed}", storage=str(root / "storage"), experiment=f"bench-sweep-{method}-s{seed}",
-                       log=lambda line: None, resume=args.resume)
+                       log=lambda line: progress(f"{method} s{seed}: {line}"), resume=args.resume)
     (budget, summary), = result["budgets"].items()
     confirmed = pd.read_parquet(Path(summary["confirmation"]["report"]).with_name("confirmation.parquet"))
     settings = confirmed[confirmed.setting != "defaults"]
     best = settings.loc[settings.confirmed.idxmax()] if len(settings) else None
     winner = summary["confirmation"]["winner"]
     won = settings[settings.setting == winner].iloc[0] if winner else None
+    progress(f"{method} s{seed}: done in {time.perf_counter() - start:.0f} s; {summary['confirmation']['sentence']}")
     return {"method": method, "sweep_seed": seed, "budget": budget, "seconds": round(time.perf_counter() - start, 1), "resumed": args.resume,
             "search_steps": summary["steps"], "confirm_steps": summary["confirmation"]["steps"],
             "search_best": summary.get("best_miou", float("nan")) * 100, "sentence": summary["confirmation"]["sentence"],
@@ -59,6 +61,11 @@ def one_sweep(method: str, seed: int, args, root: Path) -> dict:
                                                           "ci": [_num(best.ci_low), _num(best.ci_high)]},
             "shrinkage": {s.setting: _num(s.shrinkage) for s in confirmed.itertuples()},
             "mean_shrinkage_selected": _num(settings.shrinkage.mean()), "n_confirm_seeds": args.confirm_seeds}
+
+
+def progress(line: str) -> None:
+    """The sweeps' own lines, on stderr (the JSON is the last thing on stdout, and in OUT/bench_sweep.json)."""
+    print(f"[bench] {line}", file=sys.stderr, flush=True)
 
 
 def _num(v) -> float | None:
