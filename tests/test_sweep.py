@@ -1,6 +1,8 @@
 """The sweep's Optuna side: ASHA-stopped trials are PRUNED, the space follows the row, defaults come first.
 The whole sweep on real Ray, Optuna and MLflow stores, killed and resumed: tests/reliability/test_sweep_faults.py."""
 
+import math
+
 import optuna
 import pytest
 
@@ -115,6 +117,29 @@ def test_the_confirmation_takes_the_best_distinct_settings_and_keeps_only_a_conf
     kept = confirm_table(records, chosen)
     assert verdict_sentence(kept) == "no setting beat the defaults beyond seed noise; keep them"
     assert winner_yaml("depthmix", kept).startswith("# no setting")
+
+
+def test_a_model_based_sampler_models_within_a_sweep_of_eight():
+    """With Optuna's default 10 random start-up trials, TPE and GP in a sweep of 8 would suggest exactly what random
+    search suggests (the same seed): each must leave random search's sequence after its start-up trials."""
+    from segsde.orchestration.sweep import make_sampler, startup_trials
+
+    space = {"epsilon": optuna.distributions.FloatDistribution(0.0, 0.3), "unsup_weight": optuna.distributions.FloatDistribution(0.1, 3.0, log=True)}
+
+    def suggested(name: str) -> list[tuple[float, float]]:
+        study = optuna.create_study(direction="maximize", sampler=make_sampler(sweep_config("smoke", sampler=name, samples=8), space))
+        for _ in range(8):
+            trial = study.ask(space)
+            study.tell(trial, -(trial.params["epsilon"] - 0.12) ** 2 - (math.log(trial.params["unsup_weight"]) / 4) ** 2)
+        return [(t.params["epsilon"], t.params["unsup_weight"]) for t in study.trials]
+
+    start = startup_trials(8)
+    assert 2 <= start < 8 and startup_trials(100) == 10
+    random = suggested("random")
+    for name in ("tpe", "gp"):
+        points = suggested(name)
+        assert points[:start] == random[:start], name  # the start-up trials are random search's
+        assert all(p != r for p, r in zip(points[start:], random[start:])), name
 
 
 def test_samplers_grid_points_and_the_searchs_compute():

@@ -109,12 +109,21 @@ def grid(cfg: SweepConfig, space: dict) -> dict[str, list[float]]:
     return {name: points(d) for name, d in space.items()}
 
 
+def startup_trials(samples: int) -> int:
+    """The random trials before a model-based sampler models: Optuna's default is 10, so in a sweep of 8 neither TPE
+    nor GP would ever act (both would be random search with ASHA); a third of the samples, at least 2, at most 10."""
+    return min(10, max(2, samples // 3))
+
+
 def make_sampler(cfg: SweepConfig, space: dict) -> optuna.samplers.BaseSampler:
     if cfg.sampler == "grid":
         return optuna.samplers.GridSampler(grid(cfg, space), seed=cfg.seed)
-    if cfg.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=cfg.seed, deterministic_objective=False)
-    return optuna.samplers.RandomSampler(seed=cfg.seed) if cfg.sampler == "random" else optuna.samplers.TPESampler(seed=cfg.seed)
+    if cfg.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=cfg.seed)
+    startup = startup_trials(cfg.samples)
+    if cfg.sampler == "gp":  # GP models COMPLETE trials only: ASHA's stopped ones do not count towards its startup
+        return optuna.samplers.GPSampler(seed=cfg.seed, deterministic_objective=False, n_startup_trials=startup)
+    return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=startup)
 
 
 def trials_per_budget(cfg: SweepConfig, space: dict) -> int:
