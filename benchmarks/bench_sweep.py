@@ -52,8 +52,9 @@ def one_sweep(method: str, seed: int, args, root: Path) -> dict:
     best = settings.loc[settings.confirmed.idxmax()] if len(settings) else None
     winner = summary["confirmation"]["winner"]
     won = settings[settings.setting == winner].iloc[0] if winner else None
-    progress(f"{method} s{seed}: done in {time.perf_counter() - start:.0f} s; {summary['confirmation']['sentence']}")
-    return {"method": method, "sweep_seed": seed, "budget": budget, "seconds": round(time.perf_counter() - start, 1), "resumed": args.resume,
+    seconds = round(time.perf_counter() - start, 1)
+    progress(f"{method} s{seed}: done in {seconds:.0f} s; {summary['confirmation']['sentence']}")
+    return {"method": method, "sweep_seed": seed, "budget": budget, "seconds": seconds, "resumed": args.resume,
             "search_steps": summary["steps"], "confirm_steps": summary["confirmation"]["steps"],
             "search_best": summary.get("best_miou", float("nan")) * 100, "sentence": summary["confirmation"]["sentence"],
             "winner": winner, "gain": float(won.delta) if won is not None else 0.0,
