@@ -16,6 +16,8 @@ import pytest
 from clusters import BIN, LocalCluster
 from mlflow.tracking import MlflowClient
 
+from segsde.orchestration.nodes import TORN_OR_GONE
+
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = "baseline,autoselect"  # every stage kind: dataset, SDE, pseudo-depth export, selection
 
@@ -152,6 +154,21 @@ def running_on(cluster, experiment: str, stage: str) -> dict[str, str]:
             if r.info.status == "RUNNING" and r.data.tags.get("segsde.stage") == stage and "segsde.node_id" in r.data.tags}
 
 
+def whole_checkpoints(storage: Path, pattern: str) -> list[Path]:
+    """The state files under ``storage`` matching ``pattern`` that Train has finished copying there: one listed may
+    still be torn, and a node lost during that copy leaves it for a restart to pass over."""
+    import torch
+
+    def whole(path: Path) -> bool:
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except TORN_OR_GONE:
+            return False
+        return True
+
+    return [path for path in storage.glob(pattern) if whole(path)]
+
+
 def test_a_lost_worker_nodes_trial_continues_on_the_other_node_from_its_checkpoint(cluster, tmp_path):
     """Every process of the node that runs a trial is killed (SIGKILL, no warning) after the trial's first
     checkpoint: Train restarts its worker on the other node from that checkpoint, the study finishes with the
@@ -159,7 +176,7 @@ def test_a_lost_worker_nodes_trial_continues_on_the_other_node_from_its_checkpoi
     the terminal says it in one line."""
     storage, log = cluster.shared / "lost-trial", tmp_path / "lost.log"
     proc = study(cluster, storage, "lost-trial", log, "--rows", "baseline")
-    wait_until(lambda: list(storage.glob("ray/train-*/checkpoint_*/state.pt")), proc, log)
+    wait_until(lambda: whole_checkpoints(storage, "ray/train-*/checkpoint_*/state.pt"), proc, log)
     (run_id, node), = wait_until(lambda: running_on(cluster, "lost-trial", "train"), proc, log).items()
     name = cluster.lose(node)
     assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
@@ -206,7 +223,7 @@ def longer_stages(tmp_path: Path) -> Path:
 def lose_during(cluster, storage: Path, experiment: str, stage: str, checkpoints: str, proc, log: Path) -> tuple[str, str]:
     """Once ``stage``'s run is RUNNING with a checkpoint (``checkpoints``, a glob under ``storage``), the node it
     runs on is lost and a new worker joins: (its run id, the lost node)."""
-    (run_id, node), = wait_until(lambda: list(storage.glob(checkpoints)) and running_on(cluster, experiment, stage), proc, log).items()
+    (run_id, node), = wait_until(lambda: whole_checkpoints(storage, checkpoints) and running_on(cluster, experiment, stage), proc, log).items()
     cluster.add_worker(cluster.lose(node) + "-again")
     return run_id, node
 
@@ -247,7 +264,7 @@ def test_a_drained_node_hands_its_trial_on_without_spending_the_failure_budget(c
     budget (one failure a trial): losing the next node without notice is still absorbed."""
     storage, log = cluster.shared / "drained", tmp_path / "drained.log"
     proc = study(cluster, storage, "drained", log, "--rows", "baseline")
-    wait_until(lambda: list(storage.glob("ray/train-*/checkpoint_*/state.pt")), proc, log)
+    wait_until(lambda: whole_checkpoints(storage, "ray/train-*/checkpoint_*/state.pt"), proc, log)
     (run_id, first), = wait_until(lambda: running_on(cluster, "drained", "train"), proc, log).items()
     subprocess.run([str(BIN / "ray"), "drain-node", "--address", cluster.address, "--node-id", first, "--reason",
                     "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot instance reclaimed", "--deadline-remaining-seconds", "5"],
@@ -277,7 +294,7 @@ def test_a_lost_head_goes_on_from_a_new_head_with_the_same_command(cluster, tmp_
     def second_trial_checkpointed():
         keys = [r.data.tags["segsde.key"] for r in runs(cluster, "lost-head")
                 if r.info.status == "RUNNING" and r.data.tags.get("mlflow.runName", "").startswith("baseline-b4-s1")]
-        return keys and list(storage.glob(f"ray/train-{keys[0]}/checkpoint_*/state.pt")) and keys[0]
+        return keys and whole_checkpoints(storage, f"ray/train-{keys[0]}/checkpoint_*/state.pt") and keys[0]
 
     key = wait_until(second_trial_checkpointed, proc, log)
     proc.kill()  # the driver ran on the head

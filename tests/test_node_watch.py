@@ -81,3 +81,28 @@ def test_a_stage_whose_node_is_marked_dead_before_it_restarts_is_reported_from_i
     watch.poll()
     assert lines == [f"[cluster] node {A[:8]} lost; {name} continues on node {B[:8]} from {point}"]
     assert client.get_run(run_id).data.tags["segsde.continued_from"] == point
+
+
+def test_a_checkpoint_still_being_copied_or_torn_by_its_nodes_death_is_passed_over_for_the_newest_whole_one(tmp_path):
+    trial = {"segsde.stage": "train", KEY_TAG: "k1"}
+    client, storage, run_id, watch, lines = watched_run(tmp_path, "mtl-b4-s0", trial, {A, B})
+    checkpoint(storage, trial, "checkpoint_2026-12-07_10-00-01.000000", 8)
+    being_copied = Path(running_checkpoints(storage, trial).child("checkpoint_2026-12-07_10-00-02.000000", CHECKPOINT_FILE).path)
+    checkpoint(storage, trial, being_copied.parent.name, 12)
+    whole = being_copied.read_bytes()
+    being_copied.write_bytes(whole[: len(whole) // 2])
+    watch.poll()
+    assert lines == [] and watch.held[run_id].point == "step 8"  # the torn one is neither read nor an error
+    being_copied.write_bytes(whole)
+    watch.poll()
+    assert watch.held[run_id].point == "step 12"
+
+    # A dies while copying step 16: Train continues from step 12, its newest whole checkpoint
+    torn = being_copied.parent.with_name("checkpoint_2026-12-07_10-00-03.000000") / CHECKPOINT_FILE
+    torn.parent.mkdir()
+    torn.write_bytes(whole[:100])
+    watch.alive = {B}
+    watch.poll()
+    client.set_tag(run_id, "segsde.node_id", B)
+    watch.poll()
+    assert lines == [f"[cluster] node {A[:8]} lost; trial mtl-b4-s0 continues on node {B[:8]} from step 12"]

@@ -11,6 +11,7 @@ Once a run's loop has started again elsewhere the watch says so, in the terminal
 
 from __future__ import annotations
 
+import pickle
 import threading
 import time
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from segsde.storage import Location
 
 POLL_S = 2.0
+# what torch.load raises on a state file still being copied, torn for good, absent or already replaced
+TORN_OR_GONE = (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError)
 
 
 def short(node_id: str) -> str:
@@ -120,23 +123,26 @@ class NodeWatch:
         return held
 
     def _checkpointed(self, held: HeldRun) -> None:
-        """Bring ``held`` to the newest checkpoint of its trial, SDE stage or selection on the storage root, with
-        where in the run it was written."""
+        """Bring ``held`` to the newest checkpoint of its trial, SDE stage or selection on the storage root that can
+        be read, with where in the run it was written."""
         from segsde.orchestration.stages import running_checkpoints
         from segsde.runtime import CHECKPOINT_FILE
-        from segsde.runtime.ray_job import newest_checkpoint
 
         run_dir = running_checkpoints(self.storage, held.tags)
         if run_dir is None:
             return
-        # Train writes these itself (no completion marker): a state file, whole once it is listed, is enough here
-        name = newest_checkpoint(run_dir, holding=CHECKPOINT_FILE)
-        if name and name != held.checkpoint:
+        # Train copies each checkpoint onto the storage root itself, so a listed state file may still be torn (or
+        # torn for good, where its node died during the copy, and then never registered): a restart continues
+        # from the newest whole one, and so does this record
+        newer = sorted((n for n in run_dir.children() if n.startswith("checkpoint_") and n > (held.checkpoint or "")),
+                       reverse=True)
+        for name in newer:
             try:
                 held.point = resume_point(run_dir.child(name, CHECKPOINT_FILE))
-                held.checkpoint = name
-            except OSError:  # already replaced by a newer one: the next poll reads that
-                pass
+            except TORN_OR_GONE:
+                continue
+            held.checkpoint = name
+            return
 
     def _lost(self, node: str) -> None:
         client = self._client()
