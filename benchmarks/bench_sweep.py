@@ -117,7 +117,8 @@ def main(argv=None) -> dict:
                    "winners": sum(r["winner"] is not None for r in rs)} for m, rs in by.items()}
     goal = {m: held_against_grid(by[m], by["grid"], methods[m]) for m in chosen if m.endswith("_asha")}
     met = [m for m, g in goal.items() if g["met"]]
-    out = {"bench": "sweep", "profile": args.profile, "row": args.row, "params": args.params, "machine": platform.processor() or platform.machine(),
+    out = {"bench": "sweep", "profile": args.profile, "row": args.row, "params": args.params, "grid_points": args.grid_points,
+           "samples": args.samples, "random_samples": args.random_samples, "machine": platform.processor() or platform.machine(),
            "methods": methods, "runs": runs, "goal": goal,
            "sampler_to_use": max(met, key=lambda m: methods[m]["mean_confirmed_gain"]) if met else None}
     args.out.mkdir(parents=True, exist_ok=True)
