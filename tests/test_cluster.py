@@ -17,6 +17,7 @@ from clusters import BIN, LocalCluster
 from mlflow.tracking import MlflowClient
 
 from segsde.orchestration.nodes import TORN_OR_GONE
+from segsde.runtime import load_state
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = "baseline,autoselect"  # every stage kind: dataset, SDE, pseudo-depth export, selection
@@ -157,11 +158,9 @@ def running_on(cluster, experiment: str, stage: str) -> dict[str, str]:
 def whole_checkpoints(storage: Path, pattern: str) -> list[Path]:
     """The state files under ``storage`` matching ``pattern`` that Train has finished copying there: one listed may
     still be torn, and a node lost during that copy leaves it for a restart to pass over."""
-    import torch
-
     def whole(path: Path) -> bool:
         try:
-            torch.load(path, map_location="cpu", weights_only=True)
+            load_state(path.parent)
         except TORN_OR_GONE:
             return False
         return True
